@@ -1,0 +1,52 @@
+"""emtl-kernels: fused kernels for multi-task optimisation in PyTorch.
+
+Every step of equitable multi-task learning (EMTL) and its relatives needs the T per-task
+gradients on the shared parameters, their Gram matrix, T weights and one weighted combination
+written back as the update. This package makes that one fused step:
+
+- :class:`MTLStep`: the drop-in backward for a training loop.
+- :func:`task_gram`, :func:`task_sq_norms`, :func:`weighted_combine`: the fused passes over the
+  task-gradient matrix, with a backend per device (:func:`available_backends`).
+- :func:`emtl_weights`, :func:`gradnorm_scaling_weights`, :func:`equal_weights`: weightings
+  from (losses, Gram matrix) to task weights, on the device.
+"""
+
+from .backends import available_backends
+from .ops import task_gram, task_sq_norms, weighted_combine
+from .step import MTLStep, StepRecord
+from .task_gradients import SUPPORTED_DTYPES, TaskGradients
+from .weightings import (
+    EMTL,
+    WEIGHTINGS,
+    Equal,
+    GradNormScaling,
+    Weighting,
+    emtl_weights,
+    equal_weights,
+    gradnorm_scaling_weights,
+    make_weighting,
+    relative_contributions,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMTL",
+    "SUPPORTED_DTYPES",
+    "WEIGHTINGS",
+    "Equal",
+    "GradNormScaling",
+    "MTLStep",
+    "StepRecord",
+    "TaskGradients",
+    "Weighting",
+    "available_backends",
+    "emtl_weights",
+    "equal_weights",
+    "gradnorm_scaling_weights",
+    "make_weighting",
+    "relative_contributions",
+    "task_gram",
+    "task_sq_norms",
+    "weighted_combine",
+]

@@ -1,0 +1,30 @@
+"""Finding the leaf tensors an autograd graph reaches, without running it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+
+def graph_leaves(roots: Iterable[Tensor]) -> list[Tensor]:
+    """The leaf tensors that require grad and that a backward from ``roots`` would reach, in a
+    fixed (depth-first) order, each once.
+
+    The step needs the task heads' parameters to give them their gradient, and a user hands it
+    only the shared ones: the rest are found here, by walking the graph's nodes (host-side Python,
+    no device work).
+    """
+    leaves: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.setdefault(id(variable), variable)
+        stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
+    return list(leaves.values())

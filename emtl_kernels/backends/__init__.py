@@ -1,0 +1,66 @@
+"""Backend registry: which implementations of the ops exist, which can run where, and "auto".
+
+A backend is a module with ``NAME``, ``unavailable_reason(device) -> str | None``, and the three
+kernels ``gram(grads)``, ``sq_norms(grads)`` and ``combine(grads, weights, outs, accumulate)`` over
+a :class:`~emtl_kernels.task_gradients.TaskGradients`. Modules are imported only when asked for,
+so the package works without Triton or the compiled extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+#: Backend names in the order "auto" tries them, with the device types where each is the fast
+#: choice (Triton on a CPU runs only in its interpreter: correct, never fast).
+AUTO_ORDER: tuple[tuple[str, frozenset[str]], ...] = (
+    ("reference", frozenset({"cpu", "cuda"})),
+)
+
+_MODULES = {name: f"{__name__}.{name}" for name, _ in AUTO_ORDER}
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend this package knows, whether or not it can run here."""
+    return tuple(_MODULES)
+
+
+def _load(name: str) -> ModuleType:
+    if name not in _MODULES:
+        known = ", ".join(("auto", *_MODULES))
+        raise ValueError(f"unknown backend {name!r}; known: {known}")
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` here, or None when it can."""
+    try:
+        module = _load(name)
+    except ImportError as error:
+        return f"it failed to import ({error})"
+    return module.unavailable_reason(torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device`` on this machine."""
+    return [name for name in _MODULES if unavailable_reason(name, device) is None]
+
+
+def resolve(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` ("auto" or a backend name) on ``device``.
+
+    "auto" takes the first backend of :data:`AUTO_ORDER` that is fast on the device type and can
+    run; a forced backend that cannot run raises with the reason.
+    """
+    if name == "auto":
+        for candidate, device_types in AUTO_ORDER:
+            if device.type in device_types and unavailable_reason(candidate, device) is None:
+                return _load(candidate)
+        name = "reference"
+    module = _load(name)
+    reason = module.unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    return module

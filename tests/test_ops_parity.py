@@ -1,0 +1,146 @@
+"""Every backend's ops against float64 computations, over T, P, dtypes and layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emtl_kernels import TaskGradients, available_backends, task_gram, task_sq_norms, weighted_combine
+from task_gradient_cases import LAYOUTS, make_task_gradients
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKEND_DEVICES = [(b, d) for d in DEVICES for b in available_backends(d)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NUM_TASKS = [1, 2, 3, 8, 17]
+NUMELS = [1, 7, 1000, 4099]
+
+# Gram entries: the inputs are exact in float64, so only float32 accumulation errs; it is bounded
+# relative to sqrt(G_ii G_jj), the scale of entry (i, j) by Cauchy-Schwarz.
+GRAM_RTOL = 1e-5
+# Combined gradient: float32 accumulation, then one rounding to the storage dtype (relative, and
+# absolute below the smallest normal number, where float16's spacing is fixed at 2**-24).
+COMBINE_RTOL = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+def subnormal_spacing(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+
+
+def gram64(exact: torch.Tensor) -> torch.Tensor:
+    return exact @ exact.T
+
+
+def assert_gram_close(gram: torch.Tensor, exact: torch.Tensor) -> None:
+    expected = gram64(exact)
+    scale = expected.diagonal().sqrt()
+    bound = GRAM_RTOL * torch.outer(scale, scale) + 1e-30
+    error = (gram.double().cpu() - expected).abs()
+    assert gram.dtype == torch.float32
+    assert torch.all(error <= bound), f"max error / bound = {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", NUM_TASKS)
+@pytest.mark.parametrize("numel", NUMELS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gram_and_norms_match_float64(backend, device, dtype, num_tasks, numel, layout):
+    grads, exact = make_task_gradients(num_tasks, numel, dtype, layout, device=device, seed=numel + num_tasks)
+    gram = task_gram(grads, backend=backend)
+    assert gram.shape == (num_tasks, num_tasks)
+    assert_gram_close(gram, exact)
+    assert torch.equal(gram, gram.T)
+    sq_norms = task_sq_norms(grads, backend=backend)
+    expected = exact.square().sum(dim=1)
+    assert sq_norms.dtype == torch.float32 and sq_norms.shape == (num_tasks,)
+    torch.testing.assert_close(sq_norms.double().cpu(), expected, rtol=GRAM_RTOL, atol=1e-30)
+
+
+def combine64(exact: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Jᵀw, Σ_i |w_i g_i|): the value and the scale its rounding error is measured against."""
+    weights = weights.double().cpu()
+    return weights @ exact, weights.abs() @ exact.abs()
+
+
+def flat_output(result) -> torch.Tensor:
+    parts = [result] if isinstance(result, torch.Tensor) else result
+    return torch.cat([p.reshape(-1).double().cpu() for p in parts])
+
+
+def assert_combine_close(result, expected, scale, dtype):
+    error = (flat_output(result) - expected).abs()
+    bound = COMBINE_RTOL[dtype] * scale + subnormal_spacing(dtype)
+    assert torch.all(error <= bound), f"max error / bound = {(error / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", NUM_TASKS)
+@pytest.mark.parametrize("numel", NUMELS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_combine_matches_float64(backend, device, dtype, num_tasks, numel, layout):
+    grads, exact = make_task_gradients(num_tasks, numel, dtype, layout, device=device, seed=numel * num_tasks)
+    weights = torch.randn(num_tasks, generator=torch.Generator().manual_seed(numel)).to(device)
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(weighted_combine(grads, weights, backend=backend), expected, scale, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_combine_accumulates_into_out(backend, device, dtype, layout):
+    num_tasks, numel = 3, 1000
+    grads, exact = make_task_gradients(num_tasks, numel, dtype, layout, device=device, seed=7)
+    weights = torch.tensor([0.5, -2.0, 3.0], device=device)
+    grads = grads if isinstance(grads, TaskGradients) else TaskGradients.from_matrix(grads)
+    before = [torch.randn(size, dtype=torch.float64).to(dtype).to(device) for size in grads.sizes]
+    out = [b.clone() for b in before]
+    returned = weighted_combine(grads, weights, out=out, accumulate=True, backend=backend)
+    assert all(r is o for r, o in zip(returned, out))
+    expected, scale = combine64(exact, weights)
+    start = flat_output(before)
+    assert_combine_close(out, expected + start, scale + start.abs(), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_combine_into_noncontiguous_out(backend, device):
+    grads, exact = make_task_gradients(4, 60, torch.float32, "matrix", device=device)
+    weights = torch.linspace(-1, 1, 4, device=device)
+    out = torch.zeros(10, 6, device=device).T  # 60 elements in a (6, 10) view, not contiguous
+    returned = weighted_combine(grads, weights, out=out, backend=backend)
+    assert returned is out
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(out, expected, scale, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_weight_rows_contribute_nothing_even_when_non_finite(backend, device, dtype):
+    grads, exact = make_task_gradients(3, 777, dtype, "matrix", device=device, seed=3)
+    grads[1, 5] = float("nan")
+    grads[1, 9] = float("inf")
+    weights = torch.tensor([2.0, 0.0, -1.0], device=device)
+    expected, scale = combine64(torch.stack([exact[0], torch.zeros_like(exact[1]), exact[2]]), weights)
+    assert_combine_close(weighted_combine(grads, weights, backend=backend), expected, scale, dtype)
+    assert torch.equal(weighted_combine(grads, torch.zeros(3, device=device), backend=backend), torch.zeros_like(grads[0]))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_value_shows_on_the_gram_diagonal(backend, device, bad):
+    grads, _ = make_task_gradients(4, 301, torch.float32, "matrix", device=device, seed=4)
+    grads[2, 150] = bad
+    finite = torch.isfinite(task_gram(grads, backend=backend).diagonal()).cpu()
+    assert finite.tolist() == [True, True, False, True]
+    assert not torch.isfinite(task_sq_norms(grads, backend=backend)[2])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_ops_are_deterministic(backend, device):
+    grads, _ = make_task_gradients(8, 4099, torch.float32, "rows", device=device, seed=5)
+    weights = torch.randn(8).to(device)
+    assert torch.equal(task_gram(grads, backend=backend), task_gram(grads, backend=backend))
+    assert torch.equal(
+        flat_output(weighted_combine(grads, weights, backend=backend)),
+        flat_output(weighted_combine(grads, weights, backend=backend)),
+    )
