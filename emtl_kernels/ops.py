@@ -80,10 +80,12 @@ def weighted_combine(
     else:
         outs = [out] if isinstance(out, Tensor) else list(out)
         _check_outs(outs, grads)
-    flat = [target.view(-1) if target.is_contiguous() else target.contiguous().view(-1) for target in outs]
+    # The kernels write flat contiguous memory; a strided destination gets a contiguous stand-in
+    # (holding its values when accumulating) that is copied back.
+    flat = [target.contiguous().view(-1) for target in outs]
     backends.resolve(backend, grads.device).combine(grads, weights, flat, accumulate)
     for target, written in zip(outs, flat):
-        if written.data_ptr() != target.data_ptr():
+        if not target.is_contiguous():
             target.copy_(written.view_as(target))
     return outs[0] if matrix_input else outs
 

@@ -2,8 +2,8 @@
 
 A backend is a module with ``NAME``, ``unavailable_reason(device) -> str | None``, and the three
 kernels ``gram(grads)``, ``sq_norms(grads)`` and ``combine(grads, weights, outs, accumulate)`` over
-a :class:`~emtl_kernels.task_gradients.TaskGradients`. Modules are imported only when asked for,
-so the package works without Triton or the compiled extension.
+a :class:`~emtl_kernels.task_gradients.TaskGradients`. The package works without Triton or the
+compiled extension: a backend that cannot load is reported, never fatal.
 """
 
 from __future__ import annotations
@@ -19,33 +19,49 @@ AUTO_ORDER: tuple[tuple[str, frozenset[str]], ...] = (
     ("reference", frozenset({"cpu", "cuda"})),
 )
 
-_MODULES = {name: f"{__name__}.{name}" for name, _ in AUTO_ORDER}
+
+def _import_backends() -> tuple[dict[str, ModuleType], dict[str, str]]:
+    """Import every backend module once, recording why one that fails could not load.
+
+    Backend modules are cheap to import (each loads its heavy dependency, Triton or the compiled
+    extension, only when first used), and after this the registry is plain dict lookups, which
+    torch.compile traces as constants.
+    """
+    modules, import_errors = {}, {}
+    for name, _ in AUTO_ORDER:
+        try:
+            modules[name] = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as error:
+            import_errors[name] = f"it failed to import ({error})"
+    return modules, import_errors
+
+
+_MODULES, _IMPORT_ERRORS = _import_backends()
 
 
 def backend_names() -> tuple[str, ...]:
     """Every backend this package knows, whether or not it can run here."""
-    return tuple(_MODULES)
+    return tuple(name for name, _ in AUTO_ORDER)
 
 
 def _load(name: str) -> ModuleType:
     if name not in _MODULES:
-        known = ", ".join(("auto", *_MODULES))
-        raise ValueError(f"unknown backend {name!r}; known: {known}")
-    return importlib.import_module(_MODULES[name])
+        if name in _IMPORT_ERRORS:
+            raise RuntimeError(f"backend {name!r} cannot run: {_IMPORT_ERRORS[name]}")
+        raise ValueError(f"unknown backend {name!r}; known: {', '.join(('auto', *backend_names()))}")
+    return _MODULES[name]
 
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """Why backend ``name`` cannot run on ``device`` here, or None when it can."""
-    try:
-        module = _load(name)
-    except ImportError as error:
-        return f"it failed to import ({error})"
-    return module.unavailable_reason(torch.device(device))
+    if name in _IMPORT_ERRORS:
+        return _IMPORT_ERRORS[name]
+    return _load(name).unavailable_reason(torch.device(device))
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run on ``device`` on this machine."""
-    return [name for name in _MODULES if unavailable_reason(name, device) is None]
+    return [name for name in backend_names() if unavailable_reason(name, device) is None]
 
 
 def resolve(name: str, device: torch.device) -> ModuleType:
