@@ -4,7 +4,8 @@ Every step of equitable multi-task learning (EMTL) and its relatives needs the T
 gradients on the shared parameters, their Gram matrix, T weights and one weighted combination
 written back as the update. This package makes that one fused step:
 
-- :class:`MTLStep`: the drop-in backward for a training loop.
+- :class:`MTLStep`: the drop-in backward for a training loop; :class:`DistributedMTLStep` the
+  same for models trained data-parallel with DDP or FSDP2.
 - :func:`task_gram`, :func:`task_sq_norms`, :func:`weighted_combine`: the fused passes over the
   task-gradient matrix, with a backend per device (:func:`available_backends`).
 - :func:`emtl_weights`, :func:`gradnorm_scaling_weights`, :func:`equal_weights`: weightings
@@ -12,6 +13,7 @@ written back as the update. This package makes that one fused step:
 """
 
 from .backends import available_backends
+from .distributed import CommunicationLog, DistributedMTLStep
 from .ops import task_gram, task_sq_norms, weighted_combine
 from .step import MTLStep, StepRecord
 from .task_gradients import SUPPORTED_DTYPES, TaskGradients
@@ -34,6 +36,8 @@ __all__ = [
     "EMTL",
     "SUPPORTED_DTYPES",
     "WEIGHTINGS",
+    "CommunicationLog",
+    "DistributedMTLStep",
     "Equal",
     "GradNormScaling",
     "MTLStep",

@@ -20,6 +20,7 @@ all stay tensors, so the step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -156,22 +157,39 @@ class MTLStep:
 
     # Speed mode: J is kept, the update is one fused combine pass.
     def _combine_task_gradients(self, losses, loss_vector, heads, retain_graph) -> None:
-        shared = self.shared_params
-        per_task = self._task_gradients(losses, shared + heads, retain_graph)
-        reached = [k for k in range(len(shared)) if any(grads[k] is not None for grads in per_task)]
+        per_task = self._task_gradients(losses, self.shared_params + heads, retain_graph)
+        targets, jacobian = self._shared_jacobian(per_task)
+        record = self._record(loss_vector, task_gram(jacobian, backend=self.backend), gram_formed=True)
+        outs, accumulate = grad_destinations(targets)
+        weighted_combine(jacobian, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
+        for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
+            accumulate_grad(head, grad, record.skipped)
+
+    # The pieces of a speed-mode step, shared with the distributed step. ``per_task[i]`` holds task
+    # i's gradients on the shared parameters (in order), then on the heads; None where it has none.
+    def _reached_shared(self, per_task: list[Sequence[Tensor | None]]) -> list[int]:
+        """Indices of the shared parameters some loss reaches; warns for each loss that reaches none."""
+        num_shared = len(self.shared_params)
+        reached = [k for k in range(num_shared) if any(grads[k] is not None for grads in per_task)]
         if not reached:
             raise ValueError("no loss reaches any of the shared parameters")
         for i, grads in enumerate(per_task):
-            _warn_if_disconnected(i, grads[: len(shared)])
-        targets = [shared[k] for k in reached]
-        jacobian = TaskGradients([_zeros_for_missing([grads[k] for k in reached], targets) for grads in per_task])
-        gram = task_gram(jacobian, backend=self.backend)
-        record = self._record(loss_vector, gram, gram_formed=True)
-        outs, accumulate = _grad_destinations(targets)
-        weighted_combine(jacobian, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
-        for j, head in enumerate(heads, start=len(shared)):
-            terms = [(i, grads[j]) for i, grads in enumerate(per_task) if grads[j] is not None]
-            _accumulate_grad(head, _weighted_sum(terms, record.weights), record.skipped)
+            _warn_if_disconnected(i, grads[:num_shared])
+        return reached
+
+    def _shared_jacobian(self, per_task) -> tuple[list[Tensor], TaskGradients]:
+        """The shared parameters some loss reaches, and J on them (zeros where a task has none)."""
+        reached = self._reached_shared(per_task)
+        targets = [self.shared_params[k] for k in reached]
+        return targets, TaskGradients(task_rows(per_task, reached, targets))
+
+    def _head_gradients(self, per_task, weights: Tensor) -> list[Tensor | None]:
+        """Σ_i w_i ∇L_i on each input after the shared parameters (the heads); None where no loss
+        reaches one."""
+        return [
+            _weighted_sum([(i, grads[j]) for i, grads in enumerate(per_task) if grads[j] is not None], weights)
+            for j in range(len(self.shared_params), len(per_task[0]))
+        ]
 
     # Memory mode, or norms on a subset: stats from T backward passes, then Σ w_i L_i backward.
     def _backward_weighted_sum(self, losses, loss_vector, heads, retain_graph) -> None:
@@ -180,7 +198,7 @@ class MTLStep:
             per_task = self._task_gradients(losses, scope, retain_graph=True)
             for i, grads in enumerate(per_task):
                 _warn_if_disconnected(i, grads)
-            gram = task_gram(TaskGradients([_zeros_for_missing(g, scope) for g in per_task]), backend=self.backend)
+            gram = task_gram(TaskGradients([zeros_for_missing(g, scope) for g in per_task]), backend=self.backend)
             record = self._record(loss_vector, gram, gram_formed=True)
         else:
             record = self._record(loss_vector, self._gram_from_norms(losses, scope), gram_formed=False)
@@ -188,7 +206,7 @@ class MTLStep:
         weighted_loss = sum(w * loss for w, loss in zip(record.weights.unbind(0), losses))
         grads = torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True)
         for param, grad in zip(targets, grads):
-            _accumulate_grad(param, grad, record.skipped)
+            accumulate_grad(param, grad, record.skipped)
 
     def _gram_from_norms(self, losses: list[Tensor], scope: list[Tensor]) -> Tensor:
         """A T×T matrix with the exact diagonal ‖g_i‖² (and, where the weighting reads it, the
@@ -207,7 +225,7 @@ class MTLStep:
             else:
                 sq_norms.append(torch.zeros((), dtype=torch.float32, device=loss.device))
             if summed is not None:
-                torch._foreach_add_(summed, list(_zeros_for_missing(grads, scope)))
+                torch._foreach_add_(summed, list(zeros_for_missing(grads, scope)))
         sq_norms = torch.stack(sq_norms)
         off_diagonal = torch.full((), math.nan, dtype=torch.float32, device=sq_norms.device)
         if summed is not None and num_tasks > 1:
@@ -288,8 +306,16 @@ def _warn_if_disconnected(task: int, grads: Sequence[Tensor | None]) -> None:
         warnings.warn(
             f"loss {task} has no path to the shared parameters: it keeps weight 1 and is "
             "reported in step.last.zero_gradient",
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside this package."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__ + "."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _trainable_params(params: Iterable[Tensor], what: str) -> list[Tensor]:
@@ -318,11 +344,18 @@ def _trainable_params(params: Iterable[Tensor], what: str) -> list[Tensor]:
     return trainable
 
 
-def _zeros_for_missing(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+def task_rows(per_task, indices: Sequence[int], like: Sequence[Tensor]) -> list[list[Tensor]]:
+    """Each task's gradients on ``per_task`` columns ``indices``, zeros shaped like ``like`` where
+    it has none: the rows of J."""
+    return [zeros_for_missing([grads[k] for k in indices], like) for grads in per_task]
+
+
+def zeros_for_missing(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
+    """``grads``, with zeros shaped like the parameter where a gradient is None."""
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
+def grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
     """Each parameter's ``.grad`` to write into, and whether to add to it. Missing gradients are
     allocated uninitialised when none exists (nothing to add to: no fill pass), zeroed otherwise."""
     missing = [p.grad is None for p in params]
@@ -339,7 +372,7 @@ def _weighted_sum(terms: list[tuple[int, Tensor]], weights: Tensor) -> Tensor | 
     return total
 
 
-def _accumulate_grad(param: Tensor, grad: Tensor | None, skipped: Tensor) -> None:
+def accumulate_grad(param: Tensor, grad: Tensor | None, skipped: Tensor) -> None:
     """``param.grad += grad``, or nothing at all (not even NaN) when the step is skipped."""
     if grad is None:
         return

@@ -19,6 +19,10 @@ class ToyMultiTask(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh())
         self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(num_tasks))
 
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """The task losses: the forward that DDP and FSDP wrap."""
+        return self.losses(inputs, targets)
+
     def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         features = self.trunk(inputs)
         return [

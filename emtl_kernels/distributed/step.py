@@ -1,0 +1,297 @@
+"""DistributedMTLStep: the multi-task step on a model trained data-parallel with torch.distributed.
+
+Each rank holds a slice of the global batch and computes its task losses L_i^(r) (means over its
+slice) and task gradients J_r. With equal slices, the global-batch losses and gradients are the
+means over ranks, L = (1/W) Σ_r L^(r) and J = (1/W) Σ_r J_r, as DDP and FSDP average them.
+
+``sync="exact"`` gives the weights and the update of one process on the global batch:
+- DDP: the task gradients are copied into flat buckets (:mod:`.buckets`) and reduce-scattered,
+  one collective a task a bucket, so that each rank holds Σ_r J_r on its 1/W of the columns. It
+  forms the Gram partials of its shard; one all-reduce of T(T+1)/2 partials (and the T losses)
+  gives G on every rank, hence the same weights; each rank combines its shard, and an all-gather
+  completes the combined gradient on every rank. Task heads are averaged by one all-reduce.
+- FSDP2: FSDP's own backward reduce-scatters each task's gradients into the sharded ``.grad``
+  (one ``backward()`` a task); the step forms the Gram partials of the local shards, all-reduces
+  them with the losses, and combines on the shards: the update stays sharded, as FSDP keeps it.
+
+``sync="local"`` (DDP only) approximates: each rank forms G_r from its local task gradients, one
+all-reduce averages the Gram matrices and the losses, every rank derives the same weights from
+(mean L, mean G_r) and combines its local gradients, and DDP's own reduction averages the
+combination. The update is exactly the global-batch gradient of Σ_i w_i L_i; only the weights
+are approximate, since mean_r J_r J_rᵀ counts each rank's sampling noise that the mean J_r
+averages away (norms come out larger, more so for smaller local batches).
+
+Communication per step (P shared elements, H head elements, W ranks; payload, in elements;
+T(T+3)/2 = the T losses and the T(T+1)/2 entries of G's upper triangle):
+
+    plain DDP:   all-reduce P + H
+    exact DDP:   reduce-scatter T·P, all-gather P, all-reduce H + T(T+3)/2
+    local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2
+    exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2
+
+Under ring algorithms each rank sends (W−1)/W of a reduce-scatter's or an all-gather's payload
+and 2(W−1)/W of an all-reduce's: on the shared parameters exact DDP sends (T+1)/2 times what
+plain DDP sends, local mode the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd_graph import graph_leaves
+from ..ops import task_gram, weighted_combine
+from ..step import MTLStep, accumulate_grad, grad_destinations, task_rows
+from ..task_gradients import TaskGradients
+from ..weightings import Weighting
+from .buckets import Bucket, fill_bucket, plan_buckets
+from .collectives import Collectives, CommunicationLog
+from .wrappers import data_parallel
+
+Sync = Literal["exact", "local"]
+
+
+class DistributedMTLStep(MTLStep):
+    """:class:`~emtl_kernels.MTLStep` for a model trained data-parallel on torch.distributed.
+
+    Call it on every rank, each with the losses of its own slice of the global batch (equal
+    slices, losses that are means over them). The weights are the same on every rank, and every
+    parameter's ``.grad`` receives the gradient of Σ_i w_i L_i averaged over the ranks, as DDP's
+    ``loss.backward()`` would give (sharded, under FSDP2).
+
+    Args:
+        model: the model, wrapped by ``torch.nn.parallel.DistributedDataParallel`` or by
+            ``torch.distributed.fsdp.fully_shard`` (FSDP2, one-dimensional mesh). Its process
+            group is the one the step reduces over. Run its forward as usual; the step's backward
+            replaces ``loss.backward()``.
+        shared_params: the shared parameters θ, each one a parameter of ``model`` (for FSDP2, the
+            sharded parameters, as ``model.parameters()`` yields them outside forward). Every
+            other tensor the losses reach must be a parameter of ``model`` too.
+        weighting, backend, batched_backward, **weighting_options: as for
+            :class:`~emtl_kernels.MTLStep` (``batched_backward`` under DDP only).
+        sync: "exact" (default): the weights and update of one process on the global batch.
+            "local" (DDP only): weights from the Gram matrices averaged over ranks, zero extra
+            gradient communication; an approximation.
+        bucket_cap_mb: size of one task's gradients in one reduce-scatter bucket (exact DDP;
+            25 MiB, as DDP's buckets). Exact mode always communicates, even under ``no_sync()``.
+
+    After :meth:`backward`, :attr:`last` holds the :class:`~emtl_kernels.StepRecord` (the same on
+    every rank: global losses and Gram matrix) and :attr:`communication` the
+    :class:`~emtl_kernels.CommunicationLog` of the collectives the step issued (the
+    wrapper's own reductions not included).
+
+    On the first call every rank checks with one small all-gather that all agree on T and on the
+    shared parameters, and raises if not. Later, a rank that raises alone leaves the others
+    waiting in a collective until the process group's ``timeout`` ends them.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        shared_params: Iterable[Tensor],
+        weighting: str | Weighting = "emtl",
+        *,
+        sync: Sync = "exact",
+        backend: str = "auto",
+        batched_backward: bool = False,
+        bucket_cap_mb: float = 25.0,
+        **weighting_options,
+    ):
+        self.data_parallel = data_parallel(model)
+        unsupported = sorted({"mode", "norm_params"} & set(weighting_options))
+        if unsupported:
+            raise ValueError(
+                f"{', '.join(unsupported)}: the distributed step keeps the task gradients (speed mode) "
+                "and takes the norms over every shared parameter"
+            )
+        if sync not in ("exact", "local"):
+            raise ValueError(f"sync must be 'exact' or 'local', got {sync!r}")
+        if self.data_parallel.kind == "fsdp" and (sync == "local" or batched_backward):
+            raise ValueError(
+                "under fully_shard the step runs FSDP's own backward once a task, which reduce-scatters "
+                "each task's gradients: sync='exact' only, without batched_backward"
+            )
+        if not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+        super().__init__(shared_params, weighting, backend=backend, batched_backward=batched_backward, **weighting_options)
+        self.data_parallel.check_covers(self.shared_params, "shared_params")
+        self.sync: Sync = sync
+        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
+        self._collectives = Collectives(self.data_parallel.group)
+        self.communication: CommunicationLog | None = None
+
+    def backward(self, losses: Tensor | Sequence[Tensor], *, retain_graph: bool = False) -> Tensor:
+        """Write the rank-averaged gradient of Σ_i w_i L_i into ``.grad``; return the weights ``[T]``.
+
+        ``losses`` are this rank's T losses, as for :meth:`MTLStep.backward`. Every rank must call
+        it, with the same T. A step skipped for a non-finite value is skipped on every rank.
+        """
+        first_call = self.num_tasks is None
+        loss_list = self._checked_losses(losses)
+        self.communication = self._collectives.start_step()
+        if first_call:
+            self._check_ranks_agree(len(loss_list))
+        loss_vector = torch.stack([loss.detach() for loss in loss_list])
+        if self.data_parallel.kind == "fsdp":
+            self._exact_sharded(loss_list, loss_vector, retain_graph)
+            return self.last.weights
+        heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
+        self.data_parallel.check_covers(heads, "the task-specific tensors the losses reach")
+        per_task = self._task_gradients(loss_list, self.shared_params + heads, retain_graph)
+        targets, jacobian = self._shared_jacobian(per_task)
+        if self.sync == "exact":
+            self._exact_replicated(jacobian, targets, loss_vector)
+            self._average_heads(heads, self._head_gradients(per_task, self.last.weights))
+        else:
+            self._local_replicated(jacobian, targets, loss_vector, heads, per_task)
+        return self.last.weights
+
+    def _check_ranks_agree(self, num_tasks: int) -> None:
+        shape = [num_tasks, len(self.shared_params), sum(p.numel() for p in self.shared_params)]
+        table = self._collectives.gathered_rows(shape, self.shared_params[0].device)
+        if any(row != table[0] for row in table):
+            detail = "; ".join(f"rank {r}: T={t}, {k} shared tensors, P={p}" for r, (t, k, p) in enumerate(table))
+            raise ValueError(
+                f"ranks disagree on the tasks or the shared parameters ({detail}): every rank must "
+                "build the step on the same shared parameters and call backward with the same T losses"
+            )
+
+    # DDP, exact: reduce-scatter J, Gram partials of the shard, all-reduce them, all-gather g.
+    def _exact_replicated(self, jacobian: TaskGradients, targets: list[Tensor], loss_vector: Tensor) -> None:
+        comm, world = self._collectives, self._collectives.world_size
+        element_size = torch.finfo(jacobian.dtype).bits // 8
+        buckets = plan_buckets(jacobian.sizes, world, max(1, self.bucket_cap_bytes // element_size))
+        summed = self._reduce_scatter_buckets(jacobian, buckets)
+        loss_sum, gram_sum = comm.sum_losses_and_gram(loss_vector, task_gram(summed, backend=self.backend))
+        # The shards hold Σ_r J_r = W·J: the 1/W goes into G and into the weights, not over J.
+        record = self._record(loss_sum / world, gram_sum / world**2, gram_formed=True)
+        shard_update = weighted_combine(summed, record.weights / world, backend=self.backend)
+        gathered = [shard.new_empty(bucket.padded) for shard, bucket in zip(shard_update, buckets)]
+        for work in [comm.all_gather(full, shard, async_op=True) for full, shard in zip(gathered, shard_update)]:
+            work.wait()
+        outs, accumulate = grad_destinations(targets)
+        for bucket, full in zip(buckets, gathered):
+            for k, piece in zip(bucket.indices, bucket.pieces(full)):
+                if accumulate:
+                    outs[k].add_(piece.view_as(outs[k]))
+                else:
+                    outs[k].copy_(piece.view_as(outs[k]))
+
+    def _reduce_scatter_buckets(self, jacobian: TaskGradients, buckets: list[Bucket]) -> TaskGradients:
+        """Σ_r J_r on this rank's slice of every bucket (one piece a bucket). A bucket is sent as
+        soon as it is filled, so that filling the next overlaps its communication."""
+        comm, num_tasks = self._collectives, jacobian.num_tasks
+        buffers, shards, works = [], [], []
+        for bucket in buckets:
+            buffers.append(fill_bucket(bucket, jacobian))
+            shards.append(buffers[-1].new_empty(num_tasks, bucket.padded // comm.world_size))
+            works += [comm.reduce_scatter_sum(shards[-1][i], buffers[-1][i], async_op=True) for i in range(num_tasks)]
+        for work in works:
+            work.wait()
+        return TaskGradients([[shard[i] for shard in shards] for i in range(num_tasks)])
+
+    def _average_heads(self, heads: list[Tensor], head_grads: list[Tensor | None]) -> None:
+        """Average the heads' gradients over ranks (one all-reduce a dtype) and add them to .grad."""
+        present = [(head, grad) for head, grad in zip(heads, head_grads) if grad is not None]
+        for dtype in {grad.dtype for _, grad in present}:
+            group = [(head, grad) for head, grad in present if grad.dtype == dtype]
+            # The collective needs one contiguous buffer: the heads' gradients are copied into it.
+            flat = torch.cat([grad.reshape(-1) for _, grad in group])
+            self._collectives.all_reduce_sum(flat)
+            flat /= self._collectives.world_size
+            for (head, _), piece in zip(group, flat.split([grad.numel() for _, grad in group])):
+                accumulate_grad(head, piece.view_as(head), self.last.skipped)
+
+    # DDP, local: the mean of the local Gram matrices, then DDP's own reduction of the combination.
+    def _local_replicated(self, jacobian, targets, loss_vector, heads, per_task) -> None:
+        world = self._collectives.world_size
+        local_gram = task_gram(jacobian, backend=self.backend)
+        loss_sum, gram_sum = self._collectives.sum_losses_and_gram(loss_vector, local_gram)
+        record = self._record(loss_sum / world, gram_sum / world, gram_formed=True)
+        params = list(targets)
+        grads = [g.view_as(p) for g, p in zip(weighted_combine(jacobian, record.weights, backend=self.backend), targets)]
+        for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
+            if grad is not None:
+                params.append(head)
+                grads.append(torch.where(record.skipped, 0.0, grad))
+        # DDP reduces in the hooks autograd runs when it accumulates into .grad. A backward through
+        # identity views hands it the local combination just as loss.backward() would: DDP averages
+        # it in its buckets (with any communication hook) and adds it to .grad.
+        with torch.enable_grad():
+            torch.autograd.backward([p.view_as(p) for p in params], grads)
+
+    # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.
+    def _exact_sharded(self, loss_list: list[Tensor], loss_vector: Tensor, retain_graph: bool) -> None:
+        comm = self._collectives
+        heads = [p for p in self.data_parallel.params if id(p) not in self._shared_ids]
+        per_task = self._sharded_task_gradients(loss_list, self.shared_params + heads, retain_graph)
+        reached = self._reached_shared(per_task)
+        local = [_local(p) for p in self.shared_params]
+        held = [k for k in reached if local[k].numel() > 0]  # with few rows, a rank's shard may be empty
+        shard = TaskGradients(task_rows(per_task, held, [local[k] for k in held])) if held else None
+        if shard is None:
+            gram_partial = torch.zeros(len(loss_list), len(loss_list), dtype=torch.float32, device=loss_vector.device)
+        else:
+            gram_partial = task_gram(shard, backend=self.backend)
+        loss_sum, gram = comm.sum_losses_and_gram(loss_vector, gram_partial)
+        # FSDP's reduce-scatter already averaged the gradients over ranks: G needs no scaling.
+        record = self._record(loss_sum / comm.world_size, gram, gram_formed=True)
+        grads, accumulate = grad_destinations([self.shared_params[k] for k in reached])
+        if shard is not None:
+            outs = [_local(grad) for grad, k in zip(grads, reached) if k in held]
+            weighted_combine(shard, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
+        for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
+            if grad is not None:
+                if head.grad is None:
+                    head.grad = torch.zeros_like(head)
+                _local(head.grad).add_(torch.where(record.skipped, 0.0, grad))
+
+    def _sharded_task_gradients(self, loss_list, params, retain_graph) -> list[tuple[Tensor | None, ...]]:
+        """Per task, this rank's shard of its gradients on ``params`` as FSDP's own backward leaves
+        them (reduce-scattered, averaged over ranks); None where the task has none. The ``.grad``
+        the parameters held before is put back."""
+        leaves = graph_leaves(loss_list)
+        leaf_grads = [_grad_state(leaf) for leaf in leaves]
+        saved = [p.grad for p in params]
+        per_task = []
+        try:
+            for p in params:
+                p.grad = None
+            for i, loss in enumerate(loss_list):
+                last = i == len(loss_list) - 1
+                # Keep the parameters gathered from one task's backward to the next, not T all-gathers.
+                self.data_parallel.module.set_reshard_after_backward(last)
+                loss.backward(retain_graph=retain_graph or not last)
+                per_task.append(tuple(None if p.grad is None else _local(p.grad) for p in params))
+                for p in params:
+                    p.grad = None
+                # FSDP takes the gradient it reduces off its leaves; a leaf that kept one was not reduced.
+                kept = [tuple(leaf.shape) for leaf, state in zip(leaves, leaf_grads) if not _same_grad(leaf, state)]
+                if kept:
+                    raise ValueError(
+                        f"tensors of shapes {kept} got a gradient that fully_shard did not reduce: every "
+                        "tensor the losses reach must be a parameter of the fully_shard model, and "
+                        "gradient sync must be on (set_requires_gradient_sync(True))"
+                    )
+        finally:
+            self.data_parallel.module.set_reshard_after_backward(True)
+            for p, grad in zip(params, saved):
+                p.grad = grad
+        return per_task
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor, sharing its storage."""
+    return tensor.to_local().detach()
+
+
+def _grad_state(leaf: Tensor) -> tuple[Tensor | None, int]:
+    return leaf.grad, -1 if leaf.grad is None else leaf.grad._version
+
+
+def _same_grad(leaf: Tensor, state: tuple[Tensor | None, int]) -> bool:
+    grad, version = state
+    return leaf.grad is grad and (grad is None or grad._version == version)

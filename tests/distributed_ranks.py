@@ -1,0 +1,196 @@
+"""Run scenarios on W gloo ranks in spawned processes, bounded in time, results back as files.
+
+Each rank process joins a gloo group on localhost (with a short collective timeout), runs the
+named scenarios in order, and saves each one's result (or its error) as ``{name}-rank{r}.pt``.
+The parent joins the processes with a deadline and kills any that outlive it, so a rank that
+raises or blocks can fail a test but never hang the suite.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from emtl_kernels.distributed import DistributedMTLStep
+from multitask_models import ToyMultiTask, toy_batch
+
+#: How long a collective may wait for the other ranks before it raises.
+COLLECTIVE_TIMEOUT_S = 30
+#: The shorter timeout of the group on which one rank stalls on purpose.
+STALL_TIMEOUT_S = 3
+#: The weighting every scenario uses: it reads the whole Gram matrix (its total), not only norms.
+WEIGHTING = dict(weighting="gradnorm_scaling", target="sum_norm")
+
+
+def run_ranks(scenarios: list[str], out_dir: Path, world_size: int = 2, deadline_s: float = 150) -> dict:
+    """Run ``scenarios`` on ``world_size`` ranks; ``{name: [result of rank 0, rank 1, …]}``."""
+    context = mp.get_context("spawn")
+    port = _free_port()
+    processes = [
+        context.Process(target=run_rank, args=(rank, world_size, port, str(out_dir), scenarios), daemon=True)
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    end = time.monotonic() + deadline_s
+    for process in processes:
+        process.join(max(0.0, end - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return {
+        name: [_load(out_dir / f"{name}-rank{rank}.pt") for rank in range(world_size)] for name in scenarios
+    }
+
+
+def _load(path: Path):
+    return torch.load(path, weights_only=False) if path.exists() else {"error": "no result: the rank died or timed out"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_rank(rank: int, world_size: int, port: int, out_dir: str, scenarios: list[str]) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+    )
+    for name in scenarios:
+        try:
+            result = SCENARIOS[name](rank, world_size)
+        except Exception as error:  # reported to the parent, which owns the verdict
+            result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        torch.save(result, Path(out_dir) / f"{name}-rank{rank}.pt")
+        if "error" in result and name == "rank_raises":
+            return  # leave without a goodbye, as a crashing rank does
+    dist.destroy_process_group()
+
+
+def local_batch(rank: int, world_size: int):
+    """This rank's equal slice of the global batch ``toy_batch()``."""
+    inputs, targets = toy_batch()
+    rows = inputs.shape[0] // world_size
+    return inputs[rank * rows : (rank + 1) * rows], targets[rank * rows : (rank + 1) * rows]
+
+
+def step_result(step: DistributedMTLStep, grads: list[torch.Tensor]) -> dict:
+    return {
+        "weights": step.last.weights, "gram": step.last.gram, "losses": step.last.losses,
+        "skipped": bool(step.last.skipped), "grads": grads,
+        "payload": dict(step.communication.payload), "calls": dict(step.communication.calls),
+    }
+
+
+def ddp_step(rank: int, world_size: int, sync: str) -> dict:
+    """One step on a DDP model, then a second training step to show DDP is left in a sane state."""
+    model = ToyMultiTask()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), sync=sync, bucket_cap_mb=1e-4, **WEIGHTING)
+    step.backward(ddp(*local_batch(rank, world_size)))
+    result = step_result(step, [p.grad.clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step.optimizer_step(optimizer)
+    optimizer.zero_grad()
+    step.backward(ddp(*local_batch(rank, world_size)))
+    result["second_step_payload"] = dict(step.communication.payload)
+    sum(ddp(*local_batch(rank, world_size))).backward()  # plain DDP still works after the steps
+    return result
+
+
+def ddp_exact(rank, world_size):
+    return ddp_step(rank, world_size, "exact")
+
+
+def ddp_local(rank, world_size):
+    return ddp_step(rank, world_size, "local")
+
+
+def fsdp_exact(rank: int, world_size: int) -> dict:
+    model = ToyMultiTask()
+    for layer in model.trunk:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    step = DistributedMTLStep(model, model.trunk.parameters(), **WEIGHTING)
+    step.backward(model(*local_batch(rank, world_size)))
+    return step_result(step, [p.grad.full_tensor() for p in model.parameters()])
+
+
+def nan_on_one_rank(rank: int, world_size: int) -> dict:
+    """Rank 1's second loss is NaN: every rank skips, in both modes, and no .grad changes."""
+    results = {}
+    for sync in ("exact", "local"):
+        model = ToyMultiTask()
+        ddp = DistributedDataParallel(model)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 7.0)
+        step = DistributedMTLStep(ddp, model.trunk.parameters(), sync=sync, **WEIGHTING)
+        losses = ddp(*local_batch(rank, world_size))
+        if rank == 1:
+            losses[1] = losses[1] * float("nan")
+        step.backward(losses)
+        results[sync] = {"skipped": bool(step.last.skipped), "weights": step.last.weights,
+                         "grads_unchanged": all(bool((p.grad == 7.0).all()) for p in model.parameters())}
+    return results
+
+
+def ranks_disagree_on_tasks(rank: int, world_size: int) -> dict:
+    model = ToyMultiTask()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), **WEIGHTING)
+    losses = ddp(*local_batch(rank, world_size))
+    step.backward(losses[: 3 - rank])
+    return {}
+
+
+def rank_stalls(rank: int, world_size: int) -> dict:
+    """Rank 1 stays alive but never calls backward: rank 0 must end by the group's timeout."""
+    group = dist.new_group(timeout=timedelta(seconds=STALL_TIMEOUT_S))
+    model = ToyMultiTask()
+    ddp = DistributedDataParallel(model, process_group=group)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), **WEIGHTING)
+    losses = ddp(*local_batch(rank, world_size))
+    if rank == 1:
+        time.sleep(2 * STALL_TIMEOUT_S)
+        return {}
+    return _timed_backward(step, losses)
+
+
+def rank_raises(rank: int, world_size: int) -> dict:
+    """Rank 1 fails before its backward; rank 0 must not wait for it for ever."""
+    model = ToyMultiTask()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), **WEIGHTING)
+    losses = ddp(*local_batch(rank, world_size))
+    if rank == 1:
+        raise RuntimeError("rank 1 failed")
+    return _timed_backward(step, losses)
+
+
+def _timed_backward(step, losses) -> dict:
+    started = time.monotonic()
+    try:
+        step.backward(losses)
+    except Exception as error:
+        return {"raised": f"{type(error).__name__}: {error}", "waited_s": time.monotonic() - started}
+    return {"raised": None}
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (ddp_exact, ddp_local, fsdp_exact, nan_on_one_rank, ranks_disagree_on_tasks, rank_stalls, rank_raises)
+}

@@ -1,0 +1,238 @@
+"""DistributedMTLStep against float64 single-process computations of what it must give.
+
+Two gloo ranks on localhost run every multi-rank scenario in one spawn (spawning is the slow
+part); one-rank checks and bad-input errors run in this process on a one-rank gloo group.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from distributed_ranks import SCENARIOS, STALL_TIMEOUT_S, WEIGHTING, local_batch, run_ranks
+from emtl_kernels import MTLStep, available_backends, gradnorm_scaling_weights
+from emtl_kernels.distributed import DistributedMTLStep
+from emtl_kernels.distributed.buckets import fill_bucket, plan_buckets
+from emtl_kernels.task_gradients import TaskGradients
+from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch, weighted_sum_gradients64
+
+WORLD = 2
+
+
+def assert_float32_close(actual, expected, tol=2e-5):
+    """Tensor by tensor, ‖a − e‖ ≤ tol·‖e‖ (float32 rounding is relative to the whole gradient)."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert (a.double() - e.double()).norm() <= tol * e.double().norm() + 1e-12
+
+
+def weights64(losses, gram):
+    return gradnorm_scaling_weights(losses, gram, target=WEIGHTING["target"])
+
+
+def global_batch_expectation():
+    """One process on the concatenated batch, float64: losses, G, weights, every parameter's gradient."""
+    model64 = float64_twin(ToyMultiTask())
+    losses = model64(*toy_batch(dtype=torch.float64))
+    jacobian = shared_gradients64(model64, losses)
+    gram = jacobian @ jacobian.T
+    weights = weights64(torch.stack(losses).detach(), gram)
+    return {"losses": torch.stack(losses).detach(), "gram": gram, "weights": weights,
+            "grads": weighted_sum_gradients64(model64, losses, weights)}
+
+
+def local_mode_expectation():
+    """Local mode's definition, float64: weights from the rank-mean losses and rank-mean Gram
+    matrices, then every rank's local combination, averaged as DDP averages it."""
+    model64 = float64_twin(ToyMultiTask())
+    per_rank = []
+    for rank in range(WORLD):
+        inputs, targets = local_batch(rank, WORLD)
+        losses = model64(inputs.double(), targets.double())
+        jacobian = shared_gradients64(model64, losses)
+        per_rank.append((losses, jacobian @ jacobian.T))
+    mean_losses = torch.stack([torch.stack(losses).detach() for losses, _ in per_rank]).mean(0)
+    mean_gram = torch.stack([gram for _, gram in per_rank]).mean(0)
+    weights = weights64(mean_losses, mean_gram)
+    grads = [weighted_sum_gradients64(model64, losses, weights) for losses, _ in per_rank]
+    return {"losses": mean_losses, "gram": mean_gram, "weights": weights,
+            "grads": [sum(g) / WORLD for g in zip(*grads)]}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Every two-rank scenario, run once: ``{scenario: [rank 0's result, rank 1's]}``."""
+    return run_ranks(list(SCENARIOS), tmp_path_factory.mktemp("ranks"), world_size=WORLD)
+
+
+def successful(results):
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result.get('traceback', result['error'])}"
+    return results
+
+
+def assert_matches(result, expected):
+    torch.testing.assert_close(result["weights"].double(), expected["weights"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(result["losses"].double(), expected["losses"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(result["gram"].double(), expected["gram"], rtol=1e-4, atol=1e-9)
+    assert_float32_close(result["grads"], expected["grads"])
+
+
+@pytest.mark.parametrize("scenario", ["ddp_exact", "fsdp_exact"])
+def test_exact_mode_is_one_process_on_the_global_batch(ranks, scenario):
+    expected = global_batch_expectation()
+    for result in successful(ranks[scenario]):
+        assert_matches(result, expected)
+
+
+def test_local_mode_matches_its_definition(ranks):
+    expected = local_mode_expectation()
+    for result in successful(ranks["ddp_local"]):
+        assert_matches(result, expected)
+    # Averaged local Gram matrices count each rank's sampling noise: the norms come out larger.
+    exact = global_batch_expectation()
+    assert torch.all(expected["gram"].diagonal() > exact["gram"].diagonal())
+
+
+def test_fsdp2_matches_ddp(ranks):
+    for ddp, fsdp in zip(successful(ranks["ddp_exact"]), successful(ranks["fsdp_exact"])):
+        torch.testing.assert_close(fsdp["weights"], ddp["weights"], rtol=1e-5, atol=0)
+        assert_float32_close(fsdp["grads"], ddp["grads"], tol=1e-5)
+
+
+def test_communication_is_counted_from_the_collectives_issued(ranks):
+    num_tasks, shared, heads, scalars = 3, 248, 27, 3 + 6  # ToyMultiTask: P = 248, 3 heads of 9
+    exact = successful(ranks["ddp_exact"])[0]["second_step_payload"]
+    assert exact == {"reduce_scatter": 4 * num_tasks * shared, "all_gather": 4 * shared, "all_reduce": 4 * (heads + scalars)}
+    assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * scalars}
+    # The first step adds the check that ranks agree: 3 int64 numbers from each rank.
+    assert successful(ranks["ddp_exact"])[0]["payload"]["all_gather"] == 4 * shared + 8 * 3 * WORLD
+
+
+@pytest.mark.parametrize("sync", ["exact", "local"])
+def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks, sync):
+    for result in successful(ranks["nan_on_one_rank"]):
+        assert result[sync]["skipped"]
+        assert torch.equal(result[sync]["weights"], torch.zeros(3))
+        assert result[sync]["grads_unchanged"]
+
+
+def test_ranks_disagreeing_on_the_number_of_tasks_raise_on_every_rank(ranks):
+    for result in ranks["ranks_disagree_on_tasks"]:
+        assert "ValueError: ranks disagree" in result["error"]
+        assert "rank 0: T=3" in result["error"] and "rank 1: T=2" in result["error"]
+
+
+def test_a_rank_that_raises_does_not_hang_the_others(ranks):
+    survivor, failed = ranks["rank_raises"]
+    assert "rank 1 failed" in failed["error"]
+    assert survivor.get("raised"), survivor  # its collective failed: the peer is gone
+
+
+def test_a_rank_that_stalls_ends_the_others_by_the_group_timeout(ranks):
+    survivor, stalled = successful(ranks["rank_stalls"])
+    assert survivor["raised"], survivor
+    assert STALL_TIMEOUT_S <= survivor["waited_s"] < 4 * STALL_TIMEOUT_S
+
+
+# One rank, in this process: the distributed step must reduce to MTLStep, and reject bad input.
+def test_without_a_process_group_the_step_says_so():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    model = ToyMultiTask()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedMTLStep(model, model.trunk.parameters())
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def fsdp_model():
+    model = ToyMultiTask()
+    for layer in (model.trunk[0], model.trunk[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def single_process_result(**options):
+    model = ToyMultiTask()
+    step = MTLStep(model.trunk.parameters(), **WEIGHTING, **options)
+    weights = step.backward(model(*toy_batch()))
+    return weights, [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("wrap,sync", [("ddp", "exact"), ("ddp", "local"), ("fsdp", "exact")])
+def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, wrap, sync, backend):
+    model = fsdp_model() if wrap == "fsdp" else ToyMultiTask()
+    wrapped = model if wrap == "fsdp" else DistributedDataParallel(model)
+    before = [torch.full_like(p, 0.5) for p in model.parameters()]
+    for p, b in zip(model.parameters(), before):
+        p.grad = b.clone()
+    step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, backend=backend, bucket_cap_mb=1e-4, **WEIGHTING)
+    weights = step.backward(wrapped(*toy_batch()))
+    expected_weights, expected_grads = single_process_result(backend="reference")
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
+    grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
+    before = [b.full_tensor() if wrap == "fsdp" else b for b in before]
+    assert_float32_close([g - b for g, b in zip(grads, before)], expected_grads, tol=1e-5)
+    assert step.communication.sent_bytes == 0
+
+
+def test_buckets_cut_at_the_cap_and_pad_to_the_world_size():
+    buckets = plan_buckets((5, 3, 7, 2), world_size=3, cap_elements=8)
+    assert [b.indices for b in buckets] == [(0, 1), (2,), (3,)]
+    assert [b.padded for b in buckets] == [9, 9, 3]
+    rows = [[torch.full((n,), 10.0 * i + k) for k, n in enumerate((5, 3, 7, 2))] for i in range(2)]
+    buffer = fill_bucket(buckets[0], TaskGradients(rows))
+    assert buffer.tolist() == [[0.0] * 5 + [1.0] * 3 + [0.0], [10.0] * 5 + [11.0] * 3 + [0.0]]
+
+
+def bad_construction_cases():
+    yield "plain module", lambda m: DistributedMTLStep(m, m.trunk.parameters()), TypeError, "DistributedDataParallel"
+    yield "sync", lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), sync="fast"), ValueError, "sync"
+    yield "bucket", lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), bucket_cap_mb=0), ValueError, "bucket_cap_mb"
+    outside = torch.nn.Parameter(torch.ones(4))
+    yield "not covered", lambda m: DistributedMTLStep(DistributedDataParallel(m), [*m.trunk.parameters(), outside]), ValueError, r"shapes \[\(4,\)\] that are not"
+    yield "ignored by ddp", lambda m: ignored_shared(m), ValueError, "not trainable parameters"
+    yield "memory mode", lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), mode="memory"), ValueError, "speed mode"
+    yield "fsdp local", lambda m: fsdp_step(sync="local"), ValueError, "sync='exact' only"
+    yield "fsdp batched", lambda m: fsdp_step(batched_backward=True), ValueError, "without batched_backward"
+
+
+def fsdp_step(**options):
+    model = fsdp_model()
+    return DistributedMTLStep(model, model.trunk.parameters(), **options)
+
+
+def ignored_shared(model):
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["trunk.0.weight"])
+    return DistributedMTLStep(DistributedDataParallel(model), model.trunk.parameters())
+
+
+@pytest.mark.parametrize("name,make,error,match", list(bad_construction_cases()), ids=[c[0] for c in bad_construction_cases()])
+def test_bad_construction_raises(one_rank_group, name, make, error, match):
+    with pytest.raises(error, match=match):
+        make(ToyMultiTask())
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_a_reached_tensor_outside_the_wrapped_model_raises(one_rank_group, wrap):
+    model = fsdp_model() if wrap == "fsdp" else ToyMultiTask()
+    wrapped = model if wrap == "fsdp" else DistributedDataParallel(model)
+    stray = torch.nn.Parameter(torch.tensor(2.0))
+    losses = wrapped(*toy_batch())
+    losses[2] = losses[2] * stray
+    step = DistributedMTLStep(wrapped, model.trunk.parameters(), **WEIGHTING)
+    match = "not trainable parameters" if wrap == "ddp" else "did not reduce"
+    with pytest.raises(ValueError, match=match):
+        step.backward(losses)
