@@ -2,7 +2,11 @@
 
 import os
 
-import torch
+# The interpreter multiplies tiles with numpy; on a small shared CI machine OpenBLAS threads only
+# contend (tens of ms per tile product instead of tens of µs). Set before numpy is loaded.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Must be set before triton is first imported: without a GPU, Triton kernels then run on CPU
 # tensors through the interpreter, which is how CI tests them.

@@ -1,0 +1,91 @@
+"""The combine pass: g = Jᵀw = Σ_i w_i g_i, written straight into its destinations.
+
+One program per chunk of the chunk table; for each tile of its chunk, the program sums
+``w_i · x_i`` over the task rows (T_BLOCK rows at a time, as many blocks as T needs) in float32,
+adds the destination's old value when accumulating, and rounds once to the storage dtype. The
+destinations are K separate tensors (the parameters' ``.grad``, or views of a flat buffer),
+reached through the output table, so one launch writes them all.
+
+A task whose weight is exactly zero is left out with ``tl.where``, not multiplied by zero: its
+gradient may hold inf or NaN (a skipped step zeroes every weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tables import RowTables
+from .tiles import chunk_span, load_tile, row_pointers, to_storage, typed_pointer
+from .tuning import LaunchConfig
+
+#: Task rows a program holds at once; more tasks loop over row blocks.
+MAX_T_BLOCK = 16
+
+
+def combine_t_block(num_tasks: int) -> int:
+    """Rows of J a program holds at once for ``num_tasks`` tasks."""
+    return min(triton.next_power_of_2(num_tasks), MAX_T_BLOCK)
+
+
+@triton.jit
+def _combine_tile(pointer_table, weights, column, start, destination, num_tasks, offset, length, columns,
+                  MASK_COLUMNS: tl.constexpr, DTYPE: tl.constexpr, T_BLOCK: tl.constexpr,
+                  ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for first in range(0, num_tasks, T_BLOCK):
+        rows = first + tl.arange(0, T_BLOCK)
+        row_mask = rows < num_tasks
+        weight = tl.load(weights + rows, mask=row_mask, other=0.0)
+        pointers = row_pointers(pointer_table, column, rows, row_mask, num_tasks, start, DTYPE, ALIGNED)
+        tile = load_tile(pointers, row_mask, offset, length, columns, MASK_COLUMNS)
+        total += tl.sum(tl.where((weight != 0.0)[:, None], tile * weight[:, None], 0.0), axis=0)
+    positions = offset + columns
+    if MASK_COLUMNS:
+        mask = positions < length
+    else:
+        mask = None
+    if ACCUMULATE:
+        total += tl.load(destination + positions, mask=mask).to(tl.float32)
+    tl.store(destination + positions, to_storage(total, DTYPE), mask=mask)
+
+
+@triton.jit
+def combine_kernel(
+    pointer_table, output_table, chunk_table, weights, num_tasks, num_chunks,
+    DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Write (or add) the combination over chunk ``program_id(0)``."""
+    chunk = tl.program_id(0)
+    column, start, length = chunk_span(chunk_table, chunk, num_chunks)
+    destination = typed_pointer(tl.load(output_table + column), start, DTYPE, ALIGNED)
+    columns = tl.arange(0, BLOCK)
+    full = length - length % BLOCK
+    for offset in range(0, full, BLOCK):
+        _combine_tile(pointer_table, weights, column, start, destination, num_tasks, offset, length, columns,
+                      False, DTYPE, T_BLOCK, ACCUMULATE, ALIGNED, BLOCK)
+    if full < length:
+        _combine_tile(pointer_table, weights, column, start, destination, num_tasks, full, length, columns,
+                      True, DTYPE, T_BLOCK, ACCUMULATE, ALIGNED, BLOCK)
+
+
+def launch_combine(
+    tables: RowTables,
+    num_tasks: int,
+    dtype: tl.dtype,
+    weights: torch.Tensor,
+    output_table: torch.Tensor,
+    outputs_aligned: bool,
+    config: LaunchConfig,
+    *,
+    accumulate: bool,
+) -> None:
+    """One launch over every chunk; ``weights`` is float32 ``[T]`` on the device."""
+    combine_kernel[(tables.num_chunks,)](
+        tables.row_pointers, output_table, tables.chunks, weights, num_tasks, tables.num_chunks,
+        DTYPE=dtype, T_BLOCK=combine_t_block(num_tasks), ACCUMULATE=accumulate,
+        ALIGNED=tables.aligned and outputs_aligned, BLOCK=config.block,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
+    )

@@ -1,0 +1,184 @@
+"""The Gram pass: all T(T+1)/2 dot products of the task gradients in one read of J.
+
+Stage 1 (:func:`gram_partials_kernel`): a persistent grid (about the SM count times a few programs)
+walks the chunk table grid-stride; each program accumulates the products of its chunks in float32
+registers and writes one ``T_BLOCK × T_BLOCK`` partial (or ``T_BLOCK`` squared norms). Stage 2
+(:func:`reduce_partials_kernel`) sums the partials in program order and writes G from its upper
+triangle mirrored, so G is exactly symmetric and a repeat run is bit-identical (no atomics; the
+same chunks go to the same programs in the same order).
+
+Products, by T_BLOCK (T rounded up to a power of two, at most 32):
+- up to 8: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK]`` accumulator, reduced once at the end: few
+  FMAs per loaded element, where a padded matrix product would be compute-bound.
+- 16 and 32: ``tl.dot`` of the tile with its transpose. float32 storage multiplies in IEEE
+  float32 (no TF32 rounding); bfloat16 and float16 values are exact in TF32, so their products
+  run on TF32 tensor cores without error, accumulating in float32.
+Beyond 32 tasks, a second grid axis walks the pairs of 32-row blocks (J is read once per pair).
+
+A NaN or inf anywhere in row i reaches G_ii: masked loads fill zeros only outside J, and nothing
+on the way drops a non-finite value.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tables import RowTables, index_table
+from .tiles import chunk_span, load_tile, row_pointers
+from .tuning import LaunchConfig
+
+#: Largest task block held in registers; more tasks tile over pairs of blocks.
+MAX_T_BLOCK = 32
+#: From this task block on, Gram products run through ``tl.dot`` (its smallest M and N).
+DOT_T_BLOCK = 16
+#: Partials summed per step of the second stage.
+_REDUCE_ROWS = 8
+
+
+def gram_t_block(num_tasks: int) -> int:
+    """Rows of J a program holds at once for ``num_tasks`` tasks."""
+    return min(triton.next_power_of_2(num_tasks), MAX_T_BLOCK)
+
+
+def uses_dot(t_block: int, norms_only: bool) -> bool:
+    """Whether the products of a pass run through ``tl.dot`` (else elementwise)."""
+    return not norms_only and t_block >= DOT_T_BLOCK
+
+
+@triton.jit
+def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
+                MASK_COLUMNS: tl.constexpr, NORMS_ONLY: tl.constexpr, USE_DOT: tl.constexpr,
+                SINGLE_BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    tile_a = load_tile(pointers_a, mask_a, offset, length, columns, MASK_COLUMNS)
+    if NORMS_ONLY:
+        acc += tile_a * tile_a
+    else:
+        if SINGLE_BLOCK:
+            tile_b = tile_a
+        else:
+            tile_b = load_tile(pointers_b, mask_b, offset, length, columns, MASK_COLUMNS)
+        if USE_DOT:
+            acc = tl.dot(tile_a, tl.trans(tile_b), acc, input_precision=PRECISION)
+        else:
+            acc += tile_a[:, None, :] * tile_b[None, :, :]
+    return acc
+
+
+@triton.jit
+def gram_partials_kernel(
+    pointer_table, chunk_table, block_pairs, partials, num_tasks, num_chunks,
+    DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, USE_DOT: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program's partial products (WIDTH values) of the block pair ``program_id(1)`` over its
+    chunks."""
+    program = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    pair = tl.program_id(1)
+    rows_a = tl.load(block_pairs + 2 * pair).to(tl.int32) + tl.arange(0, T_BLOCK)
+    rows_b = tl.load(block_pairs + 2 * pair + 1).to(tl.int32) + tl.arange(0, T_BLOCK)
+    mask_a = rows_a < num_tasks
+    mask_b = rows_b < num_tasks
+    columns = tl.arange(0, BLOCK)
+    if NORMS_ONLY:
+        acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
+    elif USE_DOT:
+        acc = tl.zeros([T_BLOCK, T_BLOCK], dtype=tl.float32)
+    else:
+        acc = tl.zeros([T_BLOCK, T_BLOCK, BLOCK], dtype=tl.float32)
+    for chunk in range(program, num_chunks, num_programs):
+        column, start, length = chunk_span(chunk_table, chunk, num_chunks)
+        pointers_a = row_pointers(pointer_table, column, rows_a, mask_a, num_tasks, start, DTYPE, ALIGNED)
+        if SINGLE_BLOCK or NORMS_ONLY:
+            pointers_b = pointers_a
+        else:
+            pointers_b = row_pointers(pointer_table, column, rows_b, mask_b, num_tasks, start, DTYPE, ALIGNED)
+        full = length - length % BLOCK
+        for offset in range(0, full, BLOCK):
+            acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
+                              False, NORMS_ONLY, USE_DOT, SINGLE_BLOCK, PRECISION)
+        if full < length:
+            acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, full, length, columns,
+                              True, NORMS_ONLY, USE_DOT, SINGLE_BLOCK, PRECISION)
+    if NORMS_ONLY:
+        partial = tl.sum(acc, axis=1)
+        entries = tl.arange(0, T_BLOCK)
+    else:
+        if USE_DOT:
+            partial = acc
+        else:
+            partial = tl.sum(acc, axis=2)
+        entries = tl.arange(0, T_BLOCK)[:, None] * T_BLOCK + tl.arange(0, T_BLOCK)[None, :]
+    slot = (pair * num_programs + program).to(tl.int64)
+    tl.store(partials + slot * WIDTH + entries, partial)
+
+
+@triton.jit
+def reduce_partials_kernel(partials, out, block_pairs, num_tasks, num_partials,
+                           T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, WIDTH: tl.constexpr,
+                           ROWS: tl.constexpr):
+    """Sum the partials (WIDTH values each) of block pair ``program_id(0)`` in program order;
+    write the norms, or the pair's upper-triangle entries of G and their mirror images."""
+    pair = tl.program_id(0)
+    entries = tl.arange(0, WIDTH)
+    first_row = partials + pair.to(tl.int64) * num_partials * WIDTH
+    total = tl.zeros([WIDTH], dtype=tl.float32)
+    for first in range(0, num_partials, ROWS):
+        index = first + tl.arange(0, ROWS)
+        block = tl.load(first_row + index[:, None] * WIDTH + entries[None, :],
+                        mask=(index < num_partials)[:, None], other=0.0)
+        total += tl.sum(block, axis=0)
+    row_start = tl.load(block_pairs + 2 * pair).to(tl.int32)
+    if NORMS_ONLY:
+        rows = row_start + entries
+        tl.store(out + rows, total, mask=rows < num_tasks)
+    else:
+        rows = row_start + entries // T_BLOCK
+        cols = tl.load(block_pairs + 2 * pair + 1).to(tl.int32) + entries % T_BLOCK
+        upper = (rows <= cols) & (cols < num_tasks)
+        tl.store(out + rows * num_tasks + cols, total, mask=upper)
+        tl.store(out + cols * num_tasks + rows, total, mask=upper)
+
+
+def launch_gram(
+    tables: RowTables,
+    num_tasks: int,
+    dtype: tl.dtype,
+    config: LaunchConfig,
+    program_slots: int,
+    *,
+    norms_only: bool,
+) -> torch.Tensor:
+    """G ``[T, T]`` (or the squared norms ``[T]`` when ``norms_only``) in float32, by two launches.
+
+    ``program_slots`` is the number of programs that run at once per ``config.programs_per_slot``
+    (the SM count on a GPU); the persistent grid never exceeds the chunk count.
+    """
+    device = tables.chunks.device
+    t_block = gram_t_block(num_tasks)
+    starts = range(0, num_tasks, t_block)
+    if norms_only:
+        pairs = [(a, a) for a in starts]
+    else:
+        pairs = [(a, b) for a in starts for b in starts if a <= b]
+    block_pairs = index_table(tuple(index for pair in pairs for index in pair), device)
+    num_programs = min(tables.num_chunks, program_slots * config.programs_per_slot)
+    width = t_block if norms_only else t_block * t_block
+    partials = torch.empty(len(pairs), num_programs, width, dtype=torch.float32, device=device)
+    gram_partials_kernel[(num_programs, len(pairs))](
+        tables.row_pointers, tables.chunks, block_pairs, partials, num_tasks, tables.num_chunks,
+        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
+        SINGLE_BLOCK=t_block >= num_tasks,
+        ALIGNED=tables.aligned, PRECISION="ieee" if dtype == tl.float32 else "tf32", WIDTH=width,
+        BLOCK=config.block, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
+    )
+    shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    reduce_partials_kernel[(len(pairs),)](
+        partials, out, block_pairs, num_tasks, num_programs,
+        T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=width, ROWS=_REDUCE_ROWS, num_warps=4, enable_fp_fusion=True,
+    )
+    return out

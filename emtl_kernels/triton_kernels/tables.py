@@ -1,0 +1,161 @@
+"""Device tables that let one kernel launch walk every piece of J, with nothing concatenated.
+
+J's row i is split over K shared tensors; ``rows[i][k]`` is its own allocation in general. A
+launch reads them through three small int64 tables:
+
+- the chunk table ``[3, C]`` (task-independent): each shared tensor k is cut into chunks of at most
+  :data:`CHUNK_ELEMENTS`; chunk c covers elements ``start[c] : start[c] + length[c]`` of tensor
+  ``column[c]``. Programs of a launch take chunks, so thousands of parameter tensors cost one
+  launch, and a chunk's ``start`` is int64 (P may exceed 2³¹ elements).
+- the row-pointer table ``[K, T]``: the address of ``rows[i][k]`` at ``k * T + i``.
+- the output table ``[K]``: the address of the combine pass's destination for tensor k.
+
+Tables are cached by their contents (the sizes, or the addresses), so a step that sees the same
+tensors again (the caching allocator hands a training loop the same addresses step after step)
+copies nothing to the device, and a CUDA graph replays with the tables it captured.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..task_gradients import TaskGradients
+
+#: Elements in a chunk: the unit of work a program takes. A multiple of every block size, so that
+#: only a tensor's last chunk has a partial tile; large enough that the table stays small
+#: (8 K chunks for P = 2²⁷), small enough to balance ~500 programs.
+CHUNK_ELEMENTS = 1 << 14
+
+#: The kernels claim 16-byte alignment (for 128-bit loads) only when every address has it.
+VECTOR_BYTES = 16
+
+
+@dataclass(frozen=True)
+class RowTables:
+    """The tables of one :class:`TaskGradients`: what both passes over it read."""
+
+    #: int64 ``[3, C]``: column, start and length of each chunk.
+    chunks: Tensor
+    num_chunks: int
+    #: int64 ``[K, T]``: the address of ``rows[i][k]`` at ``[k, i]``.
+    row_pointers: Tensor
+    #: Every piece starts on a :data:`VECTOR_BYTES` boundary.
+    aligned: bool
+
+
+class _DeviceTableCache:
+    """int64 device tensors keyed by their contents, least recently used evicted first.
+
+    A table read by a kernel captured in a CUDA graph must outlive the graph: tables looked up
+    while a capture is under way are pinned (never evicted). A table that is not cached yet cannot
+    be made during a capture (its host-to-device copy would be recorded into the graph, reading a
+    host buffer that is gone at replay): that raises, asking for one eager step before capture.
+    """
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._pinned: dict[tuple, Tensor] = {}
+
+    def get(self, key: tuple, device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+        """The table cached under ``key`` on ``device``; ``build()`` makes it on the host first."""
+        key = (device, key)
+        capturing = _is_capturing(device)
+        table = self._pinned.get(key)
+        if table is not None:
+            return table
+        table = self._entries.get(key)
+        if table is None:
+            if capturing:
+                raise RuntimeError(
+                    "the Triton backend met new task-gradient tensors during CUDA graph capture; "
+                    "run the step once eagerly on the same tensors before capturing it"
+                )
+            table = _to_device(build(), device)
+            self._entries[key] = table
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        if capturing:
+            self._pinned[key] = self._entries.pop(key)
+        return table
+
+    def clear(self) -> None:
+        """Forget every table not pinned by a capture."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self._pinned)
+
+
+# Entries hold their keys (tuples of T·K addresses): a few dozen cover a training loop.
+DEVICE_TABLES = _DeviceTableCache(capacity=32)
+
+# Both passes of a step read the same TaskGradients: its tables are built once per object.
+_ROW_TABLES: weakref.WeakKeyDictionary[TaskGradients, RowTables] = weakref.WeakKeyDictionary()
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    if device.type != "cuda":
+        return host.to(device)
+    # From pinned memory the copy is asynchronous: no wait for the device. The caching host
+    # allocator keeps the pinned buffer alive until the copy has run.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def chunk_spans(sizes: tuple[int, ...]) -> Tensor:
+    """The chunk table ``[3, C]`` (column, start, length) for shared tensors of ``sizes``, on the
+    host. Every chunk but a tensor's last has :data:`CHUNK_ELEMENTS` elements."""
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    counts = (sizes_t + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
+    column = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
+    first_chunk = torch.cumsum(counts, 0) - counts
+    start = (torch.arange(column.numel(), dtype=torch.int64) - first_chunk[column]) * CHUNK_ELEMENTS
+    length = torch.clamp(sizes_t[column] - start, max=CHUNK_ELEMENTS)
+    return torch.stack([column, start, length])
+
+
+def row_tables(grads: TaskGradients) -> RowTables:
+    """The device tables of ``grads`` (built on first use, then reused)."""
+    tables = _ROW_TABLES.get(grads)
+    # Under capture the lookups must go through the device cache, which pins what a graph reads.
+    if tables is None or _is_capturing(grads.device):
+        addresses = tuple(grads.rows[i][k].data_ptr() for k in range(len(grads.sizes)) for i in range(grads.num_tasks))
+        chunks = DEVICE_TABLES.get(("chunks", grads.sizes), grads.device, lambda: chunk_spans(grads.sizes))
+        tables = RowTables(
+            chunks=chunks,
+            num_chunks=chunks.shape[1],
+            row_pointers=DEVICE_TABLES.get(("addresses", addresses), grads.device, lambda: _int64(addresses)),
+            aligned=all_aligned(addresses),
+        )
+        _ROW_TABLES[grads] = tables
+    return tables
+
+
+def output_table(outs: list[Tensor]) -> tuple[Tensor, bool]:
+    """The output table ``[K]`` of the combine pass, and whether every address is aligned."""
+    addresses = tuple(out.data_ptr() for out in outs)
+    return DEVICE_TABLES.get(("addresses", addresses), outs[0].device, lambda: _int64(addresses)), all_aligned(addresses)
+
+
+def index_table(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """A small int64 table of ``values`` on ``device`` (cached like the others)."""
+    return DEVICE_TABLES.get(("indices", values), device, lambda: _int64(values))
+
+
+def all_aligned(addresses: tuple[int, ...]) -> bool:
+    return all(address % VECTOR_BYTES == 0 for address in addresses)
+
+
+def _int64(values: tuple[int, ...]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)

@@ -1,0 +1,128 @@
+"""Launch configurations of the Triton kernels and the choice among them.
+
+A pass is tuned once per (pass, T, dtype, size class, device): on the first call that may be
+timed, every candidate runs on the call's own data and the fastest is kept for the process.
+Triton's autotuner is not used because it times a kernel by running it on the call's arguments:
+a combine pass that adds into ``.grad`` would add several times. Here a call that may not run
+twice (an accumulating combine, a CUDA graph capture) takes the kept choice, or the first
+candidate without keeping it. Under the interpreter there is one small candidate: timing it would
+measure Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Elements per tile, warps per program, software-pipelining stages, and (for persistent
+    grids) programs per SM."""
+
+    block: int
+    num_warps: int = 4
+    num_stages: int = 1
+    programs_per_slot: int = 4
+
+
+#: The one configuration used under the interpreter: large tiles mean fewer Python iterations.
+INTERPRETER_CONFIG = LaunchConfig(block=4096, num_warps=4, num_stages=1, programs_per_slot=4)
+
+# float32 values a thread may hold in registers for its accumulators and tiles: the compiled
+# kernels then stay well below 255 registers, with no spills.
+_REGISTER_BUDGET = 96
+# Triton's software pipelining acts only on loads that feed tl.dot: elementwise kernels get none.
+_DOT_STAGES = 3
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def size_class(numel: int) -> int:
+    """0 to 3 for P below 2¹⁸, 2²², 2²⁶ and above: the bucket a tuned choice is kept for."""
+    return min(3, max(0, (numel.bit_length() - 15) // 4))
+
+
+@cache
+def program_slots(device: torch.device) -> int:
+    """Programs a persistent grid runs per ``programs_per_slot``: the SM count (1 on a CPU)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def elementwise_candidates(values_per_column: int, *, persistent: bool) -> list[LaunchConfig]:
+    """Tiles for kernels that hold ``values_per_column`` float32 registers per element column
+    (tile rows and elementwise accumulators): per warp count, the two largest blocks within the
+    register budget (more bytes in flight per iteration), and for a persistent grid two
+    occupancies."""
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    configs = []
+    for warps in (4, 8):
+        threads = 32 * warps
+        fitting = [b for b in (256, 512, 1024, 2048, 4096) if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads]
+        for block in fitting[-2:] or [threads]:
+            configs += [LaunchConfig(block, warps, 1, slots) for slots in ((2, 4) if persistent else (1,))]
+    return configs
+
+
+def dot_candidates() -> list[LaunchConfig]:
+    """Tiles for the persistent kernel whose products run through ``tl.dot`` (K = block)."""
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    return [
+        LaunchConfig(block, warps, _DOT_STAGES, slots)
+        for block in (64, 128)
+        for warps in (4, 8)
+        for slots in (1, 2)
+    ]
+
+
+class Tuner:
+    """The launch configuration kept per key."""
+
+    def __init__(self) -> None:
+        self._chosen: dict[Hashable, LaunchConfig] = {}
+
+    def choose(
+        self,
+        key: Hashable,
+        candidates: list[LaunchConfig],
+        run: Callable[[LaunchConfig], object],
+        *,
+        may_time: bool,
+    ) -> LaunchConfig:
+        """The kept configuration for ``key``; on the first call that ``may_time``, the fastest
+        candidate of ``run`` (a launch with that configuration, safe to repeat)."""
+        chosen = self._chosen.get(key)
+        if chosen is not None:
+            return chosen
+        if len(candidates) == 1:
+            self._chosen[key] = candidates[0]
+            return candidates[0]
+        if not may_time:
+            return candidates[0]
+        timings = {config: _milliseconds(run, config) for config in candidates}
+        chosen = min(timings, key=timings.get)
+        self._chosen[key] = chosen
+        return chosen
+
+    def clear(self) -> None:
+        """Forget every choice."""
+        self._chosen.clear()
+
+
+def _milliseconds(run: Callable[[LaunchConfig], object], config: LaunchConfig) -> float:
+    try:
+        return triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
+    except OutOfResources:
+        return float("inf")

@@ -1,0 +1,314 @@
+"""The Triton backend's own checks, beyond the generic parity matrix of test_ops_parity.py.
+
+On a CPU these run the kernels in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 when
+no GPU is present); on a GPU machine the same tests run on CUDA, plus the GPU-only ones at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emtl_kernels import TaskGradients, task_gram, task_sq_norms, weighted_combine
+from emtl_kernels.backends import resolve, unavailable_reason
+from task_gradient_cases import make_task_gradients
+from test_ops_parity import GRAM_RTOL, assert_combine_close, assert_gram_close, combine64
+
+DEVICE = next((d for d in ("cuda", "cpu") if unavailable_reason("triton", d) is None), None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason=f"Triton cannot run here: {unavailable_reason('triton', 'cpu')}")
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+
+if DEVICE is not None:
+    from emtl_kernels.backends import triton as triton_backend
+    from emtl_kernels.triton_kernels import tables, tuning
+    from emtl_kernels.triton_kernels.combine import launch_combine
+    from emtl_kernels.triton_kernels.gram import launch_gram
+
+    # The interpreter's tile (4096); one off it is also one off a multiple of every smaller
+    # power-of-two tile a GPU configuration may use.
+    BLOCK = tuning.INTERPRETER_CONFIG.block
+else:
+    BLOCK = 1  # every test skips
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def check_all_passes(grads, exact: torch.Tensor, dtype: torch.dtype, seed: int) -> None:
+    """Gram, squared norms and combination of ``grads`` against the float64 ``exact`` J."""
+    gram = task_gram(grads, backend="triton")
+    assert_gram_close(gram, exact)
+    assert torch.equal(gram, gram.T)
+    sq_norms = task_sq_norms(grads, backend="triton")
+    torch.testing.assert_close(sq_norms.double().cpu(), exact.square().sum(dim=1), rtol=GRAM_RTOL, atol=1e-30)
+    weights = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(weighted_combine(grads, weights, backend="triton"), expected, scale, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [1, 7, BLOCK - 1, BLOCK + 1, 10**5 + 3])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8, 17, 32])
+def test_passes_match_float64(num_tasks, numel, dtype):
+    grads, exact = make_task_gradients(num_tasks, numel, dtype, "rows", device=DEVICE, seed=num_tasks + numel)
+    check_all_passes(grads, exact, dtype, seed=numel)
+
+
+@pytest.mark.parametrize("num_tasks", [33, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tasks_beyond_one_register_block(num_tasks, dtype):
+    grads, exact = make_task_gradients(num_tasks, 3001, dtype, "blocks", device=DEVICE, seed=num_tasks)
+    check_all_passes(grads, exact, dtype, seed=num_tasks)
+
+
+def mixed_size_gradients(num_tasks: int, num_tensors: int, dtype: torch.dtype, seed: int):
+    """Per-task gradients on ``num_tensors`` parameters of mixed shapes (separate allocations, as
+    autograd returns them), with their float64 J and the parameter shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = []
+    for k in range(num_tensors):
+        if k % 50 == 7:
+            shapes.append((3, 16411))  # a few tensors span several chunks
+        elif k % 3 == 0:
+            shapes.append((int(torch.randint(1, 40, (1,), generator=generator)), 17))
+        else:
+            shapes.append((int(torch.randint(1, 3000, (1,), generator=generator)),))
+    rows = [
+        [(torch.randn(shape, generator=generator, dtype=torch.float64) * 10.0 ** (i - 2)).to(dtype) for shape in shapes]
+        for i in range(num_tasks)
+    ]
+    exact = torch.stack([torch.cat([piece.reshape(-1).double() for piece in row]) for row in rows])
+    device_rows = [[piece.to(DEVICE) for piece in row] for row in rows]
+    return TaskGradients(device_rows), exact, shapes
+
+
+def test_many_tensors_of_mixed_sizes():
+    dtype = torch.bfloat16
+    grads, exact, shapes = mixed_size_gradients(5, 200, dtype, seed=11)
+    check_all_passes(grads, exact, dtype, seed=3)
+    # Into each parameter's own .grad, adding to what is there.
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.0, 3.0], device=DEVICE)
+    before = [torch.randn(shape, dtype=torch.float64).to(dtype).to(DEVICE) for shape in shapes]
+    outs = [b.clone() for b in before]
+    weighted_combine(grads, weights, out=outs, accumulate=True, backend="triton")
+    expected, scale = combine64(exact, weights)
+    start = torch.cat([b.reshape(-1).double().cpu() for b in before])
+    assert_combine_close(outs, expected + start, scale + start.abs(), dtype)
+    # Into views of one flat buffer: most views start off a 16-byte boundary.
+    flat = torch.full((grads.numel,), float("nan"), dtype=dtype, device=DEVICE)
+    views = list(flat.split(grads.sizes))
+    assert not tables.output_table(views)[1]
+    weighted_combine(grads, weights, out=views, backend="triton")
+    assert_combine_close(flat, expected, scale, dtype)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 17, 40])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_value_reaches_the_diagonal_on_every_path(num_tasks, bad):
+    grads, _ = make_task_gradients(num_tasks, 3 * tables.CHUNK_ELEMENTS + 9, torch.bfloat16, "rows", device=DEVICE)
+    row = num_tasks - 2
+    assert grads.sizes[-1] > tables.CHUNK_ELEMENTS
+    grads.rows[row][-1][-1] = bad  # in the partial tile ending the second chunk of the last tensor
+    diagonal = task_gram(grads, backend="triton").diagonal().cpu()
+    expected = [i != row for i in range(num_tasks)]
+    assert torch.isfinite(diagonal).tolist() == expected
+    assert torch.isfinite(task_sq_norms(grads, backend="triton")).cpu().tolist() == expected
+
+
+@pytest.mark.parametrize("num_tasks", [8, 17])
+def test_repeat_runs_are_bit_identical(num_tasks):
+    grads, _ = make_task_gradients(num_tasks, 10**5 + 3, torch.bfloat16, "rows", device=DEVICE, seed=2)
+    weights = torch.randn(num_tasks).to(DEVICE)
+    first = (task_gram(grads, backend="triton"), task_sq_norms(grads, backend="triton"),
+             torch.cat(weighted_combine(grads, weights, backend="triton")))
+    # A new TaskGradients of the same tensors: the tables come from the cache.
+    again = TaskGradients(grads.rows)
+    second = (task_gram(again, backend="triton"), task_sq_norms(again, backend="triton"),
+              torch.cat(weighted_combine(again, weights, backend="triton")))
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_tables_are_built_once_and_reused():
+    grads, _ = make_task_gradients(4, 2 * tables.CHUNK_ELEMENTS + 1, torch.float32, "rows", device=DEVICE)
+    first = tables.row_tables(grads)
+    assert tables.row_tables(grads) is first
+    cached = len(tables.DEVICE_TABLES)
+    again = tables.row_tables(TaskGradients(grads.rows))
+    assert again is not first
+    assert again.row_pointers is first.row_pointers and again.chunks is first.chunks
+    assert len(tables.DEVICE_TABLES) == cached
+    assert first.row_pointers.dtype == torch.int64
+    assert first.row_pointers.cpu().view(len(grads.sizes), 4).tolist() == [
+        [grads.rows[i][k].data_ptr() for i in range(4)] for k in range(len(grads.sizes))
+    ]
+    outs = [torch.empty(size, device=DEVICE) for size in grads.sizes]
+    assert tables.output_table(outs)[0] is tables.output_table(list(outs))[0]
+
+
+def test_chunk_table_covers_every_element_with_int64_offsets():
+    chunk = tables.CHUNK_ELEMENTS
+    sizes = (3, 2 * chunk + 5, 2**31 + 7, chunk)
+    spans = tables.chunk_spans(sizes)
+    assert spans.dtype == torch.int64
+    column, start, length = spans
+    assert bool((length > 0).all()) and bool((length <= chunk).all())
+    for k, size in enumerate(sizes):
+        mine = column == k
+        assert start[mine].tolist() == list(range(0, size, chunk))
+        assert int(length[mine].sum()) == size
+    last = int(torch.nonzero(column == 2)[-1])
+    assert (int(start[last]), int(length[last])) == (2**31, 7)
+
+
+def test_kernels_reach_offsets_past_two_to_the_31():
+    """A chunk starting at element 2³¹ + 16 of a shifted base address lands on the real data
+    only if the kernels add offsets in 64 bits."""
+    num_tasks, numel, dtype = 3, 1000, torch.bfloat16
+    grads, exact = make_task_gradients(num_tasks, numel, dtype, "rows", device=DEVICE, seed=9)
+    grads = TaskGradients([[torch.cat(row)] for row in grads.rows])
+    first = 2**31 + 16
+    shift = first * grads.rows[0][0].element_size()
+    address = [grads.rows[i][0].data_ptr() - shift for i in range(num_tasks)]
+    row_tables = tables.RowTables(
+        chunks=torch.tensor([[0], [first], [numel]], device=DEVICE),
+        num_chunks=1,
+        row_pointers=torch.tensor(address, device=DEVICE),
+        aligned=tables.all_aligned(tuple(a + shift for a in address)),
+    )
+    config = tuning.elementwise_candidates(80, persistent=True)[0]
+    triton_dtype = triton_backend.TRITON_DTYPES[dtype]
+    slots = tuning.program_slots(torch.device(DEVICE))
+    gram = launch_gram(row_tables, num_tasks, triton_dtype, config, slots, norms_only=False)
+    assert_gram_close(gram, exact)
+    out = torch.empty(numel, dtype=dtype, device=DEVICE)
+    output_table = torch.tensor([out.data_ptr() - shift], device=DEVICE)
+    weights = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
+    launch_combine(row_tables, num_tasks, triton_dtype, weights, output_table, True,
+                   tuning.elementwise_candidates(9, persistent=False)[0], accumulate=False)
+    assert_combine_close(out, *combine64(exact, weights), dtype)
+
+
+def test_alignment_is_claimed_only_where_it_holds():
+    separate, _ = make_task_gradients(3, 7, torch.float32, "rows", device=DEVICE)
+    assert tables.row_tables(separate).aligned
+    views, _ = make_task_gradients(3, 7, torch.float32, "matrix", device=DEVICE)  # rows 28 bytes apart
+    assert not tables.row_tables(TaskGradients.from_matrix(views)).aligned
+
+
+def test_where_the_backend_runs():
+    assert resolve("auto", torch.device("cpu")).NAME == "reference"
+    assert unavailable_reason("triton", "meta") is not None
+    if DEVICE == "cpu":
+        assert "TRITON_INTERPRET" in unavailable_reason("triton", "cuda")
+    else:
+        assert resolve("auto", torch.device("cuda")).NAME == "triton"
+
+
+def test_tuner_keeps_the_fastest_configuration(monkeypatch):
+    candidates = [tuning.LaunchConfig(256), tuning.LaunchConfig(512), tuning.LaunchConfig(1024)]
+    timings = {256: 3.0, 512: 1.0, 1024: 2.0}
+    timed = []
+    monkeypatch.setattr(tuning, "_milliseconds", lambda run, config: timed.append(config) or timings[config.block])
+    tuner = tuning.Tuner()
+    # A call that may not run twice gets the first candidate, and nothing is kept.
+    assert tuner.choose("key", candidates, run=None, may_time=False) == candidates[0]
+    assert timed == []
+    assert tuner.choose("key", candidates, run=None, may_time=True) == candidates[1]
+    assert timed == candidates
+    assert tuner.choose("key", candidates, run=None, may_time=False) == candidates[1]
+    assert len(timed) == 3
+    assert tuner.choose("single", candidates[2:], run=None, may_time=True) == candidates[2]
+    assert len(timed) == 3
+
+
+def test_size_classes():
+    assert [tuning.size_class(n) for n in (1, 2**18 - 1, 2**18, 2**22, 2**26, 2**40)] == [0, 0, 1, 2, 3, 3]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the compile check stands in for a GPU")
+def test_kernels_compile_for_hopper_with_wide_accesses():
+    """The interpreter never compiles: compile every code path for sm_90 in a process without
+    TRITON_INTERPRET, and check that aligned tiles move 16 bytes an access."""
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    if "ptxas" in result.stderr and result.returncode != 0 and "No such file" in result.stderr:
+        pytest.skip("Triton's ptxas is not installed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(reports) == 9
+    for report in reports:
+        constants = report["constants"]
+        if report["kernel"] == "reduce_partials_kernel":
+            continue
+        dot = constants.get("USE_DOT") == "True"
+        wide = "cp.async.cg.shared.global" if dot else "ld.global.v4.b32"
+        assert wide in report["accesses"], report
+        if dot:
+            # float32 multiplies in IEEE float32; 16-bit values are exact in TF32 tensor cores.
+            assert bool(report["mma"]) == (constants["DTYPE"] != "fp32"), report
+
+
+# GPU only: what the interpreter cannot show.
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_tasks", [4, 16])
+def test_large_repeat_runs_are_bit_identical_on_gpu(num_tasks, dtype):
+    grads, exact = make_task_gradients(num_tasks, 2**22 + 5, dtype, "rows", device=DEVICE, seed=1)
+    gram = task_gram(grads, backend="triton")
+    assert_gram_close(gram, exact)
+    for _ in range(3):
+        assert torch.equal(task_gram(grads, backend="triton"), gram)
+
+
+@needs_cuda
+def test_first_accumulating_combine_adds_once_on_gpu():
+    triton_backend.TUNER.clear()
+    grads, exact = make_task_gradients(13, 2**20 + 3, torch.float32, "rows", device=DEVICE, seed=4)
+    weights = torch.linspace(-1, 1, 13, device=DEVICE)
+    out = [torch.ones(size, device=DEVICE) for size in grads.sizes]
+    weighted_combine(grads, weights, out=out, accumulate=True, backend="triton")
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(out, expected + 1.0, scale + 1.0, torch.float32)
+
+
+@needs_cuda
+def test_cuda_graph_replays_both_passes():
+    grads, _ = make_task_gradients(6, 300_001, torch.float32, "rows", device=DEVICE, seed=6)
+    weights = torch.randn(6, device=DEVICE)
+    outs = [torch.empty(size, device=DEVICE) for size in grads.sizes]
+    task_gram(grads, backend="triton")  # warm-up: tuning and tables happen outside the capture
+    weighted_combine(grads, weights, out=outs, backend="triton")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gram = task_gram(grads, backend="triton")
+        weighted_combine(grads, weights, out=outs, backend="triton")
+    for row in grads.rows:
+        for piece in row:
+            piece.mul_(-0.5)
+    weights.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    exact = torch.stack([torch.cat(row).double().cpu() for row in grads.rows])
+    assert_gram_close(gram, exact)
+    assert_combine_close(outs, *combine64(exact, weights), torch.float32)
+
+
+@needs_cuda
+def test_capture_with_unseen_tensors_asks_for_a_warm_up():
+    grads, _ = make_task_gradients(3, 1000, torch.float32, "rows", device=DEVICE, seed=8)
+    task_gram(make_task_gradients(3, 1000, torch.float32, "rows", device=DEVICE, seed=9)[0], backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="eagerly"):
+        with torch.cuda.graph(graph):
+            task_gram(grads, backend="triton")

@@ -1,0 +1,82 @@
+"""Compile the Triton kernels for an H100 (sm_90) without a GPU, and report what the code does.
+
+Run as a script, without TRITON_INTERPRET (the interpreter never compiles): prints one JSON
+object per kernel variant with the global-memory load and store instructions of its PTX, so a
+test can check that every variant compiles and that aligned tiles use 128-bit accesses. Triton
+ships ptxas, so this needs no CUDA install.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+from emtl_kernels.triton_kernels.combine import combine_kernel
+from emtl_kernels.triton_kernels.gram import gram_partials_kernel, reduce_partials_kernel, uses_dot
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+_SCALARS = {"num_tasks": "i32", "num_chunks": "i32", "num_partials": "i32"}
+_FLOAT_POINTERS = {"partials", "out", "weights"}
+
+
+def _signature(kernel, constants: dict) -> dict:
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in _SCALARS:
+            signature[name] = _SCALARS[name]
+        else:
+            signature[name] = "*fp32" if name in _FLOAT_POINTERS else "*i64"
+    return signature
+
+
+def compile_variant(kernel, constants: dict, num_warps: int, num_stages: int) -> dict:
+    source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, constants), constexprs=constants)
+    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+    ptx = compiled.asm["ptx"]
+    return {
+        "kernel": kernel.__name__,
+        "constants": {name: str(value) for name, value in constants.items()},
+        "accesses": sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*|cp\.async\.\w+\.shared\.global", ptx))),
+        "mma": sorted(set(re.findall(r"mma\.sync[.\w]*", ptx))),
+    }
+
+
+def _gram(dtype, t_block, norms_only, single_block, block, num_warps, num_stages=1):
+    constants = dict(
+        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
+        SINGLE_BLOCK=single_block, ALIGNED=True,
+        PRECISION="ieee" if dtype == tl.float32 else "tf32", WIDTH=t_block if norms_only else t_block * t_block,
+        BLOCK=block,
+    )
+    return compile_variant(gram_partials_kernel, constants, num_warps, num_stages)
+
+
+def variants() -> list[dict]:
+    """Every code path of the kernels once: elementwise and tl.dot products, float32 and 16-bit
+    storage, norms only, pairs of task blocks, the reduction, combine with and without adding."""
+    reports = [
+        _gram(tl.float32, 1, False, True, 4096, 8),
+        _gram(tl.bfloat16, 8, False, True, 256, 8),
+        _gram(tl.float16, 4, True, True, 2048, 8),
+        _gram(tl.float32, 16, False, True, 64, 4, 3),
+        _gram(tl.bfloat16, 32, False, False, 128, 8, 3),
+    ]
+    for t_block, norms_only in ((32, False), (8, True)):
+        constants = dict(T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=t_block if norms_only else t_block**2, ROWS=8)
+        reports.append(compile_variant(reduce_partials_kernel, constants, 4, 1))
+    for dtype, accumulate in ((tl.float32, False), (tl.bfloat16, True)):
+        constants = dict(DTYPE=dtype, T_BLOCK=8, ACCUMULATE=accumulate, ALIGNED=True, BLOCK=1024)
+        reports.append(compile_variant(combine_kernel, constants, 8, 1))
+    return reports
+
+
+if __name__ == "__main__":
+    for report in variants():
+        print(json.dumps(report))
