@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason=f"Triton cannot run here:
 needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
 if DEVICE is not None:
-    from emtl_kernels.backends import triton as triton_backend
+    from emtl_kernels.triton_kernels import passes as triton_passes
     from emtl_kernels.triton_kernels import tables, tuning
     from emtl_kernels.triton_kernels.combine import launch_combine
     from emtl_kernels.triton_kernels.gram import launch_gram
@@ -182,7 +182,7 @@ def test_kernels_reach_offsets_past_two_to_the_31():
         aligned=tables.all_aligned(tuple(a + shift for a in address)),
     )
     config = tuning.elementwise_candidates(80, persistent=True)[0]
-    triton_dtype = triton_backend.TRITON_DTYPES[dtype]
+    triton_dtype = triton_passes.TRITON_DTYPES[dtype]
     slots = tuning.program_slots(torch.device(DEVICE))
     gram = launch_gram(row_tables, num_tasks, triton_dtype, config, slots, norms_only=False)
     assert_gram_close(gram, exact)
@@ -272,7 +272,7 @@ def test_large_repeat_runs_are_bit_identical_on_gpu(num_tasks, dtype):
 
 @needs_cuda
 def test_first_accumulating_combine_adds_once_on_gpu():
-    triton_backend.TUNER.clear()
+    triton_passes.TUNER.clear()
     grads, exact = make_task_gradients(13, 2**20 + 3, torch.float32, "rows", device=DEVICE, seed=4)
     weights = torch.linspace(-1, 1, 13, device=DEVICE)
     out = [torch.ones(size, device=DEVICE) for size in grads.sizes]

@@ -1,36 +1,38 @@
 """The Triton backend: the fused Gram/norm pass and the fused combination, one launch each over
 every piece of J (GPU; on a CPU only through Triton's interpreter, for tests).
 
-The kernels live in :mod:`emtl_kernels.triton_kernels`; this module checks where they can run,
-builds (or finds cached) the device tables of the pieces, picks a tuned launch configuration and
-launches. Nothing here reads a device value on the host.
+Each pass is a ``torch.library`` custom op, so torch.compile keeps it as one opaque node of its
+graph (the launch code reads tensor addresses, which a tracer cannot follow) and a CUDA graph
+captures its launches. Triton itself is imported on the first launch, in
+:mod:`emtl_kernels.triton_kernels.passes`: importing this module costs nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
+import os
 
 import torch
-import triton.language as tl
 from torch import Tensor
 
 from ..task_gradients import TaskGradients
-from ..triton_kernels import tables, tuning
-from ..triton_kernels.combine import combine_t_block, launch_combine
-from ..triton_kernels.gram import gram_t_block, launch_gram, uses_dot
 
 NAME = "triton"
 
-#: Triton's name for each storage dtype.
-TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
-TUNER = tuning.Tuner()
+
+def _interpreting() -> bool:
+    # Triton reads this variable when it is first imported; the tests set it before that.
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device`` here (None: they can)."""
+    if not _TRITON_FOUND:
+        return "Triton is not installed (pip install triton)"
     if device.type == "cuda":
-        if tuning.interpreting():
+        if _interpreting():
             return "TRITON_INTERPRET=1 runs kernels on the host, which cannot read CUDA memory"
         if not torch.cuda.is_available():
             return "CUDA is not available"
@@ -41,7 +43,7 @@ def unavailable_reason(device: torch.device) -> str | None:
             return "the kernels need an NVIDIA GPU of compute capability 8.0 (Ampere) or newer"
         return None
     if device.type == "cpu":
-        if tuning.interpreting():
+        if _interpreting():
             return None
         return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1 before importing triton)"
     return f"Triton kernels here target CUDA devices, not {device.type}"
@@ -49,61 +51,51 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def gram(grads: TaskGradients) -> Tensor:
     """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J."""
-    return _reduction(grads, norms_only=False)
+    return _reduce(_flat_pieces(grads), grads.num_tasks, False)
 
 
 def sq_norms(grads: TaskGradients) -> Tensor:
     """The squared row norms of J in float32, ``[T]``; one read of J."""
-    return _reduction(grads, norms_only=True)
+    return _reduce(_flat_pieces(grads), grads.num_tasks, True)
 
 
 def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
     """``outs[k] (+)= Σ_i weights[i] · rows[i][k]``, float32 accumulation, one rounding; rows
     whose weight is exactly zero contribute nothing, even where they hold non-finite values."""
-    row_tables = tables.row_tables(grads)
-    output_table, outputs_aligned = tables.output_table(outs)
-    dtype = TRITON_DTYPES[grads.dtype]
-
-    def run(config: tuning.LaunchConfig) -> None:
-        launch_combine(row_tables, grads.num_tasks, dtype, weights, output_table, outputs_aligned, config,
-                       accumulate=accumulate)
-
-    with _on(grads.device):
-        candidates = tuning.elementwise_candidates(combine_t_block(grads.num_tasks) + 1, persistent=False)
-        # Timing runs the pass several times: harmless when it overwrites, wrong when it adds.
-        config = TUNER.choose(_key("combine", grads), candidates, run, may_time=_may_time(grads) and not accumulate)
-        run(config)
+    _combine(_flat_pieces(grads), grads.num_tasks, weights, outs, accumulate)
 
 
-def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
-    row_tables = tables.row_tables(grads)
-    dtype = TRITON_DTYPES[grads.dtype]
-    slots = tuning.program_slots(grads.device)
-
-    def run(config: tuning.LaunchConfig) -> Tensor:
-        return launch_gram(row_tables, grads.num_tasks, dtype, config, slots, norms_only=norms_only)
-
-    t_block = gram_t_block(grads.num_tasks)
-    # Registers per element column: the tile, and the squares or the pair products.
-    if norms_only:
-        candidates = tuning.elementwise_candidates(2 * t_block, persistent=True)
-    elif uses_dot(t_block, norms_only):
-        candidates = tuning.dot_candidates()
-    else:
-        candidates = tuning.elementwise_candidates(t_block * t_block + 2 * t_block, persistent=True)
-    with _on(grads.device):
-        config = TUNER.choose(_key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads))
-        return run(config)
+def _flat_pieces(grads: TaskGradients) -> list[Tensor]:
+    """The T×K pieces task-major, the form a custom op's ``Tensor[]`` argument takes."""
+    return [piece for row in grads.rows for piece in row]
 
 
-def _key(kind: str, grads: TaskGradients) -> tuple:
-    return kind, grads.num_tasks, grads.dtype, tuning.size_class(grads.numel), grads.device
+def _regrouped(pieces: list[Tensor], num_tasks: int) -> TaskGradients:
+    per_task = len(pieces) // num_tasks
+    return TaskGradients([pieces[i * per_task : (i + 1) * per_task] for i in range(num_tasks)])
 
 
-def _may_time(grads: TaskGradients) -> bool:
-    return not (grads.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+def _passes():
+    return importlib.import_module("emtl_kernels.triton_kernels.passes")
 
 
-def _on(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launch on the tensors' GPU, whichever is current."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+@torch.library.custom_op("emtl_triton::reduce", mutates_args=())
+def _reduce(pieces: list[Tensor], num_tasks: int, norms_only: bool) -> Tensor:
+    grads = _regrouped(pieces, num_tasks)
+    return _passes().sq_norms(grads) if norms_only else _passes().gram(grads)
+
+
+@_reduce.register_fake
+def _(pieces: list[Tensor], num_tasks: int, norms_only: bool) -> Tensor:
+    shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
+    return pieces[0].new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("emtl_triton::combine", mutates_args=("outs",))
+def _combine(pieces: list[Tensor], num_tasks: int, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
+    _passes().combine(_regrouped(pieces, num_tasks), weights, outs, accumulate)
+
+
+@_combine.register_fake
+def _(pieces: list[Tensor], num_tasks: int, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
+    return None

@@ -1,0 +1,84 @@
+"""The Triton passes over a :class:`TaskGradients`: find (or build) the device tables of its
+pieces, pick a tuned launch configuration, launch. One launch per pass, whatever the number of
+pieces; nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from ..task_gradients import TaskGradients
+from . import tables, tuning
+from .combine import combine_t_block, launch_combine
+from .gram import gram_t_block, launch_gram, uses_dot
+
+#: Triton's name for each storage dtype.
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+TUNER = tuning.Tuner()
+
+
+def gram(grads: TaskGradients) -> Tensor:
+    """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J."""
+    return _reduction(grads, norms_only=False)
+
+
+def sq_norms(grads: TaskGradients) -> Tensor:
+    """The squared row norms of J in float32, ``[T]``; one read of J."""
+    return _reduction(grads, norms_only=True)
+
+
+def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
+    """``outs[k] (+)= Σ_i weights[i] · rows[i][k]``, float32 accumulation, one rounding; rows
+    whose weight is exactly zero contribute nothing, even where they hold non-finite values."""
+    row_tables = tables.row_tables(grads)
+    output_table, outputs_aligned = tables.output_table(outs)
+    dtype = TRITON_DTYPES[grads.dtype]
+
+    def run(config: tuning.LaunchConfig) -> None:
+        launch_combine(row_tables, grads.num_tasks, dtype, weights, output_table, outputs_aligned, config,
+                       accumulate=accumulate)
+
+    with _on(grads.device):
+        candidates = tuning.elementwise_candidates(combine_t_block(grads.num_tasks) + 1, persistent=False)
+        # Timing runs the pass several times: harmless when it overwrites, wrong when it adds.
+        config = TUNER.choose(_key("combine", grads), candidates, run, may_time=_may_time(grads) and not accumulate)
+        run(config)
+
+
+def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
+    row_tables = tables.row_tables(grads)
+    dtype = TRITON_DTYPES[grads.dtype]
+    slots = tuning.program_slots(grads.device)
+
+    def run(config: tuning.LaunchConfig) -> Tensor:
+        return launch_gram(row_tables, grads.num_tasks, dtype, config, slots, norms_only=norms_only)
+
+    t_block = gram_t_block(grads.num_tasks)
+    # Registers per element column: the tile, and the squares or the pair products.
+    if norms_only:
+        candidates = tuning.elementwise_candidates(2 * t_block, persistent=True)
+    elif uses_dot(t_block, norms_only):
+        candidates = tuning.dot_candidates()
+    else:
+        candidates = tuning.elementwise_candidates(t_block * t_block + 2 * t_block, persistent=True)
+    with _on(grads.device):
+        config = TUNER.choose(_key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads))
+        return run(config)
+
+
+def _key(kind: str, grads: TaskGradients) -> tuple:
+    return kind, grads.num_tasks, grads.dtype, tuning.size_class(grads.numel), grads.device
+
+
+def _may_time(grads: TaskGradients) -> bool:
+    return not (grads.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU, whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
