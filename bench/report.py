@@ -296,7 +296,7 @@ def _kernels_section(results: dict, figures: _Figures) -> str:
             key = (row["dtype"], row["tasks"])
             largest[key] = max(largest.get(key, 0), row["numel"])
         table = [
-            [row["pass"], row["backend"] or "—", row["dtype"], row["tasks"], _log2(row["numel"]), _ms(median(row, "time")),
+            [row["pass"], row["backend"] or "—", row["dtype"], row["tasks"], _log2(row["numel"]), _ms(row["times"]["median"]),
              f"{row['gbps']:.2f}", _ratio(row["copy_ratio"])]
             for row in good
             if row["numel"] == largest[(row["dtype"], row["tasks"])]
@@ -312,7 +312,7 @@ def _kernels_section(results: dict, figures: _Figures) -> str:
                 ["pass", "backend", "dtype", "T", "P", "median ms", "p25–p75 ms", "GB/s", "× copy"],
                 [
                     [row["pass"], row["backend"] or "—", row["dtype"], row["tasks"], _log2(row["numel"]),
-                     _ms(median(row, "time")), f"{_ms(row['times']['p25'])}–{_ms(row['times']['p75'])}",
+                     _ms(row["times"]["median"]), f"{_ms(row['times']['p25'])}–{_ms(row['times']['p75'])}",
                      f"{row['gbps']:.2f}", _ratio(row["copy_ratio"])]
                     for row in good
                 ],
@@ -356,8 +356,7 @@ def _scaling_section(results: dict, figures: _Figures) -> str:
                 slope = loglog_slope(xs, ys)
                 if math.isfinite(slope):
                     axis.plot(xs, [y * 1e3 for y in ys], marker="o", label=f"{label} (slope {slope:.2f})")
-                slopes.append([axis_name, label, duration.replace("_", "-"), f"{slope:.2f}" if math.isfinite(slope) else "—",
-                               f"{min(xs):,}–{max(xs):,}"])
+                    slopes.append([axis_name, label, duration.replace("_", "-"), f"{slope:.2f}", f"{min(xs):,}–{max(xs):,}"])
         for axis, duration in zip(axes, ("step time", "post-backward part")):
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")

@@ -18,7 +18,8 @@ LOSS_SCALES = (1.0, 10.0, 0.1, 100.0)
 
 
 def mlp_trunk(in_features: int, width: int, depth: int) -> tuple[nn.Module, int]:
-    """``depth`` linear layers of ``width`` with GELU between them."""
+    """``depth`` linear layers of ``width``, each followed by a GELU; returns the trunk and its
+    feature width (as every trunk builder does)."""
     layers: list[nn.Module] = []
     for layer in range(depth):
         layers += [nn.Linear(in_features if layer == 0 else width, width), nn.GELU()]
@@ -54,6 +55,8 @@ class _EncoderTrunk(nn.Module):
 
 
 def transformer_trunk(d_model: int, layers: int, heads: int, seq_len: int) -> tuple[nn.Module, int]:
+    """``layers`` pre-norm encoder layers of width ``d_model`` (feed-forward 4·d_model); inputs are
+    ``[batch, seq_len, d_model]`` token embeddings (``seq_len`` shapes the batch only)."""
     return _EncoderTrunk(d_model, layers, heads), d_model
 
 
