@@ -16,6 +16,7 @@ import torch
 #: Backend names in the order "auto" tries them, with the device types where each is the fast
 #: choice (Triton on a CPU runs only in its interpreter: correct, never fast).
 AUTO_ORDER: tuple[tuple[str, frozenset[str]], ...] = (
+    ("native", frozenset({"cpu", "cuda"})),
     ("reference", frozenset({"cpu", "cuda"})),
 )
 

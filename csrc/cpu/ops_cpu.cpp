@@ -1,0 +1,160 @@
+// The CPU implementations of the ops: checks, the fixed chunking, parallel_for, and the pick of
+// the kernel variant for this CPU.
+//
+// Determinism: J's concatenated rows are cut into chunks whose size depends only on P and T,
+// never on the thread count. Each chunk's Gram (or norm) partial goes to its own slot and the
+// slots are summed in chunk order, so the result is bit-identical for any number of threads.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../task_pieces.h"
+#include "kernels.h"
+#include "ops_cpu.h"
+
+namespace emtl::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(EMTL_WITH_AVX2_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+// EMTL_CPU_ISA=baseline forces the baseline kernels (to test them on an AVX2 machine).
+const KernelTable& choose_kernels() {
+#if defined(EMTL_WITH_AVX2_KERNELS)
+  const char* forced = std::getenv("EMTL_CPU_ISA");
+  const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
+  if (cpu_has_avx2() && !baseline_forced) return avx2_kernels();
+#endif
+  return default_kernels();
+}
+
+const KernelTable& kernels() {
+  static const KernelTable& chosen = choose_kernels();
+  return chosen;
+}
+
+// At least ~2^15 elements a chunk (per task: enough work to amortise a partial slot), at least
+// 8T (so the T(T+1)/2 partial sums stay small beside the data) and at most kMaxChunks chunks.
+constexpr int64_t kMinChunk = int64_t{1} << 15;
+constexpr int64_t kMaxChunks = 256;
+
+struct Chunking {
+  int64_t size, count;
+};
+
+Chunking chunking(int64_t numel, int64_t num_tasks) {
+  const int64_t at_most_max = (numel + kMaxChunks - 1) / kMaxChunks;
+  int64_t size = std::max({kMinChunk, 8 * num_tasks, at_most_max});
+  size = (size + 63) / 64 * 64;
+  return Chunking{size, std::max<int64_t>(1, (numel + size - 1) / size)};
+}
+
+// body(chunk, begin, end) for every chunk, in parallel.
+template <typename F>
+void parallel_over_chunks(const Chunking& chunks, int64_t numel, F&& body) {
+  at::parallel_for(0, chunks.count, 1, [&](int64_t first, int64_t last) {
+    for (int64_t chunk = first; chunk < last; ++chunk) {
+      body(chunk, chunk * chunks.size, std::min(numel, (chunk + 1) * chunks.size));
+    }
+  });
+}
+
+// Sums `width` partials per chunk over the chunks, in chunk order.
+std::vector<double> sum_partials(const std::vector<double>& partials, int64_t width) {
+  std::vector<double> total(width, 0.0);
+  for (size_t base = 0; base < partials.size(); base += width) {
+    for (int64_t index = 0; index < width; ++index) total[index] += partials[base + index];
+  }
+  return total;
+}
+
+at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
+  const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_gram");
+  const TaskTable table = grads.table();
+  const int64_t pairs = num_lower_pairs(num_tasks);
+  const Chunking chunks = chunking(grads.numel(), num_tasks);
+  std::vector<double> partials(chunks.count * pairs, 0.0);
+  if (grads.numel() > 0) {
+    parallel_over_chunks(chunks, grads.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
+      kernels().gram_range(table, begin, end, partials.data() + chunk * pairs);
+    });
+  }
+  const std::vector<double> lower = sum_partials(partials, pairs);
+  at::Tensor gram = at::empty({num_tasks, num_tasks}, grads.options().dtype(at::kFloat));
+  float* out = gram.data_ptr<float>();
+  for (int64_t i = 0; i < num_tasks; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      out[i * num_tasks + j] = out[j * num_tasks + i] = static_cast<float>(lower[lower_pair_index(i, j)]);
+    }
+  }
+  return gram;
+}
+
+at::Tensor task_sq_norms(at::TensorList pieces, int64_t num_tasks) {
+  const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_sq_norms");
+  const TaskTable table = grads.table();
+  const Chunking chunks = chunking(grads.numel(), num_tasks);
+  std::vector<double> partials(chunks.count * num_tasks, 0.0);
+  if (grads.numel() > 0) {
+    parallel_over_chunks(chunks, grads.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
+      kernels().sq_norms_range(table, begin, end, partials.data() + chunk * num_tasks);
+    });
+  }
+  const std::vector<double> total = sum_partials(partials, num_tasks);
+  at::Tensor sq_norms = at::empty({num_tasks}, grads.options().dtype(at::kFloat));
+  std::copy(total.begin(), total.end(), sq_norms.data_ptr<float>());
+  return sq_norms;
+}
+
+void weighted_combine_(at::TensorList pieces, int64_t num_tasks, const at::Tensor& weights, at::TensorList outs,
+                       bool accumulate) {
+  const char* op = "emtl_kernels::weighted_combine_";
+  const TaskPieces grads(pieces, num_tasks, op);
+  const std::vector<void*> out_pointers = checked_combine_outputs(grads, weights, outs, op);
+  // A task with weight exactly 0 is never read: its gradient may hold inf or NaN.
+  const float* all_weights = weights.data_ptr<float>();
+  std::vector<int64_t> tasks;
+  std::vector<float> active_weights;
+  for (int64_t task = 0; task < num_tasks; ++task) {
+    if (all_weights[task] != 0.f) {
+      tasks.push_back(task);
+      active_weights.push_back(all_weights[task]);
+    }
+  }
+  if (tasks.empty()) {
+    if (!accumulate) {
+      for (const at::Tensor& out : outs) out.zero_();
+    }
+    return;
+  }
+  const ActiveTasks active{tasks.data(), active_weights.data(), static_cast<int64_t>(tasks.size())};
+  const TaskTable table = grads.table();
+  const Chunking chunks = chunking(grads.numel(), num_tasks);
+  parallel_over_chunks(chunks, grads.numel(), [&](int64_t, int64_t begin, int64_t end) {
+    kernels().combine_range(table, active, out_pointers.data(), accumulate, begin, end);
+  });
+}
+
+}  // namespace
+
+const char* kernel_isa() { return kernels().isa; }
+
+TORCH_LIBRARY_IMPL(emtl_kernels, CPU, m) {
+  m.impl("task_gram", &task_gram);
+  m.impl("task_sq_norms", &task_sq_norms);
+  m.impl("weighted_combine_", &weighted_combine_);
+}
+
+}  // namespace emtl::cpu
