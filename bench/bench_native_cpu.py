@@ -20,64 +20,24 @@ Reuse :func:`measure` (one configuration) and :func:`run` (the default set) from
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
+from bench_common import ROOT, cpu_model, git_commit, interleaved_medians, pass_record, slug, write_report
 
-from emtl_kernels import TaskGradients, available_backends, task_gram, weighted_combine
+from emtl_kernels import TaskGradients, _extension, available_backends, task_gram, weighted_combine
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 #: (T, P, dtype) of the default run: past the caches (L3 is 32 MiB on the reference machine).
 DEFAULT_CONFIGS = (
     (8, 2**22, torch.float32),
     (8, 2**24, torch.float32),
     (8, 2**22, torch.bfloat16),
 )
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def interleaved_medians(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in interleaved rounds after a warm-up."""
-    for fn in candidates.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def gram_candidates(matrix: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -106,19 +66,11 @@ def measure(num_tasks: int = 8, numel: int = 2**22, dtype: torch.dtype = torch.f
     generator = torch.Generator().manual_seed(0)
     matrix = torch.randn(num_tasks, numel, generator=generator).to(dtype)
     weights = torch.randn(num_tasks, generator=generator)
-    size = matrix.element_size()
     gram = interleaved_medians(gram_candidates(matrix), rounds)
     combine = interleaved_medians(combine_candidates(matrix, weights), rounds)
-    read_bytes = num_tasks * numel * size
     return {
-        "num_tasks": num_tasks,
-        "numel": numel,
-        "dtype": str(dtype).removeprefix("torch."),
+        **pass_record(num_tasks, numel, matrix.element_size(), str(dtype).removeprefix("torch."), gram, combine),
         "rounds": rounds,
-        "gram_seconds": gram,
-        "combine_seconds": combine,
-        "gram_read_gbps": {name: read_bytes / seconds / 1e9 for name, seconds in gram.items()},
-        "combine_gbps": {name: (read_bytes + numel * size) / seconds / 1e9 for name, seconds in combine.items()},
         "ratios": {
             "gram_speedup_vs_matmul": gram["matmul"] / gram["native"],
             "gram_bandwidth_vs_foreach_norm": gram["foreach_norm"] / gram["native"],
@@ -128,17 +80,18 @@ def measure(num_tasks: int = 8, numel: int = 2**22, dtype: torch.dtype = torch.f
     }
 
 
-def run(configs=DEFAULT_CONFIGS, rounds: int = 15, progress: bool = True) -> dict:
-    """:func:`measure` over ``configs``, with the machine, torch version and commit."""
-    from emtl_kernels import _extension
-
+def run(configs=DEFAULT_CONFIGS, rounds: int = 15, repeats: int = 1, progress: bool = True) -> dict:
+    """:func:`measure` over ``configs``, ``repeats`` times, with the machine, torch version and
+    commit; ``summary`` gives each ratio's median, min and max over the repeats."""
     if "native" not in available_backends("cpu"):
         raise RuntimeError("the native backend is not available: pip install --no-build-isolation -e .")
     results = []
-    for index, (num_tasks, numel, dtype) in enumerate(configs, 1):
-        if progress:
-            print(f"[{index}/{len(configs)}] T={num_tasks} P={numel} {dtype} ...", file=sys.stderr, flush=True)
-        results.append(measure(num_tasks, numel, dtype, rounds))
+    for repeat in range(repeats):
+        for index, (num_tasks, numel, dtype) in enumerate(configs, 1):
+            if progress:
+                print(f"[repeat {repeat + 1}/{repeats}, {index}/{len(configs)}] T={num_tasks} P={numel} {dtype}",
+                      file=sys.stderr, flush=True)
+            results.append(measure(num_tasks, numel, dtype, rounds) | {"repeat": repeat})
     return {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -149,12 +102,30 @@ def run(configs=DEFAULT_CONFIGS, rounds: int = 15, progress: bool = True) -> dic
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "results": results,
+        "summary": summarise(results),
     }
 
 
-def results_path(report: dict) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", report["cpu_model"].lower()).strip("-")
-    return RESULTS_DIR / f"cpu-{slug}" / "native_cpu.json"
+def config_name(result: dict) -> str:
+    return f"T={result['num_tasks']} P={result['numel']} {result['dtype']}"
+
+
+def summarise(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per configuration and ratio: median, min and max over the repeats."""
+    by_config: dict[str, list[dict]] = {}
+    for result in results:
+        by_config.setdefault(config_name(result), []).append(result["ratios"])
+    return {
+        name: {
+            ratio: {
+                "median": statistics.median(r[ratio] for r in runs),
+                "min": min(r[ratio] for r in runs),
+                "max": max(r[ratio] for r in runs),
+            }
+            for ratio in runs[0]
+        }
+        for name, runs in by_config.items()
+    }
 
 
 def format_report(report: dict) -> str:
@@ -163,33 +134,32 @@ def format_report(report: dict) -> str:
         f"torch {report['torch']}, commit {report['commit']}, load average {report['load_average']}"
     ]
     for result in report["results"]:
-        gram, combine, ratios = result["gram_seconds"], result["combine_seconds"], result["ratios"]
+        gram, combine = result["gram_seconds"], result["combine_seconds"]
         lines += [
-            f"T={result['num_tasks']} P={result['numel']} {result['dtype']}:",
+            f"{config_name(result)} (repeat {result['repeat'] + 1}):",
             "  gram    " + "  ".join(f"{k} {v * 1e3:.2f} ms ({result['gram_read_gbps'][k]:.1f} GB/s)" for k, v in gram.items()),
             "  combine " + "  ".join(f"{k} {v * 1e3:.2f} ms ({result['combine_gbps'][k]:.1f} GB/s)" for k, v in combine.items()),
-            f"  native gram: {ratios['gram_speedup_vs_matmul']:.2f}x J@J.T, "
-            f"{ratios['gram_bandwidth_vs_foreach_norm']:.0%} of _foreach_norm's read bandwidth",
-            f"  native combine: {ratios['combine_speedup_vs_matmul']:.2f}x w@J, "
-            f"{ratios['combine_speedup_vs_mv_into_out']:.2f}x mv into the same output",
         ]
+    lines.append("ratios, median [min, max] over the repeats:")
+    for name, ratios in report["summary"].items():
+        lines.append(f"  {name}")
+        lines += [f"    {ratio}: {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]" for ratio, r in ratios.items()]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per pass (default 15)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the whole set (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(rounds=args.rounds)
+    report = run(rounds=args.rounds, repeats=args.repeats)
     print(format_report(report))
     if not args.no_save:
-        path = results_path(report)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        path = write_report(report, f"cpu-{slug(report['cpu_model'])}", "native_cpu")
         print(f"wrote {path.relative_to(ROOT)}")
 
 

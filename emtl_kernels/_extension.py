@@ -16,15 +16,24 @@ gradient on shared tensor k) with ``num_tasks``:
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-try:
-    from . import _C
-except ImportError as error:  # not built, or built against another torch
-    _C = None
-    LOAD_ERROR: str | None = str(error)
-else:
-    LOAD_ERROR = None
+
+def _load():
+    """(the module, None) or (None, why it cannot be loaded)."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None, f"{__package__}._C is not built"
+    try:
+        from . import _C
+    except (ImportError, OSError) as error:  # e.g. built against another torch
+        return None, f"{__package__}._C failed to load: {error}"
+    return _C, None
+
+
+#: The compiled module, and why it is missing (None when it is loaded).
+_C, LOAD_ERROR = _load()
 
 #: Whether the extension was built with its CUDA kernels.
 WITH_CUDA = bool(_C is not None and _C.with_cuda)

@@ -236,11 +236,12 @@ void run_tile(const scalar_t* const* rows, const Tile& tile, int64_t n, float* a
   }
 }
 
-// Elements of a row per micro-chunk: the T rows of one (about 64 KiB of float32) stay in L2
-// while the tiles walk them.
+// Elements of a row per micro-chunk: the T rows of one (up to 256 KiB of float32) stay in L2
+// while the tiles walk them, and each row is read in runs of several pages, long enough for the
+// hardware prefetchers.
 inline int64_t micro_chunk(int64_t num_tasks) {
-  const int64_t length = (int64_t{1} << 14) / num_tasks;
-  return std::clamp<int64_t>(length / kPair * kPair, 16 * kPair, 128 * kPair);
+  const int64_t length = (int64_t{1} << 16) / num_tasks;
+  return std::clamp<int64_t>(length / kPair * kPair, 16 * kPair, 1024 * kPair);
 }
 
 void gram_range(const TaskTable& grads, int64_t begin, int64_t end, double* lower) {

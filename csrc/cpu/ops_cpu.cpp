@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -61,18 +62,31 @@ Chunking chunking(int64_t numel, int64_t num_tasks) {
   return Chunking{size, std::max<int64_t>(1, (numel + size - 1) / size)};
 }
 
-// body(chunk, begin, end) for every chunk, in parallel.
+// body(chunk, begin, end) for every chunk, in parallel. The threads take chunks from a shared
+// counter rather than a fixed share each: on a loaded machine a thread that is descheduled
+// does not hold the others up. Which thread runs a chunk never changes the result.
 template <typename F>
 void parallel_over_chunks(const Chunking& chunks, int64_t numel, F&& body) {
-  at::parallel_for(0, chunks.count, 1, [&](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks.count);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t chunk = next_chunk++; chunk < chunks.count; chunk = next_chunk++) {
       body(chunk, chunk * chunks.size, std::min(numel, (chunk + 1) * chunks.size));
     }
   });
 }
 
-// Sums `width` partials per chunk over the chunks, in chunk order.
-std::vector<double> sum_partials(const std::vector<double>& partials, int64_t width) {
+// Runs range_kernel(begin, end, partial) on every chunk, each into its own `width` doubles, and
+// sums the partials in chunk order.
+template <typename F>
+std::vector<double> reduce_over_chunks(const TaskPieces& grads, int64_t width, F&& range_kernel) {
+  const Chunking chunks = chunking(grads.numel(), grads.num_tasks());
+  std::vector<double> partials(chunks.count * width, 0.0);
+  if (grads.numel() > 0) {
+    parallel_over_chunks(chunks, grads.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
+      range_kernel(begin, end, partials.data() + chunk * width);
+    });
+  }
   std::vector<double> total(width, 0.0);
   for (size_t base = 0; base < partials.size(); base += width) {
     for (int64_t index = 0; index < width; ++index) total[index] += partials[base + index];
@@ -83,15 +97,10 @@ std::vector<double> sum_partials(const std::vector<double>& partials, int64_t wi
 at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
   const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_gram");
   const TaskTable table = grads.table();
-  const int64_t pairs = num_lower_pairs(num_tasks);
-  const Chunking chunks = chunking(grads.numel(), num_tasks);
-  std::vector<double> partials(chunks.count * pairs, 0.0);
-  if (grads.numel() > 0) {
-    parallel_over_chunks(chunks, grads.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
-      kernels().gram_range(table, begin, end, partials.data() + chunk * pairs);
-    });
-  }
-  const std::vector<double> lower = sum_partials(partials, pairs);
+  const std::vector<double> lower =
+      reduce_over_chunks(grads, num_lower_pairs(num_tasks), [&](int64_t begin, int64_t end, double* partial) {
+        kernels().gram_range(table, begin, end, partial);
+      });
   at::Tensor gram = at::empty({num_tasks, num_tasks}, grads.options().dtype(at::kFloat));
   float* out = gram.data_ptr<float>();
   for (int64_t i = 0; i < num_tasks; ++i) {
@@ -105,14 +114,10 @@ at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
 at::Tensor task_sq_norms(at::TensorList pieces, int64_t num_tasks) {
   const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_sq_norms");
   const TaskTable table = grads.table();
-  const Chunking chunks = chunking(grads.numel(), num_tasks);
-  std::vector<double> partials(chunks.count * num_tasks, 0.0);
-  if (grads.numel() > 0) {
-    parallel_over_chunks(chunks, grads.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
-      kernels().sq_norms_range(table, begin, end, partials.data() + chunk * num_tasks);
-    });
-  }
-  const std::vector<double> total = sum_partials(partials, num_tasks);
+  const std::vector<double> total =
+      reduce_over_chunks(grads, num_tasks, [&](int64_t begin, int64_t end, double* partial) {
+        kernels().sq_norms_range(table, begin, end, partial);
+      });
   at::Tensor sq_norms = at::empty({num_tasks}, grads.options().dtype(at::kFloat));
   std::copy(total.begin(), total.end(), sq_norms.data_ptr<float>());
   return sq_norms;

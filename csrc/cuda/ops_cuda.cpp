@@ -24,28 +24,29 @@ TaskPieces checked_pieces(at::TensorList pieces, int64_t num_tasks, const char* 
   return grads;
 }
 
-at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
-  const TaskPieces grads = checked_pieces(pieces, num_tasks, "emtl_kernels::task_gram");
+// A reduction over J into a new float32 tensor of `shape`, with its workspace.
+at::Tensor reduce(at::TensorList pieces, int64_t num_tasks, const char* op, at::IntArrayRef shape,
+                  int64_t (*workspace_floats)(const TaskTable&),
+                  cudaError_t (*launch)(const TaskTable&, float*, float*, cudaStream_t)) {
+  const TaskPieces grads = checked_pieces(pieces, num_tasks, op);
   const c10::cuda::CUDAGuard guard(grads.device());
   const TaskTable table = grads.table();
   const auto options = grads.options().dtype(at::kFloat);
-  at::Tensor workspace = at::empty({gram_workspace_floats(table)}, options);
-  at::Tensor gram = at::empty({num_tasks, num_tasks}, options);
-  C10_CUDA_CHECK(launch_gram(table, workspace.data_ptr<float>(), gram.data_ptr<float>(),
-                             c10::cuda::getCurrentCUDAStream()));
-  return gram;
+  at::Tensor workspace = at::empty({workspace_floats(table)}, options);
+  at::Tensor result = at::empty(shape, options);
+  C10_CUDA_CHECK(launch(table, workspace.data_ptr<float>(), result.data_ptr<float>(),
+                        c10::cuda::getCurrentCUDAStream()));
+  return result;
+}
+
+at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
+  return reduce(pieces, num_tasks, "emtl_kernels::task_gram", {num_tasks, num_tasks}, gram_workspace_floats,
+                launch_gram);
 }
 
 at::Tensor task_sq_norms(at::TensorList pieces, int64_t num_tasks) {
-  const TaskPieces grads = checked_pieces(pieces, num_tasks, "emtl_kernels::task_sq_norms");
-  const c10::cuda::CUDAGuard guard(grads.device());
-  const TaskTable table = grads.table();
-  const auto options = grads.options().dtype(at::kFloat);
-  at::Tensor workspace = at::empty({sq_norms_workspace_floats(table)}, options);
-  at::Tensor sq_norms = at::empty({num_tasks}, options);
-  C10_CUDA_CHECK(launch_sq_norms(table, workspace.data_ptr<float>(), sq_norms.data_ptr<float>(),
-                                 c10::cuda::getCurrentCUDAStream()));
-  return sq_norms;
+  return reduce(pieces, num_tasks, "emtl_kernels::task_sq_norms", {num_tasks}, sq_norms_workspace_floats,
+                launch_sq_norms);
 }
 
 void weighted_combine_(at::TensorList pieces, int64_t num_tasks, const at::Tensor& weights, at::TensorList outs,
