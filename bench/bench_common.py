@@ -15,16 +15,38 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (or the platform's processor string)."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return info
+
+
+def cpu_model() -> str:
+    """The CPU's model name (or the platform's processor string)."""
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_details() -> dict[str, object]:
+    """What identifies the CPU where a VM shows a vague model name: family, model, stepping, cache
+    and the vector extensions the kernels care about."""
+    info = cpu_info()
+    flags = set(info.get("flags", "").split())
+    return {
+        "family": info.get("cpu family"),
+        "model": info.get("model"),
+        "stepping": info.get("stepping"),
+        "cache": info.get("cache size"),
+        "vector_extensions": sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16"}),
+    }
 
 
 def git_commit() -> str | None:

@@ -28,7 +28,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from bench_common import ROOT, cpu_model, git_commit, interleaved_medians, pass_record, slug, write_report
+from bench_common import (
+    ROOT,
+    cpu_details,
+    cpu_model,
+    git_commit,
+    interleaved_medians,
+    pass_record,
+    slug,
+    write_report,
+)
 
 from emtl_kernels import TaskGradients, _extension, available_backends, task_gram, weighted_combine
 
@@ -94,6 +103,7 @@ def run(configs=DEFAULT_CONFIGS, rounds: int = 15, repeats: int = 1, progress: b
             results.append(measure(num_tasks, numel, dtype, rounds) | {"repeat": repeat})
     return {
         "cpu_model": cpu_model(),
+        "cpu": cpu_details(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_kernel_isa": _extension.CPU_ISA,
