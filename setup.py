@@ -67,7 +67,7 @@ def _extension_build():
     else:
         sources = [source for source in sources if not source.endswith(AVX2_SOURCE_SUFFIX)]
     # Strict IEEE float arithmetic (no -ffast-math): inf and NaN must reach the Gram diagonal.
-    compile_args = {"cxx": ["-O3", "-fno-fast-math"]}
+    compile_args = {"cxx": ["-O3", "-fno-fast-math", "-Wall", "-Wno-unknown-pragmas"]}
     extension_type = CppExtension
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")

@@ -6,7 +6,6 @@
 // slots are summed in chunk order, so the result is bit-identical for any number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,21 +21,16 @@
 namespace emtl::cpu {
 namespace {
 
-bool cpu_has_avx2() {
-#if defined(EMTL_WITH_AVX2_KERNELS)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
-
-// EMTL_CPU_ISA=baseline forces the baseline kernels (to test them on an AVX2 machine).
+// AVX2 kernels where the CPU has AVX2, FMA and F16C, unless EMTL_CPU_ISA=baseline forces the
+// baseline (to test it on an AVX2 machine).
 const KernelTable& choose_kernels() {
 #if defined(EMTL_WITH_AVX2_KERNELS)
+  __builtin_cpu_init();
+  const bool has_avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const char* forced = std::getenv("EMTL_CPU_ISA");
   const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
-  if (cpu_has_avx2() && !baseline_forced) return avx2_kernels();
+  if (has_avx2 && !baseline_forced) return avx2_kernels();
 #endif
   return default_kernels();
 }
