@@ -1,6 +1,93 @@
 """Build script. The project metadata lives in pyproject.toml; this file adds the compiled
-extension of csrc/ (the "native" backend) when csrc/ holds its sources."""
+extension ``emtl_kernels._C`` (csrc/, the "native" backend).
+
+Build: ``pip install --no-build-isolation -e .`` (or ``python setup.py build_ext --inplace``)
+after torch is installed. Where torch has CUDA and nvcc is found (CUDA_HOME), the extension is a
+CUDAExtension with the kernels of csrc/cuda; otherwise a CppExtension with the CPU kernels only.
+Set EMTL_BUILD_EXTENSION=0 to install the pure-Python package (reference and Triton backends).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from glob import glob
 
 from setuptools import setup
 
-setup()
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Flags of the one file compiled for AVX2 (see csrc/cpu/kernels.h); the rest builds for the baseline.
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX2_SOURCE_SUFFIX = "_avx2.cpp"
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(path, ROOT) for path in glob(os.path.join(ROOT, pattern)))
+
+
+def _build_avx2_variant() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for the compiled extension; empty when it is not wanted."""
+    if os.environ.get("EMTL_BUILD_EXTENSION", "1") == "0":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    class BuildWithAvx2Variant(BuildExtension):
+        """Compiles the ``*_avx2.cpp`` sources with AVX2_FLAGS and links them after all the others."""
+
+        def build_extension(self, ext):
+            avx2_sources = [source for source in ext.sources if source.endswith(AVX2_SOURCE_SUFFIX)]
+            if avx2_sources:
+                ext.sources = [source for source in ext.sources if source not in avx2_sources]
+                flags = dict(ext.extra_compile_args)
+                flags["cxx"] = [*flags["cxx"], *AVX2_FLAGS]
+                ext.extra_objects = [
+                    *ext.extra_objects,
+                    *self.compiler.compile(
+                        avx2_sources,
+                        output_dir=self.build_temp,
+                        macros=ext.define_macros,
+                        include_dirs=ext.include_dirs,
+                        debug=self.debug,
+                        extra_postargs=flags,
+                        depends=ext.depends,
+                    ),
+                ]
+            super().build_extension(ext)
+
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    macros = []
+    if _build_avx2_variant():
+        macros.append(("EMTL_WITH_AVX2_KERNELS", None))
+    else:
+        sources = [source for source in sources if not source.endswith(AVX2_SOURCE_SUFFIX)]
+    # Strict IEEE float arithmetic (no -ffast-math): inf and NaN must reach the Gram diagonal.
+    compile_args = {"cxx": ["-O3", "-fno-fast-math", "-Wall", "-Wno-unknown-pragmas"]}
+    extension_type = CppExtension
+    if with_cuda:
+        sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
+        macros.append(("EMTL_WITH_CUDA", None))
+        compile_args["nvcc"] = ["-O3"]
+        extension_type = CUDAExtension
+    extension = extension_type(
+        "emtl_kernels._C",
+        sources,
+        define_macros=macros,
+        extra_compile_args=compile_args,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        py_limited_api=True,
+    )
+    return [extension], {"build_ext": BuildWithAvx2Variant.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_build()
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+)

@@ -7,11 +7,14 @@ written back as the update. This package makes that one fused step:
 - :class:`MTLStep`: the drop-in backward for a training loop; :class:`DistributedMTLStep` the
   same for models trained data-parallel with DDP or FSDP2.
 - :func:`task_gram`, :func:`task_sq_norms`, :func:`weighted_combine`: the fused passes over the
-  task-gradient matrix, with a backend per device (:func:`available_backends`).
+  task-gradient matrix, with a backend per device (:func:`available_backends`): the compiled
+  extension ("native": C++ on CPU, CUDA on GPU) where it is built, Triton on GPU, and the
+  pure-PyTorch "reference".
 - :func:`emtl_weights`, :func:`gradnorm_scaling_weights`, :func:`equal_weights`: weightings
   from (losses, Gram matrix) to task weights, on the device.
 """
 
+from . import _extension  # registers torch.ops.emtl_kernels.* when the extension is built
 from .backends import available_backends
 from .distributed import CommunicationLog, DistributedMTLStep
 from .ops import task_gram, task_sq_norms, weighted_combine

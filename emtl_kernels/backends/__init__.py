@@ -17,6 +17,7 @@ import torch
 #: choice (Triton on a CPU runs only in its interpreter: correct, never fast).
 AUTO_ORDER: tuple[tuple[str, frozenset[str]], ...] = (
     ("triton", frozenset({"cuda"})),
+    ("native", frozenset({"cpu", "cuda"})),
     ("reference", frozenset({"cpu", "cuda"})),
 )
 

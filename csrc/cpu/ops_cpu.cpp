@@ -1,0 +1,159 @@
+// The CPU implementations of the ops: checks, the fixed chunking, parallel_for, and the pick of
+// the kernel variant for this CPU.
+//
+// Determinism: J's concatenated rows are cut into chunks whose size depends only on P and T,
+// never on the thread count. Each chunk's Gram (or norm) partial goes to its own slot and the
+// slots are summed in chunk order, so the result is bit-identical for any number of threads.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../task_pieces.h"
+#include "kernels.h"
+#include "ops_cpu.h"
+
+namespace emtl::cpu {
+namespace {
+
+// AVX2 kernels where the CPU has AVX2, FMA and F16C, unless EMTL_CPU_ISA=baseline forces the
+// baseline (to test it on an AVX2 machine).
+const KernelTable& choose_kernels() {
+#if defined(EMTL_WITH_AVX2_KERNELS)
+  __builtin_cpu_init();
+  const bool has_avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const char* forced = std::getenv("EMTL_CPU_ISA");
+  const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
+  if (has_avx2 && !baseline_forced) return avx2_kernels();
+#endif
+  return default_kernels();
+}
+
+const KernelTable& kernels() {
+  static const KernelTable& chosen = choose_kernels();
+  return chosen;
+}
+
+// At least ~2^15 elements a chunk (per task: enough work to amortise a partial slot), at least
+// 8T (so the T(T+1)/2 partial sums stay small beside the data) and at most kMaxChunks chunks.
+constexpr int64_t kMinChunk = int64_t{1} << 15;
+constexpr int64_t kMaxChunks = 256;
+
+struct Chunking {
+  int64_t size, count;
+};
+
+Chunking chunking(int64_t numel, int64_t num_tasks) {
+  const int64_t at_most_max = (numel + kMaxChunks - 1) / kMaxChunks;
+  int64_t size = std::max({kMinChunk, 8 * num_tasks, at_most_max});
+  size = (size + 63) / 64 * 64;
+  return Chunking{size, std::max<int64_t>(1, (numel + size - 1) / size)};
+}
+
+// body(chunk, begin, end) for every chunk, in parallel. The threads take chunks from a shared
+// counter rather than a fixed share each: on a loaded machine a thread that is descheduled
+// does not hold the others up. Which thread runs a chunk never changes the result.
+template <typename F>
+void parallel_over_chunks(const Chunking& chunks, int64_t numel, F&& body) {
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks.count);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t chunk = next_chunk++; chunk < chunks.count; chunk = next_chunk++) {
+      body(chunk, chunk * chunks.size, std::min(numel, (chunk + 1) * chunks.size));
+    }
+  });
+}
+
+// Runs range_kernel(begin, end, partial) on every chunk, each into its own `width` doubles, and
+// sums the partials in chunk order.
+template <typename F>
+std::vector<double> reduce_over_chunks(const TaskPieces& grads, int64_t width, F&& range_kernel) {
+  const Chunking chunks = chunking(grads.numel(), grads.num_tasks());
+  std::vector<double> partials(chunks.count * width, 0.0);
+  if (grads.numel() > 0) {
+    parallel_over_chunks(chunks, grads.numel(), [&](int64_t chunk, int64_t begin, int64_t end) {
+      range_kernel(begin, end, partials.data() + chunk * width);
+    });
+  }
+  std::vector<double> total(width, 0.0);
+  for (size_t base = 0; base < partials.size(); base += width) {
+    for (int64_t index = 0; index < width; ++index) total[index] += partials[base + index];
+  }
+  return total;
+}
+
+at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
+  const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_gram");
+  const TaskTable table = grads.table();
+  const std::vector<double> lower =
+      reduce_over_chunks(grads, num_lower_pairs(num_tasks), [&](int64_t begin, int64_t end, double* partial) {
+        kernels().gram_range(table, begin, end, partial);
+      });
+  at::Tensor gram = at::empty({num_tasks, num_tasks}, grads.options().dtype(at::kFloat));
+  float* out = gram.data_ptr<float>();
+  for (int64_t i = 0; i < num_tasks; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      out[i * num_tasks + j] = out[j * num_tasks + i] = static_cast<float>(lower[lower_pair_index(i, j)]);
+    }
+  }
+  return gram;
+}
+
+at::Tensor task_sq_norms(at::TensorList pieces, int64_t num_tasks) {
+  const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_sq_norms");
+  const TaskTable table = grads.table();
+  const std::vector<double> total =
+      reduce_over_chunks(grads, num_tasks, [&](int64_t begin, int64_t end, double* partial) {
+        kernels().sq_norms_range(table, begin, end, partial);
+      });
+  at::Tensor sq_norms = at::empty({num_tasks}, grads.options().dtype(at::kFloat));
+  std::copy(total.begin(), total.end(), sq_norms.data_ptr<float>());
+  return sq_norms;
+}
+
+void weighted_combine_(at::TensorList pieces, int64_t num_tasks, const at::Tensor& weights, at::TensorList outs,
+                       bool accumulate) {
+  const char* op = "emtl_kernels::weighted_combine_";
+  const TaskPieces grads(pieces, num_tasks, op);
+  const std::vector<void*> out_pointers = checked_combine_outputs(grads, weights, outs, op);
+  // A task with weight exactly 0 is never read: its gradient may hold inf or NaN.
+  const float* all_weights = weights.data_ptr<float>();
+  std::vector<int64_t> tasks;
+  std::vector<float> active_weights;
+  for (int64_t task = 0; task < num_tasks; ++task) {
+    if (all_weights[task] != 0.f) {
+      tasks.push_back(task);
+      active_weights.push_back(all_weights[task]);
+    }
+  }
+  if (tasks.empty()) {
+    if (!accumulate) {
+      for (const at::Tensor& out : outs) out.zero_();
+    }
+    return;
+  }
+  const ActiveTasks active{tasks.data(), active_weights.data(), static_cast<int64_t>(tasks.size())};
+  const TaskTable table = grads.table();
+  const Chunking chunks = chunking(grads.numel(), num_tasks);
+  parallel_over_chunks(chunks, grads.numel(), [&](int64_t, int64_t begin, int64_t end) {
+    kernels().combine_range(table, active, out_pointers.data(), accumulate, begin, end);
+  });
+}
+
+}  // namespace
+
+const char* kernel_isa() { return kernels().isa; }
+
+TORCH_LIBRARY_IMPL(emtl_kernels, CPU, m) {
+  m.impl("task_gram", &task_gram);
+  m.impl("task_sq_norms", &task_sq_norms);
+  m.impl("weighted_combine_", &weighted_combine_);
+}
+
+}  // namespace emtl::cpu

@@ -1,0 +1,42 @@
+// The ops' schemas, and the Python module `emtl_kernels._C` whose import loads them.
+//
+// The ops are plain torch.library custom ops: torch.ops.emtl_kernels.<name>. Their CPU and CUDA
+// kernels are registered by cpu/ops_cpu.cpp and cuda/ops_cuda.cpp, their fake (meta) kernels in
+// Python (emtl_kernels/_extension.py). The pieces of J come as one flat list, task-major:
+// pieces[i*K + k] is task i's gradient on shared tensor k.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/ops_cpu.h"
+
+TORCH_LIBRARY(emtl_kernels, m) {
+  m.def("task_gram(Tensor[] pieces, int num_tasks) -> Tensor");
+  m.def("task_sq_norms(Tensor[] pieces, int num_tasks) -> Tensor");
+  m.def("weighted_combine_(Tensor[] pieces, int num_tasks, Tensor weights, Tensor(a!)[] outs, bool accumulate) -> ()");
+}
+
+extern "C" {
+// The module itself holds two facts about the build; importing it runs the registrations above.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",
+      "Custom ops torch.ops.emtl_kernels.* (CPU kernels; CUDA kernels when with_cuda).",
+      -1,
+      nullptr,
+  };
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#if defined(EMTL_WITH_CUDA)
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
+      PyModule_AddStringConstant(module, "cpu_isa", emtl::cpu::kernel_isa()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}

@@ -1,0 +1,239 @@
+"""The compiled backend: its custom ops' registration (opcheck, torch.compile), determinism
+across thread counts, many-tensor inputs, errors raised from C++, and the ISA variants.
+
+Parity with float64 over the full matrix of T, P, dtypes and layouts is in test_ops_parity.py,
+which runs every available backend, this one included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq_norms, weighted_combine
+from emtl_kernels.backends import native
+from task_gradient_cases import make_task_gradients
+from test_ops_parity import assert_combine_close, assert_gram_close, combine64
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CUDA = torch.cuda.is_available() and native.unavailable_reason(torch.device("cuda")) is None
+
+needs_extension = pytest.mark.skipif(
+    _extension.LOAD_ERROR is not None, reason=f"native extension not built: {_extension.LOAD_ERROR}"
+)
+needs_cuda_extension = pytest.mark.skipif(not CUDA, reason="no GPU, or the extension was built without CUDA")
+ops = torch.ops.emtl_kernels if _extension.LOAD_ERROR is None else None
+
+
+def many_tensors(num_tasks: int, dtype: torch.dtype, *, count: int = 300, device="cpu", seed: int = 0):
+    """(TaskGradients over ``count`` small tensors of uneven sizes, float64 J): ~75k elements,
+    so the fixed chunks of the kernels cut through tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 500, (count,), generator=generator).tolist()
+    exact = torch.randn(num_tasks, sum(sizes), generator=generator, dtype=torch.float64).to(dtype).double()
+    rows = [[piece.to(dtype).to(device) for piece in row.split(sizes)] for row in exact]
+    return TaskGradients(rows), exact
+
+
+def flat_pieces(grads: TaskGradients) -> list[torch.Tensor]:
+    return [piece for row in grads.rows for piece in row]
+
+
+def test_unavailable_reasons_say_how_to_build(monkeypatch):
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "No module named 'emtl_kernels._C'")
+    assert "pip install --no-build-isolation -e ." in native.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setattr(_extension, "LOAD_ERROR", None)
+    monkeypatch.setattr(_extension, "WITH_CUDA", False)
+    assert "without CUDA" in native.unavailable_reason(torch.device("cuda"))
+    assert native.unavailable_reason(torch.device("meta")) is not None
+
+
+@needs_extension
+def test_auto_picks_native_on_cpu():
+    assert backends.resolve("auto", torch.device("cpu")) is native
+    assert "native" in backends.available_backends("cpu")
+    assert _extension.CPU_ISA in ("avx2", "baseline")
+
+
+# ---- registration: opcheck and torch.compile
+
+
+def opcheck_cases(device="cpu"):
+    matrix, _ = make_task_gradients(3, 1000, torch.float32, "matrix", device=device)
+    blocks, _ = make_task_gradients(4, 777, torch.bfloat16, "blocks", device=device, seed=1)
+    rows, _ = make_task_gradients(2, 99, torch.float16, "rows", device=device, seed=2)
+    return [TaskGradients.from_matrix(matrix), blocks, rows]
+
+
+def run_opchecks(device):
+    for grads in opcheck_cases(device):
+        pieces, num_tasks = flat_pieces(grads), grads.num_tasks
+        torch.library.opcheck(ops.task_gram.default, (pieces, num_tasks))
+        torch.library.opcheck(ops.task_sq_norms.default, (pieces, num_tasks))
+        weights = torch.linspace(-1.0, 2.0, num_tasks, device=device)
+        for accumulate in (False, True):
+            outs = [torch.randn(size, device=device).to(grads.dtype) for size in grads.sizes]
+            torch.library.opcheck(ops.weighted_combine_.default, (pieces, num_tasks, weights, outs, accumulate))
+
+
+@needs_extension
+def test_opcheck_cpu():
+    run_opchecks("cpu")
+
+
+@needs_cuda_extension
+def test_opcheck_cuda():
+    run_opchecks("cuda")
+
+
+def balanced_step(pieces: list[torch.Tensor], num_tasks: int, outs: list[torch.Tensor]) -> torch.Tensor:
+    """A step in miniature: Gram, inverse-norm weights, combination into ``outs``."""
+    gram = ops.task_gram(pieces, num_tasks)
+    weights = 1.0 / (ops.task_sq_norms(pieces, num_tasks).sqrt() + 1e-8)
+    ops.weighted_combine_(pieces, num_tasks, weights, outs, True)
+    return gram
+
+
+@needs_extension
+def test_ops_compile_with_fullgraph():
+    grads, _ = make_task_gradients(3, 500, torch.float32, "blocks")
+    pieces = flat_pieces(grads)
+    start = [torch.randn(size) for size in grads.sizes]
+    eager_outs = [s.clone() for s in start]
+    compiled_outs = [s.clone() for s in start]
+    torch._dynamo.reset()
+    compiled = torch.compile(balanced_step, fullgraph=True, backend="inductor")
+    gram = compiled(pieces, 3, compiled_outs)
+    assert torch.equal(gram, balanced_step(pieces, 3, eager_outs))
+    for compiled_out, eager_out in zip(compiled_outs, eager_outs):
+        assert torch.equal(compiled_out, eager_out)
+
+
+# ---- determinism
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_and_two_threads_agree_bit_for_bit(dtype):
+    # 5 × 200k elements in three tensors: several fixed chunks, split between the threads.
+    grads, exact = make_task_gradients(5, 200_003, dtype, "blocks", seed=11)
+    weights = torch.tensor([0.5, -1.0, 0.0, 2.0, 1e-3])
+    previous_threads = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs = [
+                (task_gram(grads, backend="native"), task_sq_norms(grads, backend="native"),
+                 torch.cat(weighted_combine(grads, weights, backend="native")))
+                for _ in range(2)
+            ]
+            for first, second in zip(*runs):
+                assert torch.equal(first, second), f"not reproducible with {threads} thread(s)"
+            results[threads] = runs[0]
+    finally:
+        torch.set_num_threads(previous_threads)
+    for one, two in zip(results[1], results[2]):
+        assert torch.equal(one, two)
+    assert_gram_close(results[1][0], exact)
+
+
+# ---- many small tensors
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", [1, 6, 13])
+def test_hundreds_of_small_tensors(dtype, num_tasks):
+    grads, exact = many_tensors(num_tasks, dtype, seed=num_tasks)
+    assert_gram_close(task_gram(grads, backend="native"), exact)
+    torch.testing.assert_close(
+        task_sq_norms(grads, backend="native").double(), exact.square().sum(dim=1), rtol=1e-5, atol=1e-30
+    )
+    weights = torch.randn(num_tasks, generator=torch.Generator().manual_seed(3))
+    before = [torch.randn(size).to(dtype) for size in grads.sizes]
+    outs = [b.clone() for b in before]
+    weighted_combine(grads, weights, out=outs, accumulate=True, backend="native")
+    expected, scale = combine64(exact, weights)
+    start = torch.cat(before).double()
+    assert_combine_close(outs, expected + start, scale + start.abs(), dtype)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_in_a_tail_reaches_the_diagonal(dtype):
+    # The last element of the last tensor: read by the counted (partial-vector) loads.
+    grads, _ = many_tensors(4, dtype, count=50, seed=5)
+    grads.rows[2][-1][-1] = float("nan")
+    grads.rows[0][-1][-1] = float("inf")
+    finite = torch.isfinite(task_gram(grads, backend="native").diagonal())
+    assert finite.tolist() == [False, True, False, True]
+    assert torch.isfinite(task_sq_norms(grads, backend="native")).tolist() == [False, True, False, True]
+
+
+# ---- errors raised by the C++ checks (the ops called directly, past the Python checks)
+
+
+def error_cases():
+    a, b = torch.randn(10), torch.randn(10)
+    w, out = torch.ones(2), [torch.zeros(10)]
+    return {
+        "num_tasks must be at least 1": (ops.task_gram, ([a, b], 0)),
+        "pieces for 3 tasks": (ops.task_gram, ([a, b], 3)),
+        "one dtype for all": (ops.task_gram, ([a, b.half()], 2)),
+        "supported: float32, bfloat16, float16": (ops.task_sq_norms, ([a.double(), b.double()], 2)),
+        "has 9 elements": (ops.task_gram, ([a, b[:9]], 2)),
+        "is not contiguous": (ops.task_gram, ([a, torch.randn(20)[::2]], 2)),
+        "weights must be float32": (ops.weighted_combine_, ([a, b], 2, w.double(), out, False)),
+        "weights must be a 1-D tensor of num_tasks = 2": (ops.weighted_combine_, ([a, b], 2, torch.ones(3), out, False)),
+        "got 2 outputs for 1 shared tensors": (ops.weighted_combine_, ([a, b], 2, w, out * 2, False)),
+        "output 0 has dtype": (ops.weighted_combine_, ([a, b], 2, w, [torch.zeros(10).half()], False)),
+        "output 0 has 11 elements": (ops.weighted_combine_, ([a, b], 2, w, [torch.zeros(11)], False)),
+        "output 0 is not contiguous": (ops.weighted_combine_, ([a, b], 2, w, [torch.zeros(20)[::2]], False)),
+    }
+
+
+@needs_extension
+@pytest.mark.parametrize("message", list(error_cases()) if _extension.LOAD_ERROR is None else [])
+def test_cpp_checks_raise_clear_errors(message):
+    op, args = error_cases()[message]
+    with pytest.raises((RuntimeError, TypeError), match=message):
+        op(*args)
+
+
+@needs_cuda_extension
+def test_device_mix_raises_on_cuda():
+    a, b = torch.randn(10, device="cuda"), torch.randn(10)
+    with pytest.raises(RuntimeError, match="one device for all"):
+        ops.task_gram([a, b], 2)
+    with pytest.raises(RuntimeError, match="weights are on"):
+        ops.weighted_combine_([a, a.clone()], 2, torch.ones(2), [torch.zeros(10, device="cuda")], False)
+
+
+# ---- the baseline kernels, which an AVX2 machine does not pick by itself
+
+BASELINE_CHECK = """
+import torch
+from emtl_kernels import _extension, task_gram, weighted_combine
+from task_gradient_cases import make_task_gradients
+from test_ops_parity import assert_combine_close, assert_gram_close, combine64
+assert _extension.CPU_ISA == "baseline", _extension.CPU_ISA
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    grads, exact = make_task_gradients(9, 40_001, dtype, "blocks", seed=2)
+    assert_gram_close(task_gram(grads, backend="native"), exact)
+    weights = torch.linspace(-1, 1, 9)
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(weighted_combine(grads, weights, backend="native"), expected, scale, dtype)
+"""
+
+
+@needs_extension
+@pytest.mark.skipif(_extension.CPU_ISA != "avx2", reason="no AVX2 kernels here: the other tests ran the baseline")
+def test_baseline_kernels_match_float64():
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, EMTL_CPU_ISA="baseline", PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
+    result = subprocess.run([sys.executable, "-c", BASELINE_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
