@@ -202,7 +202,7 @@ def test_alignment_is_claimed_only_where_it_holds():
 
 
 def test_where_the_backend_runs():
-    assert resolve("auto", torch.device("cpu")).NAME == "reference"
+    assert resolve("auto", torch.device("cpu")).NAME != "triton"  # the interpreter is never the fast choice
     assert unavailable_reason("triton", "meta") is not None
     if DEVICE == "cpu":
         assert "TRITON_INTERPRET" in unavailable_reason("triton", "cuda")
