@@ -91,6 +91,9 @@ class MTLStep:
     reach that is not shared (the task heads) gets the gradient of Σ_i w_i L_i too.
     """
 
+    #: Whether the step itself reduces the gradients over data-parallel ranks.
+    reduces_over_ranks = False
+
     def __init__(
         self,
         shared_params: Iterable[Tensor],
@@ -119,6 +122,8 @@ class MTLStep:
             raise ValueError("batched_backward keeps all T task gradients at once: use it with mode='speed'")
         if backend != "auto" and backend not in backends.backend_names():
             raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(backends.backend_names())}")
+        if not self.reduces_over_ranks:
+            _warn_if_data_parallel()
         self.backend = backend
         self.mode: Mode = mode
         self.batched_backward = batched_backward
@@ -306,6 +311,16 @@ def _warn_if_disconnected(task: int, grads: Sequence[Tensor | None]) -> None:
         warnings.warn(
             f"loss {task} has no path to the shared parameters: it keeps weight 1 and is "
             "reported in step.last.zero_gradient",
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _warn_if_data_parallel() -> None:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+        warnings.warn(
+            "MTLStep computes this rank's gradients only: DDP's and FSDP's reductions do not run "
+            "on them, so ranks would drift apart; use DistributedMTLStep",
             stacklevel=_caller_stacklevel(),
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -301,3 +303,15 @@ def test_bad_losses_raise():
         step.backward(model.losses(*toy_batch())[:2])
     with pytest.raises(RuntimeError, match="backward"):
         MTLStep(model.trunk.parameters()).optimizer_step(torch.optim.SGD(model.parameters(), lr=1))
+
+
+def test_step_warns_when_ranks_would_not_be_reduced(monkeypatch):
+    param = torch.nn.Parameter(torch.randn(3))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    with pytest.warns(UserWarning, match="DistributedMTLStep"):
+        MTLStep([param])
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MTLStep([param])

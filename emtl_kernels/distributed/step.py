@@ -88,6 +88,8 @@ class DistributedMTLStep(MTLStep):
     waiting in a collective until the process group's ``timeout`` ends them.
     """
 
+    reduces_over_ranks = True
+
     def __init__(
         self,
         model: nn.Module,
