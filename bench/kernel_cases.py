@@ -2,10 +2,12 @@
 
 A case holds the task gradients as blocks ``[T, n_k]``, one per shared tensor: a single block is
 the ``[T, P]`` matrix J; many blocks of mixed sizes are a model's parameters, as a batched
-backward returns them. The candidates, keyed by :class:`Candidate`:
+backward returns them. The blocks lie one after the other in one buffer of T·P elements, so that
+the copy reads exactly their bytes in one contiguous pass. The candidates, keyed by
+:class:`Candidate`:
 
-- ``copy``: the blocks copied into buffers of their size (one ``torch._foreach_copy_``), the
-  bandwidth every pass is measured against;
+- ``copy``: the buffer copied into another of its size, the device's bandwidth for these bytes,
+  which every pass is measured against;
 - each emtl-kernels backend's Gram pass (``task_gram``) and combine pass (``weighted_combine``
   into preallocated outputs) over the blocks, wrapped once in a :class:`TaskGradients`;
 - the torch baselines, written as a torch user would, one call per block where the op has no
@@ -62,25 +64,28 @@ def _sum(terms: Iterable[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class KernelCase:
-    """T task gradients of one dtype in ``blocks`` (``[T, n_k]`` each), weights ``[T]`` (float32
-    for the backends, in the gradients' dtype for torch), the combine's outputs and the copy's
-    destinations."""
+    """T task gradients of one dtype in ``blocks`` (``[T, n_k]`` each, views of ``storage``),
+    weights ``[T]`` (float32 for the backends, in the gradients' dtype for torch), the combine's
+    outputs and the copy's destination."""
 
+    storage: Tensor
     blocks: list[Tensor]
     weights: Tensor
     weights_like: Tensor
     outs: list[Tensor]
-    destinations: list[Tensor]
+    destination: Tensor
 
     @classmethod
     def make(cls, dtype_name: str, num_tasks: int, sizes: Sequence[int], device: torch.device) -> KernelCase:
         """Random gradients over shared tensors of ``sizes`` elements (one size: the matrix case)."""
         generator = torch.Generator(device=device).manual_seed(sum(sizes) + num_tasks)
         dtype = DTYPES[dtype_name]
-        blocks = [torch.randn(num_tasks, size, generator=generator, device=device).to(dtype) for size in sizes]
+        storage = torch.randn(num_tasks * sum(sizes), generator=generator, device=device).to(dtype)
+        pieces = storage.split([num_tasks * size for size in sizes])
+        blocks = [piece.view(num_tasks, size) for piece, size in zip(pieces, sizes)]
         weights = torch.rand(num_tasks, generator=generator, device=device)
         outs = [torch.empty(size, dtype=dtype, device=device) for size in sizes]
-        return cls(blocks, weights, weights.to(dtype), outs, [torch.empty_like(block) for block in blocks])
+        return cls(storage, blocks, weights, weights.to(dtype), outs, torch.empty_like(storage))
 
     @functools.cached_property
     def grads(self) -> TaskGradients:
@@ -103,7 +108,7 @@ class KernelCase:
         grads, blocks, outs, weights_like = self.grads, self.blocks, self.outs, self.weights_like
         rows = [piece for row in grads.rows for piece in row]
         calls: dict[Candidate, Callable[[], object]] = {
-            Candidate("copy"): functools.partial(torch._foreach_copy_, self.destinations, blocks)
+            Candidate("copy"): functools.partial(self.destination.copy_, self.storage)
         }
         for backend in backends:
             calls[Candidate("gram", backend)] = functools.partial(task_gram, grads, backend=backend)

@@ -371,7 +371,8 @@ def _kernels_section(results: dict, exhibits: _Exhibits) -> str:
             "",
             "The task gradients as `TaskGradients` rows, one `[T, n]` block per parameter tensor. The torch "
             "baselines loop over the tensors as a torch user would (one call per tensor, Gram and norms "
-            "summed); `torch._foreach_norm` and the copy take every tensor in one call.",
+            "summed); `torch._foreach_norm` takes every row in one call; the copy is one contiguous copy of the "
+            "buffer the blocks lie in.",
             "",
             _kernel_table(chosen, good, exhibits, spread=True),
             "",
