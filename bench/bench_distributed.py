@@ -1,31 +1,35 @@
-"""The distributed step on CPU with gloo: step time and bytes communicated, 1 and 2 ranks.
+"""The distributed step on CPU ranks over gloo: step time and bytes communicated, 1 and 2 ranks.
 
-Ways to run one training step (forward and backward) of the same multi-task MLP, each rank on
-its own batch of the same size:
-- ``ddp``: plain DDP, ``sum(losses).backward()``: the baseline every time is a ratio to;
-- ``exact``: :class:`DistributedMTLStep` with ``sync="exact"``;
-- ``local``: :class:`DistributedMTLStep` with ``sync="local"``;
-- ``mtlstep`` (one rank only): :class:`MTLStep` on the bare model, to separate what the
-  distributed step adds from what the multi-task step itself costs.
+Suite of :mod:`bench.extras`: :func:`results` measures, at the sizes of the preset's
+:class:`~bench.presets.DistributedPlan`, one training step (forward and backward) of the same
+multi-task MLP, each rank on its own batch of the same size, taken every way:
+
+- ``ddp``: plain DDP, ``sum(losses).backward()``: the baseline the report divides by;
+- ``exact``: :class:`emtl_kernels.DistributedMTLStep` with ``sync="exact"``;
+- ``local``: :class:`emtl_kernels.DistributedMTLStep` with ``sync="local"``;
+- ``mtlstep`` (one rank only): :class:`emtl_kernels.MTLStep` on the bare model, to separate what
+  the distributed step adds from what the multi-task step itself costs.
 
 Bytes per step are counted, not estimated: the step's own collectives from its
-:class:`CommunicationLog`, DDP's all-reduce from the sizes of the parameters it reduces. "Sent"
-is what each rank puts on the wire under ring algorithms. Times are the median and the
-fastest of the timed steps on rank 0, with a barrier before each step; the figures of 2 ranks share the machine's
-cores with each other (and with whatever else runs), so read them as ratios to ``ddp`` of the
-same run.
+:class:`~emtl_kernels.CommunicationLog`, DDP's all-reduce from the sizes of the parameters it
+reduces. "Sent" is what each rank puts on the wire under ring algorithms. Times are the median
+and the fastest of the timed steps on rank 0, with a barrier before each step.
 
-    python bench/bench_distributed.py [--steps 30] [--world-sizes 1 2] [--out results.md]
+One spawn of as many processes as the largest world size serves every world size (spawning and
+importing torch is most of a small run's time): a smaller world is a process group of the first
+ranks, while the others wait at a barrier. Each rank runs one torch thread; the ranks of one
+world share the machine's cores with each other (and with whatever else runs), so read the
+figures as ratios to ``ddp`` of the same world size. gloo runs on CPU tensors: on another device
+the suite returns a note and measures nothing.
 """
 
 from __future__ import annotations
 
-import argparse
 import socket
 import statistics
-import sys
 import tempfile
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,18 +41,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from emtl_kernels import DistributedMTLStep, MTLStep
 
+from .presets import PRESETS, DistributedPlan
+
 METHODS = ("ddp", "exact", "local")
 SINGLE_PROCESS = "mtlstep"
+INPUTS = 64
+#: How long a rank waits in a collective for the others, the smaller worlds' runs included.
+COLLECTIVE_TIMEOUT_S = 600
 
 
 class MultiTaskMLP(nn.Module):
     """A tanh MLP trunk shared by ``num_tasks`` linear regression heads."""
 
-    def __init__(self, num_tasks: int, width: int, inputs: int = 64):
+    def __init__(self, num_tasks: int, width: int):
         super().__init__()
         torch.manual_seed(0)
         self.trunk = nn.Sequential(
-            nn.Linear(inputs, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 128), nn.Tanh()
+            nn.Linear(INPUTS, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 128), nn.Tanh()
         )
         self.heads = nn.ModuleList(nn.Linear(128, 1) for _ in range(num_tasks))
 
@@ -57,111 +66,86 @@ class MultiTaskMLP(nn.Module):
         return [(head(features).squeeze(-1) - targets[:, i]).square().mean() for i, head in enumerate(self.heads)]
 
 
-def run_distributed_benchmark(
-    world_sizes=(1, 2), num_tasks: int = 4, width: int = 512, batch: int = 64, steps: int = 30, warmup: int = 3,
-) -> list[dict]:
-    """Measure every method on every world size; one result dict per (world size, method)."""
-    results = []
-    for world_size in world_sizes:
-        with tempfile.TemporaryDirectory() as out_dir:
-            config = dict(num_tasks=num_tasks, width=width, batch=batch, steps=steps, warmup=warmup)
-            mp.spawn(_rank_main, args=(world_size, _free_port(), out_dir, config), nprocs=world_size, join=True)
-            results += torch.load(Path(out_dir) / "results.pt")
-    return results
+def results(preset: str, device: torch.device) -> list[dict]:
+    """One row per (world size, method) at the sizes of ``preset``, measured on CPU ranks."""
+    if device.type != "cpu":
+        return [{"note": f"gloo ranks run on the CPU, not {device.type}: `python -m bench --device cpu` measures them"}]
+    return measure_ranks(PRESETS[preset].distributed)
 
 
-def _rank_main(rank: int, world_size: int, port: int, out_dir: str, config: dict) -> None:
+def measure_ranks(plan: DistributedPlan) -> list[dict]:
+    """Every method on every world size of ``plan``, in one spawn of ranks."""
+    processes = max(plan.world_sizes)
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_main, args=(processes, _free_port(), out_dir, plan), nprocs=processes, join=True)
+        return torch.load(Path(out_dir) / "results.pt")
+
+
+def _rank_main(rank: int, processes: int, port: int, out_dir: str, plan: DistributedPlan) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes,
+        timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
-    methods = METHODS + ((SINGLE_PROCESS,) if world_size == 1 else ())
-    results = [_measure(method, rank, world_size, **config) for method in methods]
+    rows = []
+    for world_size in plan.world_sizes:
+        group = dist.new_group(list(range(world_size)))  # every process takes part in making it
+        if rank < world_size:
+            methods = METHODS + ((SINGLE_PROCESS,) if world_size == 1 else ())
+            rows += [_measure(method, group, plan) for method in methods]
+        dist.barrier()
     if rank == 0:
-        torch.save(results, Path(out_dir) / "results.pt")
+        torch.save(rows, Path(out_dir) / "results.pt")
     dist.destroy_process_group()
 
 
-def _measure(method, rank, world_size, num_tasks, width, batch, steps, warmup) -> dict:
-    model = MultiTaskMLP(num_tasks, width)
-    ddp = model if method == SINGLE_PROCESS else DistributedDataParallel(model)
+def _measure(method: str, group: dist.ProcessGroup, plan: DistributedPlan) -> dict:
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    model = MultiTaskMLP(plan.tasks, plan.width)
     if method == SINGLE_PROCESS:
-        step = MTLStep(model.trunk.parameters(), "emtl")
+        with warnings.catch_warnings():  # that the ranks are not reduced is the point of this method
+            warnings.filterwarnings("ignore", "MTLStep computes this rank's gradients only")
+            wrapped, step = model, MTLStep(model.trunk.parameters(), "emtl")
     else:
-        step = None if method == "ddp" else DistributedMTLStep(ddp, model.trunk.parameters(), "emtl", sync=method)
+        wrapped = DistributedDataParallel(model, process_group=group)
+        step = None if method == "ddp" else DistributedMTLStep(wrapped, model.trunk.parameters(), "emtl", sync=method)
     generator = torch.Generator().manual_seed(rank)
-    inputs = torch.randn(batch, 64, generator=generator)
-    targets = torch.randn(batch, num_tasks, generator=generator)
+    inputs = torch.randn(plan.batch, INPUTS, generator=generator)
+    targets = torch.randn(plan.batch, plan.tasks, generator=generator)
     times = []
-    for i in range(warmup + steps):
+    for index in range(plan.warmup + plan.steps):
         model.zero_grad(set_to_none=True)
-        dist.barrier()
+        dist.barrier(group=group)
         start = time.perf_counter()
-        losses = ddp(inputs, targets)
+        losses = wrapped(inputs, targets)
         if step is None:
             sum(losses).backward()
         else:
             step.backward(losses)
-        if i >= warmup:
+        if index >= plan.warmup:
             times.append(time.perf_counter() - start)
-    shared = sum(p.numel() for p in model.trunk.parameters())
-    heads = sum(p.numel() for p in model.heads.parameters())
-    ddp_payload = 4 * (shared + heads) if method in ("ddp", "local") else 0  # DDP's own all-reduce
-    step_payload, step_sent = (step.communication.payload_bytes, step.communication.sent_bytes) if method in ("exact", "local") else (0, 0)
-    ring_share = (world_size - 1) / world_size
-    result = {
-        "world_size": world_size, "method": method, "num_tasks": num_tasks, "shared_params": shared,
-        "head_params": heads, "batch_per_rank": batch, "step_ms": 1e3 * statistics.median(times), "fastest_ms": 1e3 * min(times),
-        "payload_bytes": ddp_payload + step_payload, "sent_bytes": 2 * ring_share * ddp_payload + step_sent,
+    shared_bytes = sum(p.numel() * p.element_size() for p in model.trunk.parameters())
+    head_bytes = sum(p.numel() * p.element_size() for p in model.heads.parameters())
+    ddp_payload = shared_bytes + head_bytes if method in ("ddp", "local") else 0  # DDP's own all-reduce
+    counted = method in ("exact", "local")
+    step_payload = step.communication.payload_bytes if counted else 0
+    step_sent = step.communication.sent_bytes if counted else 0
+    return {
+        "world_size": world_size,
+        "method": method,
+        "tasks": plan.tasks,
+        "shared_numel": sum(p.numel() for p in model.trunk.parameters()),
+        "head_numel": sum(p.numel() for p in model.heads.parameters()),
+        "batch_per_rank": plan.batch,
+        "steps": plan.steps,
+        "step_ms": 1e3 * statistics.median(times),
+        "fastest_ms": 1e3 * min(times),
+        "payload_bytes": ddp_payload + step_payload,
+        "sent_bytes": 2 * (world_size - 1) / world_size * ddp_payload + step_sent,
     }
-    if rank == 0:
-        print(f"[bench_distributed] {world_size} rank(s), {method}: {result['step_ms']:.1f} ms/step (median), "
-              f"{result['payload_bytes'] / 1e6:.2f} MB payload", flush=True)
-    return result
 
 
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def markdown_table(results: list[dict]) -> str:
-    """The results as a markdown table, times also as ratios to plain DDP on the same world size."""
-    median = {r["world_size"]: r["step_ms"] for r in results if r["method"] == "ddp"}
-    fastest = {r["world_size"]: r["fastest_ms"] for r in results if r["method"] == "ddp"}
-    lines = [
-        "| ranks | method | step, median (ms) | vs plain DDP | fastest (ms) | vs plain DDP | payload (MB) | sent per rank (MB) |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['world_size']} | {r['method']} | {r['step_ms']:.1f} | {r['step_ms'] / median[r['world_size']]:.2f}× "
-            f"| {r['fastest_ms']:.1f} | {r['fastest_ms'] / fastest[r['world_size']]:.2f}× "
-            f"| {r['payload_bytes'] / 1e6:.3f} | {r['sent_bytes'] / 1e6:.3f} |"
-        )
-    return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", type=Path, help="write the markdown table there too")
-    args = parser.parse_args(argv)
-    results = run_distributed_benchmark(tuple(args.world_sizes), args.tasks, args.width, steps=args.steps)
-    first = results[0]
-    table = (
-        f"T = {first['num_tasks']} tasks, P = {first['shared_params']} shared and H = {first['head_params']} head "
-        f"parameters (float32), {first['batch_per_rank']} samples a rank; CPU, gloo, {torch.__version__}.\n\n"
-        + markdown_table(results)
-    )
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

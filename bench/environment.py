@@ -1,5 +1,5 @@
-"""What a result was measured on: device, versions, commit, threads, load. Every figure and
-table of the report carries it."""
+"""What a result was measured on: device, versions, commit, threads, load, and the CPU's
+identity. Every figure and table of the report carries it."""
 
 from __future__ import annotations
 
@@ -13,20 +13,48 @@ from pathlib import Path
 
 import torch
 
+from emtl_kernels import _extension
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+#: The vector extensions the CPU kernels (and torch's) care about.
+VECTOR_EXTENSIONS = frozenset({"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16"})
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return info
+    for line in lines:
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def cpu_details() -> dict:
+    """What identifies the CPU where a virtual machine shows a vague model name: family, model,
+    stepping, cache and the vector extensions it has."""
+    info = cpu_info()
+    return {
+        "family": info.get("cpu family"),
+        "model": info.get("model"),
+        "stepping": info.get("stepping"),
+        "cache": info.get("cache size"),
+        "vector_extensions": sorted(VECTOR_EXTENSIONS & set(info.get("flags", "").split())),
+    }
 
 
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return cpu_info().get("model name") or platform.processor() or platform.machine() or "cpu"
 
 
 def slug(text: str) -> str:
@@ -73,6 +101,8 @@ def describe(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_details(),
+        "native_cpu_isa": _extension.CPU_ISA,
         "load_average_start": load_average(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "") not in ("", "0"),
     }

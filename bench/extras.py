@@ -1,17 +1,18 @@
-"""Benchmark modules of the backends and weightings, joined to a run when they are present.
+"""Suite modules joined to a run: each module ``bench/<name>.py`` of :data:`SUITES` exposes
 
-Each module ``bench/<name>.py`` of :data:`SUITES` exposes a function returning its result rows
-(a list of flat dicts, one a measurement): ``results`` (or ``run``, ``collect``,
-``run_benchmarks``, ``benchmark``, the first found). It is called with ``preset=<preset name>``
-and ``device=<torch.device>`` where its signature takes them (``quick=<bool>`` too). A missing
-module, or one that fails, leaves a note in the report instead of rows.
+    results(preset: str, device: torch.device) -> list[dict]
+
+which measures what the module is about at the sizes of ``preset`` (a name of
+:data:`bench.presets.PRESETS`) on ``device`` and returns its result rows, one flat dict a
+measurement (JSON-ready values). The runner adds ``"suite": <name>`` to each row. A module that is
+not there, that lacks ``results``, or whose ``results`` raises leaves a note in the report
+instead of rows; the other suites and sections are still measured.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import traceback
 
 import torch
@@ -21,32 +22,23 @@ from .presets import Preset
 
 #: Module names under ``bench/``, with what they measure.
 SUITES = {
-    "bench_triton_kernels": "Triton kernel passes",
-    "bench_native_cpu": "native CPU kernels against torch",
-    "bench_weightings": "weighting solver times",
     "bench_distributed": "the distributed step over gloo ranks",
+    "bench_weightings": "weighting solver times",
 }
 
-_ENTRY_POINTS = ("results", "run", "collect", "run_benchmarks", "benchmark")
-
-
-def _call(entry, preset: Preset, device: torch.device):
-    parameters = inspect.signature(entry).parameters
-    offered = {"preset": preset.name, "device": device, "quick": preset.name != "full"}
-    return entry(**{name: value for name, value in offered.items() if name in parameters})
+ENTRY_POINT = "results"
 
 
 def _suite_job(module_name: str, preset: Preset, device: torch.device) -> Job:
     def run() -> list[dict]:
         module = importlib.import_module(f"{__package__}.{module_name}")
-        entry = next((getattr(module, name) for name in _ENTRY_POINTS if callable(getattr(module, name, None))), None)
-        if entry is None:
-            return [{"suite": module_name, "note": f"exposes none of {', '.join(_ENTRY_POINTS)}"}]
+        results = getattr(module, ENTRY_POINT, None)
+        if not callable(results):
+            return [{"suite": module_name, "note": f"exposes no {ENTRY_POINT}(preset, device)"}]
         try:
-            produced = _call(entry, preset, device)
+            rows = results(preset.name, device)
         except Exception as error:  # another suite's failure must not lose this run's results
             return [{"suite": module_name, "note": "failed: " + "".join(traceback.format_exception_only(error)).strip()}]
-        rows = [produced] if isinstance(produced, dict) else list(produced or [])
         return [{"suite": module_name, **row} for row in rows]
 
     return Job("extras", f"extras: {module_name}", run)

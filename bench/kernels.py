@@ -1,33 +1,39 @@
-"""Kernel level: each backend's Gram pass and combine pass against a copy of the same bytes.
+"""Kernel level: each backend's Gram and combine pass against the torch baselines and a copy of
+the same bytes, all timed interleaved in one job per case.
 
-For every dtype, T and P = 2^k of the preset, one ``[T, P]`` matrix J is timed, interleaved:
+The cases of a preset (:class:`bench.presets.KernelPlan`):
 
-- ``gram``: ``task_gram(J)``, reads T·P·s bytes (s: element size);
-- ``combine``: ``weighted_combine(J, w, out=g)``, reads T·P·s and writes P·s;
-- ``copy``: ``dst.copy_(J)``, reads T·P·s and writes T·P·s: the bandwidth a pass can hope for.
+- ``matrix``: for every dtype, T and P = 2^k, one ``[T, P]`` matrix J;
+- the multi-tensor case: for every dtype and T of ``multi_tensor_tasks``, the task gradients of a
+  transformer's parameter tensors, one ``[T, n_k]`` block per tensor, many tensors of mixed
+  sizes, as :class:`emtl_kernels.TaskGradients` rows; the torch baselines loop over the tensors.
 
-Bytes counted as in the cost model of EMTL.md (reads plus writes); GB/s = bytes / median time
-(10⁹ bytes). ``copy_ratio`` = a pass's GB/s over the copy's, both measured in the same job.
-A size is measured only where J and the copy's destination fit in ``memory_fraction`` of the free
-memory; a backend that runs out of memory at a size is reported so, and the others measured.
+What a job times is listed in :mod:`bench.kernel_cases`. Bytes follow the cost model of EMTL.md
+(reads plus writes) and are those a pass must move: a Gram pass reads T·P·s bytes (s: element
+size), a combine pass reads T·P·s and writes P·s, the copy reads and writes T·P·s. A torch
+baseline is counted with the bytes of its pass, whatever temporaries it makes, so GB/s compares
+the candidates of a pass like their times. GB/s = bytes / median time (10⁹ bytes);
+``copy_ratio`` = a candidate's GB/s over the copy's, both measured in the same job. A case is
+measured only where its working set (:func:`working_set_bytes`) fits in ``memory_fraction`` of
+the free memory; a candidate that fails (out of memory, say) is reported so and the others
+measured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import partial
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from emtl_kernels import task_gram, weighted_combine
-
+from .kernel_cases import DTYPES, Candidate, KernelCase
 from .plan import Job
 from .presets import Preset
 from .timing import Clock, first_run, measure_interleaved, timed
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The ``layout`` of the single-matrix cases (a multi-tensor case names its shapes).
+MATRIX = "matrix"
 
 
 def pass_bytes(kernel_pass: str, num_tasks: int, numel: int, element_size: int) -> int:
@@ -42,6 +48,12 @@ def pass_bytes(kernel_pass: str, num_tasks: int, numel: int, element_size: int) 
     raise ValueError(f"unknown pass {kernel_pass!r}")
 
 
+def working_set_bytes(num_tasks: int, numel: int, element_size: int) -> int:
+    """Bytes alive at once in a job: J, the copy's destination, the temporary of ``J * J``, the
+    combine's output and the result ``w @ J`` allocates."""
+    return 3 * num_tasks * numel * element_size + 2 * numel * element_size
+
+
 def free_bytes(device: torch.device) -> int:
     """Memory free for new tensors: the GPU's free memory, or the CPU's MemAvailable."""
     if device.type == "cuda":
@@ -52,80 +64,74 @@ def free_bytes(device: torch.device) -> int:
     raise RuntimeError("cannot tell the free memory of this machine")
 
 
-@dataclass(frozen=True)
-class KernelCase:
-    """The tensors of one size: J ``[T, P]``, weights ``[T]``, the combine's output and the copy's
-    destination."""
-
-    matrix: torch.Tensor
-    weights: torch.Tensor
-    combined: torch.Tensor
-    destination: torch.Tensor
-
-    @classmethod
-    def make(cls, dtype_name: str, num_tasks: int, numel: int, device: torch.device) -> KernelCase:
-        generator = torch.Generator(device=device).manual_seed(numel + num_tasks)
-        matrix = torch.randn(num_tasks, numel, generator=generator, device=device).to(DTYPES[dtype_name])
-        weights = torch.rand(num_tasks, generator=generator, device=device)
-        return cls(matrix, weights, torch.empty(numel, dtype=matrix.dtype, device=device), torch.empty_like(matrix))
-
-    def calls(self, backends: Sequence[str]) -> dict[tuple[str, str | None], Callable[[], object]]:
-        """The copy and each backend's two passes, keyed by (pass, backend)."""
-        calls = {("copy", None): lambda: self.destination.copy_(self.matrix)}
-        for backend in backends:
-            calls[("gram", backend)] = partial(task_gram, self.matrix, backend=backend)
-            calls[("combine", backend)] = partial(
-                weighted_combine, self.matrix, self.weights, out=self.combined, backend=backend
-            )
-        return calls
-
-
-def _case_job(dtype_name: str, num_tasks: int, numel: int, backends: Sequence[str], device: torch.device, preset: Preset) -> Job:
-    def run() -> list[dict]:
-        case = KernelCase.make(dtype_name, num_tasks, numel, device)
-        clock = Clock(device)
-        samplers = {key: timed(call, clock) for key, call in case.calls(backends).items()}
-        errors = {key: first_run(sample)[1] for key, sample in samplers.items()}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        working = {key: sample for key, sample in samplers.items() if errors[key] is None}
-        kernel = preset.kernels
-        timings = measure_interleaved(working, warmup=max(kernel.warmup - 1, 0), repeats=kernel.repeats)
-        element_size = case.matrix.element_size()
-        copy_gbps = _gbps(timings.get(("copy", None)), pass_bytes("copy", num_tasks, numel, element_size))
-        rows = []
-        for (kernel_pass, backend), error in errors.items():
-            moved = pass_bytes(kernel_pass, num_tasks, numel, element_size)
-            row = {
-                "pass": kernel_pass, "backend": backend, "dtype": dtype_name, "tasks": num_tasks, "numel": numel,
-                "element_size": element_size, "bytes": moved, "error": error,
-            }
-            if error is None:
-                gbps = _gbps(timings[(kernel_pass, backend)], moved)
-                row.update(times=timings[(kernel_pass, backend)]["time"].as_dict(), gbps=gbps, copy_ratio=gbps / copy_gbps)
-            rows.append(row)
-        return rows
-
-    return Job("kernels", f"kernels: {dtype_name}, T={num_tasks}, P=2^{numel.bit_length() - 1}", run)
+def measure_case(case: KernelCase, layout: str, backends: Sequence[str], device: torch.device, preset: Preset) -> list[dict]:
+    """Time every candidate of ``case`` interleaved; one row per candidate."""
+    clock = Clock(device, flush_cache=True)
+    samplers = {candidate: timed(call, clock) for candidate, call in case.calls(backends).items()}
+    errors = {candidate: first_run(sample)[1] for candidate, sample in samplers.items()}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what a failed candidate left in the allocator's cache
+    working = {candidate: sample for candidate, sample in samplers.items() if errors[candidate] is None}
+    kernel = preset.kernels
+    timings = measure_interleaved(working, warmup=max(kernel.warmup - 1, 0), repeats=kernel.repeats)
+    num_tasks, numel, element_size = case.num_tasks, case.numel, case.element_size
+    copy_gbps = _gbps(timings.get(Candidate("copy")), pass_bytes("copy", num_tasks, numel, element_size))
+    rows = []
+    for candidate, error in errors.items():
+        moved = pass_bytes(candidate.kernel_pass, num_tasks, numel, element_size)
+        row = {
+            "pass": candidate.kernel_pass, "backend": candidate.backend, "baseline": candidate.baseline,
+            "layout": layout, "tensors": len(case.blocks), "dtype": str(case.blocks[0].dtype).removeprefix("torch."),
+            "tasks": num_tasks, "numel": numel, "element_size": element_size, "bytes": moved, "error": error,
+        }
+        if error is None:
+            gbps = _gbps(timings[candidate], moved)
+            row.update(times=timings[candidate]["time"].as_dict(), gbps=gbps, copy_ratio=gbps / copy_gbps)
+        rows.append(row)
+    return rows
 
 
 def _gbps(timing, moved: int) -> float:
-    return float("nan") if timing is None else moved / timing["time"].median / 1e9
+    return math.nan if timing is None else moved / timing["time"].median / 1e9
+
+
+def _case_name(sizes: Sequence[int], layout: str) -> str:
+    return f"P=2^{sizes[0].bit_length() - 1}" if layout == MATRIX else f"{layout} ({len(sizes)} tensors)"
+
+
+def _case_job(
+    dtype_name: str, num_tasks: int, sizes: Sequence[int], layout: str, backends: Sequence[str],
+    device: torch.device, preset: Preset,
+) -> Job:
+    def run() -> list[dict]:
+        case = KernelCase.make(dtype_name, num_tasks, sizes, device)
+        return measure_case(case, layout, backends, device, preset)
+
+    return Job("kernels", f"kernels: {dtype_name}, T={num_tasks}, {_case_name(sizes, layout)}", run)
 
 
 def plan(preset: Preset, device: torch.device, backends: Sequence[str]) -> tuple[list[Job], list[str]]:
-    """One job per (dtype, T, P) that fits, and a note for each size left out."""
+    """One job per case that fits, and a note for each case left out."""
     kernel = preset.kernels
     budget = kernel.memory_fraction * free_bytes(device)
+    shapes = kernel.multi_tensor
+    multi_tensor_sizes = [math.prod(shape) for shape in shapes.shapes()]
+    cases = [
+        (dtype_name, num_tasks, [2**log2_size], MATRIX)
+        for dtype_name in kernel.dtypes
+        for num_tasks in kernel.tasks
+        for log2_size in kernel.log2_sizes
+    ] + [
+        (dtype_name, num_tasks, multi_tensor_sizes, shapes.name)
+        for dtype_name in kernel.dtypes
+        for num_tasks in kernel.multi_tensor_tasks
+    ]
     jobs, left_out = [], []
-    for dtype_name in kernel.dtypes:
+    for dtype_name, num_tasks, sizes, layout in cases:
         element_size = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
-        for num_tasks in kernel.tasks:
-            for log2_size in kernel.log2_sizes:
-                numel = 2**log2_size
-                needed = pass_bytes("copy", num_tasks, numel, element_size) + numel * element_size
-                if needed > budget:
-                    left_out.append(f"{dtype_name}, T={num_tasks}, P=2^{log2_size}: needs {needed / 1e9:.1f} GB")
-                    continue
-                jobs.append(_case_job(dtype_name, num_tasks, numel, backends, device, preset))
+        needed = working_set_bytes(num_tasks, sum(sizes), element_size)
+        if needed > budget:
+            left_out.append(f"{dtype_name}, T={num_tasks}, {_case_name(sizes, layout)}: needs {needed / 1e9:.1f} GB")
+            continue
+        jobs.append(_case_job(dtype_name, num_tasks, sizes, layout, backends, device, preset))
     return jobs, left_out

@@ -1,7 +1,8 @@
 """The report: ``report.md`` and its PNG plots, built from a results document alone.
 
-``python -m bench.report bench/results/<device>/results.json`` rebuilds it. Every figure carries,
-in its footer and in the caption under it, the device, torch and Triton versions and the commit.
+``python -m bench.report bench/results/<device>/results.json`` (or ``python -m bench
+--report-only <results.json>``) rebuilds it. Every figure carries, in its footer and in the
+caption under it, and every table under it, the device, torch and Triton versions and the commit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 from .environment import caption  # noqa: E402
 from .scaling import loglog_slope  # noqa: E402
-from .targets import baseline, evaluate, extra_memory_units, floor_peak, measured, median  # noqa: E402
+from .targets import baseline, evaluate, extra_memory_units, floor_peak, measured, median, torch_baselines  # noqa: E402
 
 REPORT_FILE = "report.md"
 HEADLINE_PLOT = "steps_overhead.png"
@@ -60,18 +61,22 @@ def _path_label(row: dict) -> str:
     return " · ".join(parts)
 
 
-class _Figures:
-    """Saves figures into the output folder with the run's caption as footer."""
+class _Exhibits:
+    """Figures (saved into the output folder) and tables, each carrying the run's caption: the
+    figures in their footer and under them, the tables under them."""
 
     def __init__(self, out_dir: Path, meta: dict):
         self.out_dir, self.caption = out_dir, caption(meta)
 
-    def save(self, figure, name: str) -> str:
+    def figure(self, figure, name: str) -> str:
         figure.text(0.01, 0.005, self.caption, fontsize=7, color="0.35", ha="left", va="bottom")
         figure.tight_layout(rect=(0, 0.03, 1, 1))
         figure.savefig(self.out_dir / name, dpi=110)
         plt.close(figure)
         return f"![{name}]({name})\n\n*{self.caption}*"
+
+    def table(self, header: list[str], rows: list[list[str]]) -> str:
+        return f"{_table(header, rows)}\n\n*{self.caption}*"
 
 
 # ---------------------------------------------------------------- header and targets
@@ -103,6 +108,14 @@ def _header(meta: dict) -> str:
             )
         )
         lines.append("")
+    cpu = meta.get("cpu")
+    if cpu:
+        lines.append(
+            f"CPU: family {cpu['family']}, model {cpu['model']}, stepping {cpu['stepping']}, cache {cpu['cache']}, "
+            f"vector extensions {', '.join(cpu['vector_extensions']) or 'none'}; native CPU kernels: "
+            f"{meta.get('native_cpu_isa') or 'not built'}."
+        )
+        lines.append("")
     lines.append(f"Backends measured: {', '.join(meta.get('backends', [])) or 'none'}.")
     for name, reason in meta.get("backends_left_out", {}).items():
         lines.append(f"Left out: `{name}`: {reason}.")
@@ -113,18 +126,18 @@ def _header(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _targets_section(results: dict) -> str:
+def _targets_section(results: dict, exhibits: _Exhibits) -> str:
     judged = evaluate(results)
     if not judged:
         return ""
     rows = [[t["target"], t["threshold"], t["measured"], t["verdict"]] for t in judged]
-    return "## Targets\n\n" + _table(["target", "threshold", "measured", "verdict"], rows) + "\n"
+    return "## Targets\n\n" + exhibits.table(["target", "threshold", "measured", "verdict"], rows) + "\n"
 
 
 # ---------------------------------------------------------------- steps
 
 
-def _step_rows_table(trunk_rows: list[dict], all_rows: list[dict]) -> str:
+def _step_rows_table(trunk_rows: list[dict], all_rows: list[dict], exhibits: _Exhibits) -> str:
     header = [
         "path", "step ms", "× floor", "task gradients ms", "post-backward ms",
         "post-backward speed-up vs library", "vs TorchJD", "step speed-up vs library", "vs TorchJD",
@@ -152,10 +165,10 @@ def _step_rows_table(trunk_rows: list[dict], all_rows: list[dict]) -> str:
             "—" if peak is None else _ratio(peak / floor_peak(all_rows, row)),
             "—" if peak is None else f"{extra_memory_units(all_rows, row):.2f}",
         ])
-    return _table(header, table)
+    return exhibits.table(header, table)
 
 
-def _overhead_plot(rows: list[dict], figures: _Figures, weighting: str) -> str:
+def _overhead_plot(rows: list[dict], exhibits: _Exhibits, weighting: str) -> str:
     trunks = list(dict.fromkeys(row["trunk"] for row in rows))
     figure, axes = plt.subplots(1, len(trunks), figsize=(5.2 * len(trunks), 4.2), squeeze=False)
     for axis, trunk in zip(axes[0], trunks):
@@ -186,10 +199,10 @@ def _overhead_plot(rows: list[dict], figures: _Figures, weighting: str) -> str:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, fontsize=8, loc="upper right", ncol=3, frameon=False)
     figure.suptitle(f"Step time relative to the floor (dashed line), {weighting}", fontsize=11, x=0.01, ha="left")
-    return figures.save(figure, HEADLINE_PLOT if weighting == "emtl" else f"steps_overhead_{weighting}.png")
+    return exhibits.figure(figure, HEADLINE_PLOT if weighting == "emtl" else f"steps_overhead_{weighting}.png")
 
 
-def _memory_plot(rows: list[dict], figures: _Figures) -> str:
+def _memory_plot(rows: list[dict], exhibits: _Exhibits) -> str:
     trunks = list(dict.fromkeys(row["trunk"] for row in rows))
     figure, axes = plt.subplots(1, len(trunks), figsize=(5.2 * len(trunks), 4.2), squeeze=False)
     for axis, trunk in zip(axes[0], trunks):
@@ -204,10 +217,10 @@ def _memory_plot(rows: list[dict], figures: _Figures) -> str:
         axis.set_title(trunk, fontsize=10)
         axis.set_xlabel("peak memory / floor's peak memory")
     figure.suptitle("Peak memory relative to the floor (dashed: 1, dotted: 1.1)", fontsize=11)
-    return figures.save(figure, "steps_memory.png")
+    return exhibits.figure(figure, "steps_memory.png")
 
 
-def _steps_section(results: dict, figures: _Figures) -> str:
+def _steps_section(results: dict, exhibits: _Exhibits) -> str:
     rows = results.get("steps", [])
     good = measured(rows)
     if not rows:
@@ -222,7 +235,7 @@ def _steps_section(results: dict, figures: _Figures) -> str:
         "",
     ]
     if good:
-        parts += [_overhead_plot(good, figures, "emtl"), "", _memory_plot(good, figures), ""]
+        parts += [_overhead_plot(good, exhibits, "emtl"), "", _memory_plot(good, exhibits), ""]
     for trunk in dict.fromkeys(row.get("trunk") for row in rows if "trunk" in row):
         trunk_rows = [row for row in rows if row.get("trunk") == trunk]
         first = trunk_rows[0]
@@ -232,7 +245,7 @@ def _steps_section(results: dict, figures: _Figures) -> str:
             "",
             f"Options: `{json.dumps(first['trunk_options'])}`.",
             "",
-            _step_rows_table(trunk_rows, good),
+            _step_rows_table(trunk_rows, good, exhibits),
             "",
         ]
         warned = defaultdict(list)
@@ -248,88 +261,135 @@ def _steps_section(results: dict, figures: _Figures) -> str:
 # ---------------------------------------------------------------- kernels
 
 
-def _kernel_plots(rows: list[dict], figures: _Figures) -> list[str]:
+_PASS_ORDER = {"copy": 0, "gram": 1, "combine": 2}
+
+
+def _candidate(row: dict) -> str:
+    if row["backend"]:
+        return row["backend"]
+    return f"`{row['baseline']}`" if row["baseline"] else "copy"
+
+
+def _case_order(row: dict) -> tuple:
+    """Rows of one case together: the copy, then each pass's backends before its baselines."""
+    return (row["layout"], row["dtype"], row["tasks"], row["numel"], _PASS_ORDER[row["pass"]], bool(row["baseline"]))
+
+
+def _vs_torch(rows: list[dict], row: dict) -> str:
+    """A backend's speed over the fastest torch baseline of its pass in the same job."""
+    if not row["backend"]:
+        return "—"
+    baselines = [other["gbps"] for other in torch_baselines(rows, row)]
+    return _ratio(row["gbps"] / max(baselines)) if baselines else "—"
+
+
+def _kernel_table(rows: list[dict], all_rows: list[dict], exhibits: _Exhibits, spread: bool = False) -> str:
+    header = ["pass", "candidate", "dtype", "T", "P", "median ms"] + (["p25–p75 ms"] if spread else [])
+    header += ["GB/s", "× copy", "× fastest torch"]
+    table = []
+    for row in sorted(rows, key=_case_order):
+        times = row["times"]
+        cells = [row["pass"], _candidate(row), row["dtype"], row["tasks"], _log2(row["numel"]), _ms(times["median"])]
+        cells += [f"{_ms(times['p25'])}–{_ms(times['p75'])}"] if spread else []
+        cells += [f"{row['gbps']:.2f}", _ratio(row["copy_ratio"]), _vs_torch(all_rows, row)]
+        table.append(cells)
+    return exhibits.table(header, table)
+
+
+def _kernel_plots(rows: list[dict], exhibits: _Exhibits) -> list[str]:
     images = []
     for dtype in dict.fromkeys(row["dtype"] for row in rows):
         for kernel_pass in ("gram", "combine"):
             chosen = [row for row in rows if row["dtype"] == dtype]
             tasks = sorted({row["tasks"] for row in chosen})
-            figure, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False, sharey=True)
+            figure, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.8), squeeze=False, sharey=True)
             for axis, num_tasks in zip(axes[0], tasks):
                 lines = defaultdict(list)
-                for row in chosen:
+                for row in sorted(chosen, key=_case_order):
                     if row["tasks"] == num_tasks and row["pass"] in (kernel_pass, "copy"):
-                        name = "copy (same bytes read)" if row["pass"] == "copy" else row["backend"]
-                        lines[name].append((row["numel"], row["gbps"]))
-                for name, points in lines.items():
-                    points.sort()
-                    style = {"linestyle": "--", "color": "black"} if name.startswith("copy") else {"marker": "o"}
-                    axis.plot([p for p, _ in points], [g for _, g in points], label=name, **style)
+                        lines[(row["backend"], row["baseline"])].append((row["numel"], row["gbps"]))
+                for (backend, baseline_name), points in lines.items():
+                    if backend:
+                        style = {"marker": "o", "label": backend}
+                    elif baseline_name:
+                        style = {"marker": "x", "linestyle": ":", "label": baseline_name}
+                    else:
+                        style = {"linestyle": "--", "color": "black", "label": "copy"}
+                    axis.plot([p for p, _ in sorted(points)], [g for _, g in sorted(points)], **style)
                 axis.set_xscale("log", base=2)
                 axis.set_title(f"T = {num_tasks}", fontsize=10)
                 axis.set_xlabel("P (elements)")
                 axis.grid(alpha=0.3)
-            axes[0][0].set_ylabel("GB/s (reads + writes)")
-            axes[0][-1].legend(fontsize=7)
+            axes[0][0].set_ylabel("GB/s (bytes the pass must move)")
+            axes[0][-1].legend(fontsize=6)
             figure.suptitle(f"{kernel_pass} pass, {dtype}: bandwidth against P", fontsize=11)
-            images.append(figures.save(figure, f"kernels_{kernel_pass}_{dtype}.png"))
+            images.append(exhibits.figure(figure, f"kernels_{kernel_pass}_{dtype}.png"))
     return images
 
 
-def _kernels_section(results: dict, figures: _Figures) -> str:
+def _kernels_section(results: dict, exhibits: _Exhibits) -> str:
     rows = results.get("kernels", [])
-    good = measured(rows)
     if not rows:
         return ""
+    good = measured(rows)
+    matrix = [row for row in good if row["layout"] == "matrix"]
     parts = [
         "## Kernels",
         "",
-        "Each backend's Gram pass (reads T·P·s bytes) and combine pass (reads T·P·s, writes P·s) over a "
-        "`[T, P]` matrix, against `dst.copy_(J)` of the same matrix (reads T·P·s, writes T·P·s) timed in "
-        "the same job. GB/s counts reads plus writes (10⁹ bytes); `× copy` is the pass's GB/s over the copy's.",
+        "Each backend's Gram pass (reads T·P·s bytes) and combine pass (reads T·P·s, writes P·s into a "
+        "preallocated output), the torch baselines of each pass on the same buffer (Gram: `J @ J.T`; "
+        "`torch._foreach_norm` over the rows, the read-bandwidth reference; `(J * J).sum(1)`; combine: "
+        "`w @ J`, which allocates its result; `torch.mv(J.T, w, out=g)` into the same output), and a copy of "
+        "the same buffer (reads and writes T·P·s), all timed interleaved in one job per case. GB/s counts "
+        "the bytes the pass must move (10⁹ bytes), for the baselines too, whatever temporaries they make; "
+        "`× copy` is a line's GB/s over the copy's; `× fastest torch` a backend's speed over the fastest "
+        "torch baseline of its pass.",
         "",
     ]
-    if good:
-        parts += [image + "\n" for image in _kernel_plots(good, figures)]
+    if matrix:
+        parts += [image + "\n" for image in _kernel_plots(matrix, exhibits)]
         largest = {}
-        for row in good:
+        for row in matrix:
             key = (row["dtype"], row["tasks"])
             largest[key] = max(largest.get(key, 0), row["numel"])
-        table = [
-            [row["pass"], row["backend"] or "—", row["dtype"], row["tasks"], _log2(row["numel"]), _ms(row["times"]["median"]),
-             f"{row['gbps']:.2f}", _ratio(row["copy_ratio"])]
-            for row in good
-            if row["numel"] == largest[(row["dtype"], row["tasks"])]
-        ]
         parts += [
             "At the largest P measured for each dtype and T:",
             "",
-            _table(["pass", "backend", "dtype", "T", "P", "median ms", "GB/s", "× copy"], table),
+            _kernel_table([row for row in matrix if row["numel"] == largest[(row["dtype"], row["tasks"])]], good, exhibits),
             "",
             "<details><summary>Every size</summary>",
             "",
-            _table(
-                ["pass", "backend", "dtype", "T", "P", "median ms", "p25–p75 ms", "GB/s", "× copy"],
-                [
-                    [row["pass"], row["backend"] or "—", row["dtype"], row["tasks"], _log2(row["numel"]),
-                     _ms(row["times"]["median"]), f"{_ms(row['times']['p25'])}–{_ms(row['times']['p75'])}",
-                     f"{row['gbps']:.2f}", _ratio(row["copy_ratio"])]
-                    for row in good
-                ],
-            ),
+            _kernel_table(matrix, good, exhibits, spread=True),
             "",
             "</details>",
             "",
         ]
+    for layout in dict.fromkeys(row["layout"] for row in good if row["layout"] != "matrix"):
+        chosen = [row for row in good if row["layout"] == layout]
+        parts += [
+            f"### Multi-tensor: {layout}, {chosen[0]['tensors']} tensors, P = {chosen[0]['numel']:,}",
+            "",
+            "The task gradients as `TaskGradients` rows, one `[T, n]` block per parameter tensor. The torch "
+            "baselines loop over the tensors as a torch user would (one call per tensor, Gram and norms "
+            "summed); `torch._foreach_norm` takes every row in one call; the copy is one contiguous copy of the "
+            "buffer the blocks lie in.",
+            "",
+            _kernel_table(chosen, good, exhibits, spread=True),
+            "",
+        ]
     errors = [row for row in rows if row.get("error")]
-    parts += [f"- {row.get('job') or row['pass']} {row.get('backend') or ''}: {row['error']}" for row in errors]
+    parts += [
+        f"- {row['job']}: {row['error']}" if "job" in row else
+        f"- {row['pass']}, {_candidate(row)}, {row['dtype']}, T={row['tasks']}, {row['layout']}, P={row['numel']:,}: {row['error']}"
+        for row in errors
+    ]
     return "\n".join(parts) + "\n"
 
 
 # ---------------------------------------------------------------- scaling
 
 
-def _scaling_section(results: dict, figures: _Figures) -> str:
+def _scaling_section(results: dict, exhibits: _Exhibits) -> str:
     rows = measured(results.get("scaling", []))
     if not rows:
         return ""
@@ -365,16 +425,54 @@ def _scaling_section(results: dict, figures: _Figures) -> str:
             axis.grid(alpha=0.3, which="both")
             axis.legend(fontsize=7)
         figure.suptitle(f"Cost against {axis_name}", fontsize=11)
-        parts += [figures.save(figure, f"scaling_{axis_name}.png"), ""]
-    parts += [_table(["against", "path", "time", "slope", "range"], slopes), ""]
+        parts += [exhibits.figure(figure, f"scaling_{axis_name}.png"), ""]
+    parts += [exhibits.table(["against", "path", "time", "slope", "range"], slopes), ""]
     return "\n".join(parts) + "\n"
 
 
-# ---------------------------------------------------------------- other suites and method
+# ---------------------------------------------------------------- distributed, other suites, method
+
+DISTRIBUTED_SUITE = "bench_distributed"
 
 
-def _extras_section(results: dict) -> str:
-    rows = results.get("extras", [])
+def _distributed_section(results: dict, exhibits: _Exhibits) -> str:
+    rows = [row for row in results.get("extras", []) if row.get("suite") == DISTRIBUTED_SUITE]
+    if not rows:
+        return ""
+    parts = ["## Distributed", ""]
+    good = [row for row in rows if "method" in row]
+    if good:
+        first = good[0]
+        ddp = {(row["world_size"], key): row[key] for row in good if row["method"] == "ddp" for key in ("step_ms", "fastest_ms")}
+
+        def vs_ddp(row: dict, key: str) -> str:
+            return _ratio(row[key] / ddp.get((row["world_size"], key), math.nan))
+
+        header = ["ranks", "method", "step, median ms", "vs plain DDP", "fastest ms", "vs plain DDP"]
+        header += ["payload MB", "sent per rank MB"]
+        table = [
+            [row["world_size"], row["method"], f"{row['step_ms']:.3g}", vs_ddp(row, "step_ms"), f"{row['fastest_ms']:.3g}",
+             vs_ddp(row, "fastest_ms"), f"{row['payload_bytes'] / 1e6:.3f}", f"{row['sent_bytes'] / 1e6:.3f}"]
+            for row in good
+        ]
+        parts += [
+            f"One training step of a multi-task MLP (T = {first['tasks']} tasks, P = {first['shared_numel']:,} shared "
+            f"and H = {first['head_numel']:,} head parameters, float32, {first['batch_per_rank']} samples a rank) on "
+            "gloo ranks of this CPU, one torch thread a rank, by plain DDP (`sum(losses).backward()`), "
+            "`DistributedMTLStep` in exact and local mode, and `MTLStep` alone on one rank. Times: median and "
+            f"fastest of {first['steps']} steps on rank 0; the ranks share the machine's cores, so read them as "
+            "ratios to plain DDP of the same world size. Bytes are counted from the collectives issued (DDP's "
+            "all-reduce from the sizes of the parameters it reduces); sent per rank under ring algorithms.",
+            "",
+            exhibits.table(header, table),
+            "",
+        ]
+    parts += [f"- {row['note']}" for row in rows if "note" in row]
+    return "\n".join(parts) + "\n"
+
+
+def _extras_section(results: dict, exhibits: _Exhibits) -> str:
+    rows = [row for row in results.get("extras", []) if row.get("suite") != DISTRIBUTED_SUITE]
     if not rows:
         return ""
     parts = ["## Other suites", ""]
@@ -382,7 +480,7 @@ def _extras_section(results: dict) -> str:
         suite_rows = [row for row in rows if row.get("suite", row.get("job")) == suite]
         columns = list(dict.fromkeys(key for row in suite_rows for key in row if key != "suite"))
         cells = [[_cell(row.get(column)) for column in columns] for row in suite_rows]
-        parts += [f"### {suite}", "", _table(columns, cells), ""]
+        parts += [f"### {suite}", "", exhibits.table(columns, cells), ""]
     return "\n".join(parts) + "\n"
 
 
@@ -396,6 +494,9 @@ METHOD = """## How it is measured
 
 - Timers: CUDA events on a GPU (the host waits once after each sample); `time.perf_counter` on a CPU.
   Every candidate of a comparison is warmed up, then timed round-robin; figures are medians.
+- Kernels: on a GPU the L2 cache is evicted (a 256 MiB buffer overwritten) before each sample, as
+  `triton.testing.do_bench` does; on a CPU nothing is flushed. The backends run on task gradients
+  wrapped once in a `TaskGradients` outside the timing, as the step holds them.
 - Library path: a faithful re-implementation of LibMTL's `AbsWeighting` (`_get_grads` in `autograd`
   mode, `_backward_new_grads`): a T×P buffer of zeros, a loop of `torch.autograd.grad` per task with
   `torch.cat` into its row, norms, a weighted `einsum`, split, reshape and clone into `.grad`, weights
@@ -417,14 +518,15 @@ def write_report(results: dict, out_dir: Path) -> Path:
     """Write ``report.md`` and its plots into ``out_dir``; returns the report's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = _Figures(out_dir, results["meta"])
+    exhibits = _Exhibits(out_dir, results["meta"])
     sections = [
         _header(results["meta"]),
-        _targets_section(results),
-        _steps_section(results, figures),
-        _kernels_section(results, figures),
-        _scaling_section(results, figures),
-        _extras_section(results),
+        _targets_section(results, exhibits),
+        _steps_section(results, exhibits),
+        _kernels_section(results, exhibits),
+        _scaling_section(results, exhibits),
+        _distributed_section(results, exhibits),
+        _extras_section(results, exhibits),
         METHOD,
     ]
     path = out_dir / REPORT_FILE

@@ -1,8 +1,9 @@
 """The benchmark runner: ``python -m bench --quick`` (CPU, minutes) or ``--full`` (GPU).
 
-Runs the preset's jobs (kernel passes, steps, scaling, other modules' suites) under one progress
-bar, then writes ``results.json`` (every measurement and what it was measured on) and the report
-(``report.md`` and PNG plots, see :mod:`bench.report`) into ``bench/results/<device>/``.
+Runs the preset's jobs (kernel passes, steps, scaling, the suites of :mod:`bench.extras`) under
+one progress bar, then writes ``results.json`` (every measurement and what it was measured on)
+and the report (``report.md`` and PNG plots, see :mod:`bench.report`) into
+``bench/results/<device>/``, one folder per device.
 ``--report-only results.json`` rebuilds the report from a results file alone.
 """
 

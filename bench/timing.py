@@ -4,6 +4,10 @@ On CUDA a timestamp is a recorded event, so a duration is the GPU time between t
 stream, with no host wait inside the measured code; the host waits once after each sample. On a
 CPU a timestamp is ``time.perf_counter()``: the ops have finished when the call returns.
 
+A clock made with ``flush_cache=True`` evicts the GPU's L2 cache before each sample, as
+``triton.testing.do_bench`` does, so that a pass over a buffer that would fit in L2 reads it from
+memory rather than from the previous sample's cache lines. On a CPU nothing is flushed.
+
 The candidates of one comparison are timed round-robin, one sample each per round, starting each
 round at a different one: background load on a shared machine then lands on all of them alike,
 which keeps their ratios meaningful even when the absolute times drift.
@@ -22,11 +26,25 @@ from dataclasses import dataclass
 import torch
 
 
-class Clock:
-    """Timestamps and durations on ``device``'s timeline."""
+#: Bytes written to evict the L2 cache: more than any GPU's L2 holds (50 MiB on an H100).
+L2_FLUSH_BYTES = 256 * 2**20
 
-    def __init__(self, device: torch.device):
+
+class Clock:
+    """Timestamps and durations on ``device``'s timeline; with ``flush_cache``, the GPU's L2 cache
+    is evicted before each sample of :func:`timed`."""
+
+    def __init__(self, device: torch.device, flush_cache: bool = False):
         self.is_cuda = device.type == "cuda"
+        self._scratch = (
+            torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_cache and self.is_cuda else None
+        )
+
+    def flush_cache(self) -> None:
+        """Overwrite a buffer larger than the GPU's L2 cache (a no-op on a CPU or without
+        ``flush_cache``)."""
+        if self._scratch is not None:
+            self._scratch.zero_()
 
     def now(self):
         """A timestamp: a recorded CUDA event, or ``time.perf_counter()`` on a CPU."""
@@ -56,6 +74,7 @@ def timed(fn: Callable[[], object], clock: Clock) -> Sampler:
     """A sampler of the whole of ``fn``: ``{"time": seconds}``."""
 
     def sample() -> dict[str, float]:
+        clock.flush_cache()
         start = clock.now()
         fn()
         end = clock.now()

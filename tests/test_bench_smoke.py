@@ -1,5 +1,7 @@
-"""The benchmark code works: the runner's tiny preset end to end, the baseline paths' updates
-against float64, and the measuring tools on known inputs. No timing is asserted."""
+"""The benchmark code works: the runner's tiny preset end to end (kernels with their torch
+baselines and the multi-tensor case, steps, scaling, the distributed suite), the candidates and
+baseline paths against float64, the targets' verdicts on known figures, and the measuring tools on
+known inputs. No timing is asserted."""
 
 import json
 import math
@@ -8,6 +10,10 @@ import re
 import pytest
 import torch
 
+from bench.backends import measured_backends
+from bench.environment import caption
+from bench.extras import SUITES
+from bench.kernel_cases import BASELINES, FOREACH_NORM, MATMUL_COMBINE, MATMUL_GRAM, MV_INTO_OUT, SQUARE_SUM, Candidate, KernelCase
 from bench.kernels import pass_bytes
 from bench.library_path import LibraryStyleStep
 from bench.memory import cpu_peak_increase, peak_bytes
@@ -15,6 +21,7 @@ from bench.presets import TINY
 from bench.run import main, run, save
 from bench.scaling import loglog_slope
 from bench.steps import torchjd_installed
+from bench.targets import evaluate
 from bench.trunks import build_model
 from emtl_kernels import available_backends, emtl_weights
 
@@ -38,13 +45,32 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
     assert {"commit", "dirty", "date", "threads", "load_average_start", "load_average_end"} <= set(meta)
 
     kernel_rows = saved["kernels"]
-    sizes = {(row["dtype"], row["tasks"], row["numel"]) for row in kernel_rows}
-    assert len(sizes) == len(TINY.kernels.dtypes) * len(TINY.kernels.tasks) * len(TINY.kernels.log2_sizes)
-    for row in kernel_rows:
-        assert row["error"] is None
-        assert row["bytes"] == pass_bytes(row["pass"], row["tasks"], row["numel"], row["element_size"])
-        assert row["gbps"] == pytest.approx(row["bytes"] / row["times"]["median"] / 1e9)
-        assert row["gbps"] > 0 and row["times"]["samples"] == TINY.kernels.repeats
+    kernels = TINY.kernels
+    shapes = kernels.multi_tensor.shapes()
+    expected_cases = {
+        ("matrix", 1, dtype, tasks, 2**log2) for dtype in kernels.dtypes for tasks in kernels.tasks for log2 in kernels.log2_sizes
+    } | {
+        (kernels.multi_tensor.name, len(shapes), dtype, tasks, sum(math.prod(shape) for shape in shapes))
+        for dtype in kernels.dtypes
+        for tasks in kernels.multi_tensor_tasks
+    }
+    candidates = {("copy", None, None)} | {
+        (kernel_pass, backend, None) for kernel_pass in ("gram", "combine") for backend in meta["backends"]
+    } | {(kernel_pass, None, name) for kernel_pass, names in BASELINES.items() for name in names}
+    for layout, tensors, dtype, tasks, numel in expected_cases:
+        case_rows = [
+            row for row in kernel_rows
+            if (row["layout"], row["tensors"], row["dtype"], row["tasks"], row["numel"]) == (layout, tensors, dtype, tasks, numel)
+        ]
+        assert {(row["pass"], row["backend"], row["baseline"]) for row in case_rows} == candidates
+        copy = next(row for row in case_rows if row["pass"] == "copy")
+        for row in case_rows:
+            assert row["error"] is None, row["error"]
+            assert row["bytes"] == pass_bytes(row["pass"], row["tasks"], row["numel"], row["element_size"])
+            assert row["gbps"] == pytest.approx(row["bytes"] / row["times"]["median"] / 1e9)
+            assert row["copy_ratio"] == pytest.approx(row["gbps"] / copy["gbps"])
+            assert row["gbps"] > 0 and row["times"]["samples"] == kernels.repeats
+    assert len(kernel_rows) == len(expected_cases) * len(candidates)
 
     step_rows = saved["steps"]
     backends = available_backends("cpu")
@@ -67,12 +93,134 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
     assert len({key[:2] for key in sweeps if key[0] == "tasks"}) == len(TINY.scaling.task_counts)
     assert len({key[2] for key in sweeps if key[0] == "size"}) == len(TINY.scaling.widths)
 
+    distributed = [row for row in saved["extras"] if row["suite"] == "bench_distributed"]
+    plan = TINY.distributed
+    assert [(row["world_size"], row["method"]) for row in distributed] == [
+        (world_size, method)
+        for world_size in plan.world_sizes
+        for method in ("ddp", "exact", "local") + (("mtlstep",) if world_size == 1 else ())
+    ]
+    for row in distributed:
+        tasks, shared, heads, ranks = row["tasks"], row["shared_numel"], row["head_numel"], row["world_size"]
+        assert row["step_ms"] >= row["fastest_ms"] > 0
+        # the payloads of README's table, in float32 elements; nothing leaves a single rank
+        payload = {
+            "ddp": shared + heads,
+            "exact": (tasks + 1) * shared + heads + tasks * (tasks + 3) // 2,
+            "local": shared + heads + tasks * (tasks + 3) // 2,
+            "mtlstep": 0,
+        }[row["method"]]
+        assert row["payload_bytes"] == 4 * payload
+        if row["method"] == "ddp":
+            assert row["sent_bytes"] == pytest.approx(2 * (ranks - 1) / ranks * 4 * payload)
+        if ranks == 1:
+            assert row["sent_bytes"] == 0
+    left_out = meta["notes"].get("extra suites left out", [])
+    for suite in SUITES:  # measured, or named as left out
+        assert any(row.get("suite") == suite for row in saved["extras"]) or any(n.startswith(suite) for n in left_out)
+
     text = report.read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / image).stat().st_size > 0
-    assert "steps_overhead.png" in text and "## Targets" in text and meta["commit"] in text
+    for heading in ("## Targets", "## Steps", "## Kernels", "### Multi-tensor", "## Scaling", "## Distributed"):
+        assert heading in text
+    assert "steps_overhead.png" in text and "kernels_gram_float32.png" in text and meta["commit"] in text
+    captions, figures, tables = text.count(f"*{caption(meta)}*"), text.count("!["), len(re.findall(r"(?m)^\|---", text))
+    assert captions == 1 + figures + tables  # under the title, and under every figure and table
     rebuilt = main(["--report-only", str(tmp_path / "results.json")])
     assert rebuilt.read_text() == text
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_kernel_candidates_compute_their_pass(dtype_name, one_thread):
+    sizes = [math.prod(shape) for shape in TINY.kernels.multi_tensor.shapes()]
+    case = KernelCase.make(dtype_name, 3, sizes, CPU)
+    matrix = torch.cat([block.double() for block in case.blocks], dim=1)
+    gram = matrix @ matrix.T
+    combined = case.weights_like.double() @ matrix
+    tolerance = {"rtol": 1e-5, "atol": 1e-4} if dtype_name == "float32" else {"rtol": 2e-2, "atol": 2e-2}
+
+    def close(actual, expected):
+        torch.testing.assert_close(actual.double(), expected, **tolerance)
+
+    def written():
+        return torch.cat(case.outs).double()
+
+    calls = case.calls(measured_backends(CPU)[0])
+    for candidate, call in calls.items():
+        case.outs[0].zero_()
+        result = call()
+        if candidate.kernel_pass == "copy":
+            assert torch.equal(case.destination, torch.cat([block.reshape(-1) for block in case.blocks]))
+        elif candidate.baseline == FOREACH_NORM:
+            norms = torch.stack(result).view(3, len(sizes)).double()
+            close(norms.square().sum(1), gram.diagonal())
+        elif candidate.baseline == SQUARE_SUM:
+            close(result, gram.diagonal())
+        elif candidate.kernel_pass == "gram":  # the backends and J @ J.T
+            close(result, gram)
+        elif candidate.baseline == MATMUL_COMBINE:
+            close(torch.cat(result), combined)
+        else:  # the backends and torch.mv write into the outputs
+            assert candidate.backend or candidate.baseline == MV_INTO_OUT
+            close(written(), combined)
+    assert Candidate("gram", baseline=MATMUL_GRAM) in calls
+
+
+def _kernel_row(kernel_pass, gbps, *, backend=None, baseline=None, dtype="float32", tasks=8, numel=2**22, copy_ratio=0.5):
+    return {
+        "pass": kernel_pass, "backend": backend, "baseline": baseline, "layout": "matrix", "dtype": dtype,
+        "tasks": tasks, "numel": numel, "gbps": gbps, "copy_ratio": copy_ratio, "times": {"median": 1.0},
+    }
+
+
+def _verdicts(device_type, backends, kernel_rows):
+    judged = evaluate({"meta": {"device_type": device_type, "backends": backends}, "kernels": kernel_rows})
+    kernel_targets = [t for t in judged if "kernel" in t["target"] or "native" in t["target"]]
+    return {(t["target"], t["threshold"]): (t["measured"], t["verdict"]) for t in kernel_targets}
+
+
+def test_native_cpu_target_is_judged_on_the_ratios_of_one_run():
+    rows = []
+    for dtype, combine_gbps in (("float32", 16.0), ("bfloat16", 14.0)):
+        rows += [
+            _kernel_row("gram", 10.0, backend="native", dtype=dtype),
+            _kernel_row("gram", 2.5, baseline=MATMUL_GRAM, dtype=dtype),
+            _kernel_row("gram", 12.0, baseline=FOREACH_NORM, dtype=dtype),
+            _kernel_row("combine", combine_gbps, backend="native", dtype=dtype),
+            _kernel_row("combine", 10.0, baseline=MATMUL_COMBINE, dtype=dtype),
+            _kernel_row("gram", 10.0, backend="native", dtype=dtype, tasks=4),  # another T: not judged
+        ]
+    verdicts = _verdicts("cpu", ["native"], rows)
+    where = "CPU, float32, T=8, P=2^22"
+    assert verdicts[(f"native gram pass: speed-up vs {MATMUL_GRAM} ({where})", "≥ 3×")] == ("4.00×", "met")
+    assert verdicts[(f"native gram pass: read bandwidth vs {FOREACH_NORM} ({where})", "≥ 80 %")] == (
+        "83 % (10.0 vs 12.0 GB/s)", "met"
+    )
+    assert verdicts[(f"native combine pass: speed-up vs {MATMUL_COMBINE} ({where})", "≥ 1.5×")] == ("1.60×", "met")
+    bf16 = "CPU, bfloat16, T=8, P=2^22"
+    assert verdicts[(f"native combine pass: speed-up vs {MATMUL_COMBINE} ({bf16})", "≥ 1.5×")] == ("1.40×", "missed")
+    on_gpu = _verdicts("cuda", ["native"], rows)
+    assert {verdict for (target, _), (_, verdict) in on_gpu.items() if target.startswith("native")} == {"not judged"}
+
+
+def test_gpu_kernel_target_needs_copy_bandwidth_and_a_lead_over_every_baseline():
+    big = 2**24
+    rows = [
+        _kernel_row("gram", 900.0, backend="triton", numel=big, copy_ratio=0.95),
+        _kernel_row("gram", 600.0, baseline=MATMUL_GRAM, numel=big),
+        _kernel_row("combine", 850.0, backend="triton", numel=big, copy_ratio=0.92),
+        _kernel_row("combine", 880.0, baseline=MV_INTO_OUT, numel=big),
+        _kernel_row("gram", 100.0, backend="triton", numel=2**20, copy_ratio=0.2),  # below 2^24: not judged
+    ]
+    verdicts = _verdicts("cuda", ["triton", "reference"], rows)
+    copy_target = verdicts[("kernel passes at P ≥ 2^24 (triton)", "≥ 90 % of copy bandwidth (GPU)")]
+    assert copy_target == ("92 % (worst: combine, float32, T=8, P=2^24)", "met")
+    lead = verdicts[("kernel passes at P ≥ 2^24 (triton)", "ahead of every torch baseline (GPU)")]
+    assert lead == (f"0.97× (worst: vs {MV_INTO_OUT}, combine, float32, T=8, P=2^24)", "missed")
+    assert not any("(reference)" in target for target, _ in verdicts)
+    on_cpu = _verdicts("cpu", ["triton"], rows)
+    assert on_cpu[("kernel passes at P ≥ 2^24 (triton)", "≥ 90 % of copy bandwidth (GPU)")][1] == "not judged"
 
 
 def _float64_update(model32, batch32, weights_of):
