@@ -46,10 +46,11 @@ def sq_norms(grads: TaskGradients) -> Tensor:
 def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
     """``outs[k] (+)= Σ_i weights[i] · rows[i][k]``, float32 accumulation; rows whose weight is
     exactly zero contribute nothing, even where they hold non-finite values."""
-    keep = (weights != 0).unsqueeze(1)
+    dropped = (weights == 0).unsqueeze(1)
     for k, out in enumerate(outs):
-        terms = torch.where(keep, _column_fp32(grads, k) * weights.unsqueeze(1), 0.0)
-        combined = terms.sum(dim=0)
+        # The stacked column is this function's own copy: zeroing dropped rows in place is safe.
+        block = _column_fp32(grads, k).masked_fill_(dropped, 0.0)
+        combined = torch.mv(block.T, weights)
         if accumulate:
             combined += out
         out.copy_(combined)
