@@ -10,8 +10,12 @@ written back as the update. This package makes that one fused step:
   task-gradient matrix, with a backend per device (:func:`available_backends`): the compiled
   extension ("native": C++ on CPU, CUDA on GPU) where it is built, Triton on GPU, and the
   pure-PyTorch "reference".
-- :func:`emtl_weights`, :func:`gradnorm_scaling_weights`, :func:`equal_weights`: weightings
-  from (losses, Gram matrix) to task weights, on the device.
+- :func:`emtl_weights`, :func:`gradnorm_scaling_weights`, :func:`equal_weights` and the
+  gradient-balancing methods built on the whole Gram matrix (:func:`imtl_g_weights`,
+  :func:`mgda_weights`, :func:`pcgrad_weights`, :func:`cagrad_weights`,
+  :func:`aligned_mtl_weights`, :func:`upgrad_weights`, :func:`dualproj_weights`,
+  :func:`nash_mtl_weights`): weightings from (losses, Gram matrix) to task weights, on the device.
+- :mod:`emtl_kernels.adapters`: TorchJD and LibMTL users' way in (optional imports).
 """
 
 from . import _extension  # registers torch.ops.emtl_kernels.* when the extension is built
@@ -22,38 +26,70 @@ from .step import MTLStep, StepRecord
 from .task_gradients import SUPPORTED_DTYPES, TaskGradients
 from .weightings import (
     EMTL,
+    IMTLG,
+    MGDA,
     WEIGHTINGS,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
     Equal,
     GradNormScaling,
+    NashMTL,
+    PCGrad,
+    UPGrad,
     Weighting,
+    aligned_mtl_weights,
+    cagrad_weights,
+    dualproj_weights,
     emtl_weights,
     equal_weights,
     gradnorm_scaling_weights,
+    imtl_g_weights,
     make_weighting,
+    mgda_weights,
+    nash_mtl_weights,
+    pcgrad_weights,
     relative_contributions,
+    upgrad_weights,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMTL",
+    "IMTLG",
+    "MGDA",
     "SUPPORTED_DTYPES",
     "WEIGHTINGS",
+    "AlignedMTL",
+    "CAGrad",
     "CommunicationLog",
     "DistributedMTLStep",
+    "DualProj",
     "Equal",
     "GradNormScaling",
     "MTLStep",
+    "NashMTL",
+    "PCGrad",
     "StepRecord",
     "TaskGradients",
+    "UPGrad",
     "Weighting",
+    "aligned_mtl_weights",
     "available_backends",
+    "cagrad_weights",
+    "dualproj_weights",
     "emtl_weights",
     "equal_weights",
     "gradnorm_scaling_weights",
+    "imtl_g_weights",
     "make_weighting",
+    "mgda_weights",
+    "nash_mtl_weights",
+    "pcgrad_weights",
     "relative_contributions",
     "task_gram",
     "task_sq_norms",
+    "upgrad_weights",
     "weighted_combine",
 ]

@@ -71,8 +71,10 @@ class MTLStep:
         shared_params: the parameters θ every task's loss depends on (the trunk). Frozen ones
             (``requires_grad=False``) are left out; all others must be leaf tensors on one device
             with one dtype (float32, bfloat16 or float16).
-        weighting: "emtl" (default), "gradnorm_scaling", "equal", or a
-            :class:`~emtl_kernels.weightings.Weighting` instance.
+        weighting: a name from :data:`~emtl_kernels.WEIGHTINGS` ("emtl" (default),
+            "gradnorm_scaling", "equal", "imtl_g", "mgda", "pcgrad", "cagrad", "aligned_mtl",
+            "upgrad", "dualproj", "nash_mtl") or a :class:`~emtl_kernels.weightings.Weighting`
+            instance. Those that read all of G need ``mode="speed"``.
         backend: kernels for the Gram and combine passes: "auto" or a name from
             :func:`emtl_kernels.available_backends`.
         mode: "speed" keeps the T task gradients (T·P extra memory) and combines them with one
@@ -85,7 +87,8 @@ class MTLStep:
             (``is_grads_batched``) instead of T backward passes; speed mode only. Faster for
             small models; every op of the model must support ``torch.vmap``.
         **weighting_options: options of a weighting given by name (EMTL: ``lam``, ``eps``,
-            ``min_weight``; gradient-norm scaling: ``target``, ``eps``).
+            ``min_weight``; gradient-norm scaling: ``target``, ``eps``; the others: the keyword
+            arguments of their ``*_weights`` function, e.g. CAGrad's ``c``).
 
     After :meth:`backward`, :attr:`last` holds a :class:`StepRecord`. Every parameter the losses
     reach that is not shared (the task heads) gets the gradient of Σ_i w_i L_i too.

@@ -1,17 +1,38 @@
-"""Weightings: (losses, Gram matrix) -> T task weights, computed on the device."""
+"""Weightings: (losses, Gram matrix) -> T task weights, computed on the device.
+
+Each method is a pure function ``<name>_weights(losses, gram, **options)`` and a small
+:class:`Weighting` class holding its options; :data:`WEIGHTINGS` maps the names that
+``MTLStep(weighting=...)`` accepts to the classes.
+"""
 
 from __future__ import annotations
 
-from .base import GramUse, Weighting
+from .aligned_mtl import AlignedMTL, aligned_mtl_weights
+from .base import FunctionWeighting, GramUse, Weighting
+from .cagrad import CAGrad, cagrad_weights
+from .dualproj import DualProj, dualproj_weights
 from .emtl import EMTL, emtl_weights, relative_contributions
 from .equal import Equal, equal_weights
 from .gradnorm_scaling import GradNormScaling, gradnorm_scaling_weights
+from .imtl_g import IMTLG, imtl_g_weights
+from .mgda import MGDA, mgda_weights
+from .nash_mtl import NashMTL, nash_mtl_weights
+from .pcgrad import PCGrad, pcgrad_weights
+from .upgrad import UPGrad, upgrad_weights
 
 #: Weightings by the name ``MTLStep(weighting=...)`` accepts.
 WEIGHTINGS: dict[str, type[Weighting]] = {
     "emtl": EMTL,
     "gradnorm_scaling": GradNormScaling,
     "equal": Equal,
+    "imtl_g": IMTLG,
+    "mgda": MGDA,
+    "pcgrad": PCGrad,
+    "cagrad": CAGrad,
+    "aligned_mtl": AlignedMTL,
+    "upgrad": UPGrad,
+    "dualproj": DualProj,
+    "nash_mtl": NashMTL,
 }
 
 
@@ -28,14 +49,31 @@ def make_weighting(weighting: str | Weighting, **options) -> Weighting:
 
 __all__ = [
     "EMTL",
+    "IMTLG",
+    "MGDA",
+    "AlignedMTL",
+    "CAGrad",
+    "DualProj",
     "Equal",
+    "FunctionWeighting",
     "GradNormScaling",
     "GramUse",
+    "NashMTL",
+    "PCGrad",
+    "UPGrad",
     "WEIGHTINGS",
     "Weighting",
+    "aligned_mtl_weights",
+    "cagrad_weights",
+    "dualproj_weights",
     "emtl_weights",
     "equal_weights",
     "gradnorm_scaling_weights",
+    "imtl_g_weights",
     "make_weighting",
+    "mgda_weights",
+    "nash_mtl_weights",
+    "pcgrad_weights",
     "relative_contributions",
+    "upgrad_weights",
 ]

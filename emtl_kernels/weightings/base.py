@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -25,6 +27,8 @@ class Weighting:
     """
 
     gram_use: GramUse = "full"
+    #: Whether the weights depend on the loss values (not only on their device and dtype).
+    reads_losses: bool = False
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         raise NotImplementedError
@@ -32,6 +36,26 @@ class Weighting:
     def __call__(self, losses: Tensor, gram: Tensor) -> Tensor:
         check_weighting_inputs(losses, gram)
         return self.weights(losses, gram)
+
+
+class FunctionWeighting(Weighting):
+    """A :class:`Weighting` made of a pure weights function and fixed keyword options.
+
+    Subclasses set :attr:`function` (a ``staticmethod``) and give ``__init__`` the options with
+    their defaults, check them, and pass them on to ``super().__init__``.
+    """
+
+    #: ``function(losses, gram, **options) -> weights``.
+    function: Callable[..., Tensor]
+
+    def __init__(self, **options):
+        self.options = options
+
+    def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        return self.function(losses, gram, **self.options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
 
 
 def check_weighting_inputs(losses: Tensor, gram: Tensor) -> None:
@@ -56,7 +80,8 @@ def task_norms(gram: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The gradient norms c_i = sqrt(G_ii) and the mask of tasks with c_i > 0.
 
     A task with c_i = 0 has no gradient on the shared parameters (no path to them, or an exactly
-    zero gradient); the weightings leave it out of every task average and give it weight 1.
+    zero gradient); the weightings leave it out of every task average and give it weight 1 (the
+    Gram-matrix methods: see :func:`fill_zero_gradient_tasks` and each method's docstring).
     """
     norms = gram.diagonal().to(dtype).clamp_min(0).sqrt()
     return norms, norms > 0
@@ -66,3 +91,28 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over ``mask`` (0 when the mask is empty), without a host sync."""
     count = mask.sum().clamp_min(1).to(values.dtype)
     return torch.where(mask, values, 0).sum() / count
+
+
+def fill_zero_gradient_tasks(weights: Tensor, has_gradient: Tensor, neutral: float) -> Tensor:
+    """``weights`` with every task that has no gradient on the shared parameters given the mean
+    weight of the tasks that have one, so that its head trains at the scale of a typical task;
+    ``neutral`` for all tasks when none has a gradient (the update is then zero whatever they are).
+
+    Such a task cannot change the shared update (g_i = 0), so the solvers that need G to be
+    definite on the tasks they weigh (IMTL-G, MGDA, CAGrad, Nash-MTL, Aligned-MTL) leave it out.
+    """
+    fill = torch.where(has_gradient.any(), masked_mean(weights, has_gradient), neutral)
+    return torch.where(has_gradient, weights, fill)
+
+
+def check_number(name: str, value: object, *, positive: bool = False) -> None:
+    """Raise unless ``value`` is a finite real number ≥ 0 (> 0 when ``positive``)."""
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not valid or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def check_count(name: str, value: object) -> None:
+    """Raise unless ``value`` is an int ≥ 1 (an iteration count)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

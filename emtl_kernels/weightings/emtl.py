@@ -75,6 +75,7 @@ class EMTL(Weighting):
     """:func:`emtl_weights` with fixed hyperparameters, as a :class:`Weighting`."""
 
     gram_use = "diagonal"
+    reads_losses = True
 
     def __init__(self, lam: float = 0.1, eps: float = 1e-8, min_weight: float | None = 0.0):
         _check_hyperparameters(lam, eps, min_weight)
