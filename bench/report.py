@@ -471,8 +471,65 @@ def _distributed_section(results: dict, exhibits: _Exhibits) -> str:
     return "\n".join(parts) + "\n"
 
 
+WEIGHTINGS_SUITE = "bench_weightings"
+
+
+def _us(microseconds: float) -> str:
+    if microseconds is None or not math.isfinite(microseconds):
+        return "—"
+    return f"{microseconds:.3g}" if microseconds < 100 else f"{microseconds:,.0f}"
+
+
+def _times_over(value: float) -> str:
+    """A ratio to three significant digits: the solvers' times span orders of magnitude."""
+    return "—" if value is None or not math.isfinite(value) else f"{value:.3g}×"
+
+
+def _weightings_section(results: dict, exhibits: _Exhibits) -> str:
+    rows = [row for row in results.get("extras", []) if row.get("suite") == WEIGHTINGS_SUITE]
+    if not rows:
+        return ""
+    parts = ["## Weighting solvers", ""]
+    good = [row for row in rows if "weighting" in row]
+    if good:
+        task_counts = list(dict.fromkeys(row["num_tasks"] for row in good))
+        timings = ("", "graph_") if any("graph_median_us" in row for row in good) else ("",)
+        header = ["weighting"]
+        for num_tasks in task_counts:
+            for prefix in timings:
+                header += [f"T={num_tasks}{' graph' if prefix else ''} µs", "× Gram pass"]
+        by_case = {(row["weighting"], row["num_tasks"]): row for row in good}
+        table = []
+        for weighting in dict.fromkeys(row["weighting"] for row in good):
+            cells = [weighting]
+            for num_tasks in task_counts:
+                row = by_case[(weighting, num_tasks)]
+                cells += [cell for prefix in timings for cell in (_us(row[f"{prefix}median_us"]), _times_over(row[f"{prefix}vs_gram_pass"]))]
+            table.append(cells)
+        gram_pass = {row["num_tasks"]: row["gram_pass_us"] for row in good}
+        not_captured = ("—", "—") * (len(timings) - 1)
+        table.append(["Gram pass"] + [cell for num_tasks in task_counts for cell in (_us(gram_pass[num_tasks]), "1×") + not_captured])
+        first = good[0]
+        parts += [
+            "One call of each weighting with its default options on losses `[T]` and the float32 Gram matrix of "
+            f"a random `[T, 256]` J whose tasks conflict, median µs of the timed calls; `× Gram pass`: that median over the median of "
+            f"the Gram pass (`task_gram`, {first['gram_backend']} backend) over a `[T, P]` float32 matrix, "
+            f"P = {_log2(first['gram_numel'])}, timed interleaved with the weightings in the same rounds."
+            + (" `graph`: the weighting captured once in a CUDA graph, its replay timed." if not_captured else ""),
+            "",
+            exhibits.table(header, table),
+            "",
+        ]
+        parts += [
+            f"- {row['weighting']}, T={row['num_tasks']}{where}: {row[key]}"
+            for row in good for key, where in (("error", ""), ("graph_error", ", CUDA graph")) if row.get(key)
+        ]
+    parts += [f"- {row['note']}" for row in rows if "note" in row]
+    return "\n".join(parts) + "\n"
+
+
 def _extras_section(results: dict, exhibits: _Exhibits) -> str:
-    rows = [row for row in results.get("extras", []) if row.get("suite") != DISTRIBUTED_SUITE]
+    rows = [row for row in results.get("extras", []) if row.get("suite") not in (DISTRIBUTED_SUITE, WEIGHTINGS_SUITE)]
     if not rows:
         return ""
     parts = ["## Other suites", ""]
@@ -526,6 +583,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         _kernels_section(results, exhibits),
         _scaling_section(results, exhibits),
         _distributed_section(results, exhibits),
+        _weightings_section(results, exhibits),
         _extras_section(results, exhibits),
         METHOD,
     ]

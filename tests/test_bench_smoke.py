@@ -1,7 +1,7 @@
 """The benchmark code works: the runner's tiny preset end to end (kernels with their torch
-baselines and the multi-tensor case, steps, scaling, the distributed suite), the candidates and
-baseline paths against float64, the targets' verdicts on known figures, and the measuring tools on
-known inputs. No timing is asserted."""
+baselines and the multi-tensor case, steps, scaling, the distributed and weighting suites), the
+weighting suite's rows, the candidates and baseline paths against float64, the targets' verdicts
+on known figures, and the measuring tools on known inputs. No timing is asserted."""
 
 import json
 import math
@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from bench import bench_weightings
 from bench.backends import measured_backends
 from bench.environment import caption
 from bench.extras import SUITES
@@ -23,7 +24,7 @@ from bench.scaling import loglog_slope
 from bench.steps import torchjd_installed
 from bench.targets import evaluate
 from bench.trunks import build_model
-from emtl_kernels import available_backends, emtl_weights
+from emtl_kernels import WEIGHTINGS, available_backends, emtl_weights
 
 CPU = torch.device("cpu")
 
@@ -122,7 +123,7 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
     text = report.read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / image).stat().st_size > 0
-    for heading in ("## Targets", "## Steps", "## Kernels", "### Multi-tensor", "## Scaling", "## Distributed"):
+    for heading in ("## Targets", "## Steps", "## Kernels", "### Multi-tensor", "## Scaling", "## Distributed", "## Weighting solvers"):
         assert heading in text
     assert "steps_overhead.png" in text and "kernels_gram_float32.png" in text and meta["commit"] in text
     captions, figures, tables = text.count(f"*{caption(meta)}*"), text.count("!["), len(re.findall(r"(?m)^\|---", text))
@@ -283,3 +284,19 @@ def test_pass_bytes_follow_the_cost_model():
     assert pass_bytes("gram", 8, 1000, 2) == 8 * 1000 * 2
     assert pass_bytes("combine", 8, 1000, 2) == (8 + 1) * 1000 * 2
     assert pass_bytes("copy", 8, 1000, 4) == 2 * 8 * 1000 * 4
+
+
+def test_weighting_suite_times_every_weighting_beside_the_gram_pass(one_thread):
+    _, gram = bench_weightings.solver_inputs(2, CPU)
+    assert gram[0, 1] < 0  # the two tasks conflict
+    plan = bench_weightings.PLANS["tiny"]
+    rows = bench_weightings.results("tiny", CPU)
+    assert [(row["weighting"], row["num_tasks"]) for row in rows] == [
+        (name, num_tasks) for num_tasks in plan.task_counts for name in WEIGHTINGS
+    ]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert math.isfinite(row["median_us"]) and row["median_us"] >= row["min_us"] > 0
+        assert row["gram_numel"] == 2**plan.gram_log2_numel and row["gram_pass_us"] > 0
+        assert row["vs_gram_pass"] == pytest.approx(row["median_us"] / row["gram_pass_us"])
+        assert "graph_median_us" not in row  # CUDA graphs are captured on a GPU only

@@ -209,11 +209,9 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
     work = torch.zeros(padded, padded, dtype=matrix.dtype, device=matrix.device)
     work[:size, :size] = (matrix + matrix.mT) / 2
     vectors = torch.eye(padded, dtype=matrix.dtype, device=matrix.device)
-    rounds = [
-        (torch.tensor(p, device=matrix.device), torch.tensor(q, device=matrix.device)) for p, q in _round_robin(padded)
-    ]
+    first, second = _round_robin(padded, matrix.device)
     for _ in range(jacobi_sweeps(size) if sweeps is None else sweeps):
-        for p, q in rounds:
+        for p, q in zip(first, second):
             rotation = _jacobi_rotation(work, p, q)
             work = rotation.mT @ work @ rotation
             vectors = vectors @ rotation
@@ -242,15 +240,19 @@ def _jacobi_rotation(work: Tensor, p: Tensor, q: Tensor) -> Tensor:
     return rotation
 
 
-def _round_robin(size: int) -> list[tuple[list[int], list[int]]]:
-    """n − 1 rounds of n/2 disjoint pairs that cover every pair of 0..n−1 once (circle method)."""
-    players = list(range(size))
-    rounds = []
-    for _ in range(size - 1):
-        half = size // 2
-        rounds.append((players[:half], players[half:][::-1]))
-        players = [players[0], players[-1], *players[1:-1]]
-    return rounds
+def _round_robin(size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """n − 1 rounds of n/2 disjoint pairs (p, q) that cover every pair of 0..n−1 once, as two
+    ``[n − 1, n/2]`` index tensors (circle method: seat 0 stays, the others turn one seat a round).
+
+    Built by arithmetic on the device: an index tensor made from a host list would be a
+    host-to-device copy, which a CUDA graph cannot capture."""
+    rounds = torch.arange(size - 1, device=device)[:, None]
+    seats = torch.arange(size // 2, device=device)[None, :]
+
+    def player(seat: Tensor) -> Tensor:
+        return torch.where(seat == 0, 0, (seat - 1 - rounds) % (size - 1) + 1)
+
+    return player(seats), player(size - 1 - seats)
 
 
 def kept_eigenvalues(values: Tensor) -> Tensor:

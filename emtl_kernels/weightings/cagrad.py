@@ -134,8 +134,9 @@ def _best_shift_in_ball(
     eye = torch.eye(num_tasks, dtype=dtype, device=device)
     # Rows ∂f_i/∂(y, t) of the task constraints f_i = t − b_i − (L y)_i ≤ 0 (zero when inactive).
     task_rows = torch.cat([-factor, torch.ones(num_tasks, 1, dtype=dtype, device=device)], 1) * active[:, None]
-    objective_gradient = torch.zeros(num_tasks + 1, dtype=dtype, device=device)
-    objective_gradient[-1] = -1  # maximise t: minimise −t
+    # Maximise t: minimise −t. Built by a cat, not by `tensor[-1] = -1`, whose Python scalar is
+    # copied from the host: a CUDA graph cannot capture that copy.
+    objective_gradient = torch.cat([torch.zeros(num_tasks, dtype=dtype, device=device), -torch.ones(1, dtype=dtype, device=device)])
     y = torch.zeros(num_tasks, dtype=dtype, device=device)
     t = torch.zeros((), dtype=dtype, device=device)
     slack = torch.ones(count, dtype=dtype, device=device)
