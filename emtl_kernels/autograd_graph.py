@@ -23,8 +23,20 @@ def graph_leaves(roots: Iterable[Tensor]) -> list[Tensor]:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.setdefault(id(variable), variable)
+        if type(node).__name__ == "AccumulateGrad":
+            leaf = _leaf_of(node)
+            leaves.setdefault(id(leaf), leaf)
         stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
     return list(leaves.values())
+
+
+def _leaf_of(node) -> Tensor:
+    """The leaf tensor of an AccumulateGrad node; an error, not a silently missing head, where the
+    node does not hand it out."""
+    variable = getattr(node, "variable", None)
+    if variable is None:
+        raise RuntimeError(
+            "this torch build's autograd graph does not expose its leaf tensors (AccumulateGrad.variable): "
+            "the parameters outside the shared ones cannot be found"
+        )
+    return variable

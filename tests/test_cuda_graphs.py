@@ -61,11 +61,15 @@ def test_pcgrad_replays_with_given_orders():
     torch.testing.assert_close(weights, pcgrad_weights(losses, gram, orders=orders))
 
 
-@pytest.mark.parametrize("backend", [b for b in ("triton", "native", "reference") if b in available_backends(torch.device("cuda"))] if torch.cuda.is_available() else [])
+# Not Triton: its pointer tables are built on the host for tensors it has seen, and every step's
+# autograd makes new task-gradient tensors, so it can capture its passes but not a whole step.
+@pytest.mark.parametrize("backend", ["native", "reference"])
 @pytest.mark.parametrize("weighting", ["emtl", "upgrad"])
 def test_whole_training_step_replays(backend, weighting):
     model = ToyMultiTask().cuda()
     inputs, targets = (t.cuda() for t in toy_batch())
+    if backend not in available_backends(torch.device("cuda")):
+        pytest.skip(f"the {backend} backend does not run on CUDA here")
     step = MTLStep(model.trunk.parameters(), weighting, backend=backend)
 
     def train_step():

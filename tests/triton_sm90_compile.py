@@ -52,7 +52,7 @@ def _gram(dtype, t_block, norms_only, single_block, block, num_warps, num_stages
     constants = dict(
         DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
         SINGLE_BLOCK=single_block, ALIGNED=True,
-        PRECISION="ieee" if dtype == tl.float32 else "tf32", WIDTH=t_block if norms_only else t_block * t_block,
+        WIDTH=t_block if norms_only else t_block * t_block,
         BLOCK=block,
     )
     return compile_variant(gram_partials_kernel, constants, num_warps, num_stages)
