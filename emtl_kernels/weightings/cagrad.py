@@ -24,7 +24,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._solvers import TO_BOUNDARY, cholesky_apply, rounding_ridge, step_to_boundary, trace_normalized
+from ._solvers import (
+    TO_BOUNDARY,
+    cholesky_apply,
+    kept_eigenvalues,
+    rounding_ridge,
+    step_to_boundary,
+    symmetric_eigh,
+    trace_normalized,
+)
 from .base import FunctionWeighting, check_count, check_number, check_weighting_inputs, compute_dtype, task_norms
 
 #: Iterations of the primal-dual interior point of :func:`cagrad_weights` (centering 0.1, so the
@@ -66,8 +74,10 @@ def cagrad_weights(
     Degenerate inputs: T = 1 gives 1 + c. A task with a zero gradient has no constraint (it
     would cap the worst improvement at 0) and keeps its share 1/T of g_0. If g_0 = 0 the ball is
     the point g_0 and the weights are π. If the ball holds a point that conflicts with no task
-    while 0 is in the convex hull of the gradients, the best worst improvement is 0 and d = 0:
-    the weights tend to 0, as TorchJD's do.
+    while 0 is in the convex hull of the gradients, the best worst improvement is 0, the optimal d
+    are many and the paper's weights are undefined (g_w* = 0; TorchJD returns 0, whose d = 0 lies
+    outside the ball for c < 1): the weights are those of one optimal d, with no part in the null
+    space of G.
     """
     check_weighting_inputs(losses, gram)
     _check_options(c, rescale, iterations)
@@ -89,9 +99,10 @@ def cagrad_weights(
 def _recovered_weights(
     shift: Tensor, multipliers: Tensor, factor: Tensor, gram: Tensor, radius: Tensor, active: Tensor
 ) -> Tensor:
-    """α from the solution, as π + L⁻ᵀy or as the paper's π + (r/‖g_w‖) w (w: the multipliers).
+    """α from the solution, as π + L⁻ᵀy (less its drift along the null space of G) or as the
+    paper's π + (r/‖g_w‖) w (w: the multipliers).
 
-    Both are the solution in exact arithmetic; the better feasible one is kept. The shift is the
+    Both give the solution d in exact arithmetic; the better feasible one is kept. The shift is the
     accurate one near a cancellation (g_w ≈ 0, where the paper's form divides by ~0), the
     multipliers where rounding of a near-singular G bends the ball in L's coordinates.
     """
@@ -101,11 +112,26 @@ def _recovered_weights(
     combined_norm = (w @ gram @ w).clamp_min(0).sqrt()
     cancelled = combined_norm <= eps**0.5 * (w * gram.diagonal().clamp_min(0).sqrt()).sum()
     from_multipliers = mean + radius / torch.where(cancelled, 1, combined_norm) * w
-    from_shift = mean + torch.linalg.solve_triangular(factor.mT, shift[:, None], upper=True)[:, 0]
+    shift_weights = torch.linalg.solve_triangular(factor.mT, shift[:, None], upper=True)[:, 0]
+    # The paper's weights spend a share of r² of order T·eps/‖g_w‖² on the ridge; a drift, most of it.
+    drifted = rounding_ridge(shift.numel(), gram.dtype) * (shift_weights @ shift_weights) > radius * radius / 2
+    from_shift = mean + torch.where(drifted, _without_null_space(shift_weights, gram), shift_weights)
     worst_s, inside_s = _worst_improvement(from_shift, gram, radius, active)
     worst_m, _ = _worst_improvement(from_multipliers, gram, radius, active)
     prefer_multipliers = ~cancelled & ((worst_m >= worst_s) | ~inside_s)
     return torch.where(prefer_multipliers, from_multipliers, from_shift)
+
+
+def _without_null_space(weights: Tensor, gram: Tensor) -> Tensor:
+    """``weights`` less their part in the null space of G (the eigenvalues cut by
+    :func:`kept_eigenvalues`), which moves d by nothing.
+
+    With the ridge, ‖y‖² = ‖u‖² + T·eps·‖β‖²: a shift β along that null space costs only its
+    ridge term of the ball. Where the ball is not active (at a cancellation, g_w* = 0) the
+    interior point drifts there until that term takes most of r², and the tasks whose gradients
+    cancel get weights of order r/√(T·eps)."""
+    values, vectors = symmetric_eigh(gram)
+    return vectors @ torch.where(kept_eigenvalues(values), vectors.mT @ weights, 0)
 
 
 def _worst_improvement(weights: Tensor, gram: Tensor, radius: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._solvers import spd_solve
+from ._solvers import spd_solve, trace_normalized
 from .base import (
     FunctionWeighting,
     check_count,
@@ -76,8 +76,11 @@ def nash_mtl_weights(
     gram = gram.to(dtype)
     _, has_gradient = task_norms(gram, dtype)
     eye = torch.eye(num_tasks, dtype=dtype, device=losses.device)
-    frobenius = gram.square().sum().sqrt()
-    normalized = gram / torch.where(frobenius > 0, frobenius, 1)
+    # Through G / tr(G) first: |G_ij| ≤ tr(G) and ‖G / tr(G)‖_F ≥ 1/√T, so the squares neither
+    # overflow nor underflow in float32 whatever the scale of the gradients.
+    by_trace = trace_normalized(gram)
+    frobenius = by_trace.square().sum().sqrt()
+    normalized = by_trace / torch.where(frobenius > 0, frobenius, 1)
     both = has_gradient[:, None] & has_gradient[None, :]
     # A gradient-less task is decoupled (a unit diagonal entry): its α is solved for, then replaced.
     bargaining = torch.where(both, normalized, eye) + reg_eps * eye
