@@ -12,3 +12,11 @@ import torch  # noqa: E402
 # tensors through the interpreter, which is how CI tests them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+# CI draws the same examples every run, so that a red run is a bug to replay, never the luck of
+# the draw; a local run explores new examples each time.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

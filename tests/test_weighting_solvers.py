@@ -934,7 +934,18 @@ def test_pinv_apply_matches_the_pseudo_inverse(name, method):
     kept = values[values > len(values) * EPS[torch.float64] * values[-1]]
     condition = float(kept[-1] / kept[0]) if len(kept) else 1.0
     tol = 100 * EPS[torch.float64] * condition * float(expected.norm())
-    torch.testing.assert_close(pinv_apply(matrix, rhs, method=method), expected, rtol=0, atol=tol)
+    solution, in_range = pinv_apply(matrix, rhs, method=method)
+    torch.testing.assert_close(solution, expected, rtol=0, atol=tol)
+    assert bool(in_range) == bool(expected.abs().max() > 0)
+
+
+def test_pinv_apply_tells_a_right_hand_side_orthogonal_to_the_range():
+    vector = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64) / 2
+    matrix = torch.outer(vector, vector) * 3.0
+    _, in_range = pinv_apply(matrix, torch.ones(4, dtype=torch.float64))
+    assert not bool(in_range)
+    _, in_range = pinv_apply(matrix, torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    assert bool(in_range)
 
 
 def test_symmetric_eigh_rejects_unknown_methods():

@@ -53,7 +53,9 @@ def libmtl_weighting(
             None: no host sync.
         **options: options of a weighting given by name.
     """
-    make_weighting(weighting, **options)  # fail here, not at the first training step
+    # A step on a stand-in parameter checks the weighting, its options, the backend and the mode
+    # together, so that a bad combination fails here, not at the first training step.
+    MTLStep([torch.zeros(1, requires_grad=True)], make_weighting(weighting, **options), backend=backend, mode=mode)
 
     class EMTLKernelsWeighting(torch.nn.Module):
         """LibMTL weighting running :class:`~emtl_kernels.MTLStep` (see :func:`libmtl_weighting`)."""

@@ -261,11 +261,15 @@ def kept_eigenvalues(values: Tensor) -> Tensor:
     return values > values.shape[-1] * torch.finfo(values.dtype).eps * values[-1].clamp_min(0)
 
 
-def pinv_apply(matrix: Tensor, rhs: Tensor, *, method: EigenSolver = "auto") -> Tensor:
+def pinv_apply(matrix: Tensor, rhs: Tensor, *, method: EigenSolver = "auto") -> tuple[Tensor, Tensor]:
     """M⁺ rhs for a symmetric PSD ``matrix [n, n]`` and ``rhs [n]``: the minimum-norm
     least-squares solution of M x = rhs, directions of eigenvalues cut by
-    :func:`kept_eigenvalues` dropped."""
+    :func:`kept_eigenvalues` dropped; and a 0-dim bool, whether rhs has a part in the range of M
+    above rounding (10·n·eps·‖rhs‖). Where it has none the exact solution is 0, and the one
+    computed is rounding noise that a caller must not rescale."""
     values, vectors = symmetric_eigh(matrix, method)
     kept = kept_eigenvalues(values)
     inverse = torch.where(kept, 1 / torch.where(kept, values, 1), 0)
-    return vectors @ (inverse * (vectors.mT @ rhs))
+    along = torch.where(kept, vectors.mT @ rhs, 0)
+    in_range = along.norm() > 10 * rhs.shape[-1] * torch.finfo(rhs.dtype).eps * rhs.norm()
+    return vectors @ (inverse * along), in_range

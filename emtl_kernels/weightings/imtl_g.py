@@ -51,10 +51,12 @@ def imtl_g_weights(losses: Tensor, gram: Tensor, *, eigen_solver: EigenSolver = 
     safe_norms = torch.where(has_gradient, norms, 1)
     both = has_gradient[:, None] & has_gradient[None, :]
     correlation = torch.where(both, gram.to(dtype) / torch.outer(safe_norms, safe_norms), 0)
-    unnormalized = torch.where(has_gradient, pinv_apply(correlation, has_gradient.to(dtype), method=eigen_solver), 0)
-    unnormalized = unnormalized / safe_norms
+    solution, in_range = pinv_apply(correlation, has_gradient.to(dtype), method=eigen_solver)
+    unnormalized = torch.where(has_gradient, solution, 0) / safe_norms
     total = unnormalized.sum()
-    normalizable = total.abs() > num_tasks * torch.finfo(dtype).eps * unnormalized.abs().sum()
+    # Where 1 has no part in the range of C (the unit gradients cancel) C⁺1 = 0, and the
+    # solution is rounding noise: normalising it would make weights of it.
+    normalizable = in_range & (total.abs() > num_tasks * torch.finfo(dtype).eps * unnormalized.abs().sum())
     weights = torch.where(normalizable, unnormalized / torch.where(normalizable, total, 1), 0)
     return fill_zero_gradient_tasks(weights, has_gradient, neutral=1 / num_tasks)
 
