@@ -16,13 +16,15 @@ def graph_leaves(roots: Iterable[Tensor]) -> list[Tensor]:
     no device work).
     """
     leaves: dict[int, Tensor] = {}
-    seen: set[int] = set()
+    # The visited nodes themselves, not only their ids: a node's Python object may die once
+    # nothing holds it (torch builds differ), and a later node's object may then take its id.
+    seen: dict[int, object] = {}
     stack = [root.grad_fn for root in roots if root.grad_fn is not None]
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         if type(node).__name__ == "AccumulateGrad":
             leaf = _leaf_of(node)
             leaves.setdefault(id(leaf), leaf)
