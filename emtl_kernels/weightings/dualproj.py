@@ -34,7 +34,7 @@ def dualproj_weights(
 
     Options, accuracy and degenerate inputs are those of :func:`~emtl_kernels.weightings.upgrad_weights`:
     ``norm_eps`` (default 0; TorchJD's 1e-4 turns small gradients into the plain mean),
-    ``reg_eps`` (default 1e-4: conflict at most reg_eps · tr(G) · α_i), ``iterations`` (default
+    ``reg_eps`` (default 1e-4: conflict at most (reg_eps + T·eps) · tr(G) · α_i), ``iterations`` (default
     :data:`IPM_ITERATIONS` = 30). T = 1 gives 1; G = 0 gives 1/T each; a task with a zero
     gradient keeps its share 1/T.
     """

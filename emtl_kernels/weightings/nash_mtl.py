@@ -67,7 +67,8 @@ def nash_mtl_weights(
     gets the mean weight of the others. With opposite gradients (no bargaining solution) the
     weights grow like reg_eps^(-1/2) while the update stays bounded as above.
     The direction of the update does not change when one task's gradient is scaled (α_i scales
-    inversely), as the paper states; with reg_eps > 0 this holds up to O(reg_eps).
+    inversely), as the paper states; with reg_eps > 0 this holds up to O(reg_eps · ‖G‖_F / min_i G_ii)
+    (the ridge weighs more beside a task whose gradient is small).
     """
     check_weighting_inputs(losses, gram)
     _check_options(reg_eps, max_norm, iterations)

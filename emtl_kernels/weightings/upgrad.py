@@ -41,7 +41,8 @@ def upgrad_weights(
             gradients included; the default 0 keeps the weights independent of a common scale.
         reg_eps: ≥ 0, added to the diagonal of G / tr(G) (TorchJD's default, 1e-4): it makes the
             QP strictly convex, so its solution is unique when G is singular. With it the update
-            conflicts with no task up to reg_eps: (G α)_i ≥ −reg_eps · tr(G) · α_i.
+            conflicts with no task up to that ridge and the rounding one, T·eps, beside it:
+            (G α)_i ≥ −(reg_eps + T·eps) · tr(G) · α_i.
         iterations: interior-point iterations (default :data:`IPM_ITERATIONS` = 30: the weights
             agree with quadprog's to about 1e-10 relative in float64; float32 weights are
             accurate to about 1e-7 · κ, κ the condition number of G / tr(G) + reg_eps · I).
