@@ -57,8 +57,7 @@ def spd_solve(matrix: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
     ``rhs [..., n, k]``, and ``ok [...]``: False where the Cholesky factorisation failed (X then
     holds zeros). Nothing here reads the device from the host."""
     factor, info = torch.linalg.cholesky_ex(matrix)
-    half = torch.linalg.solve_triangular(factor, rhs, upper=False)
-    solution = torch.linalg.solve_triangular(factor.mT, half, upper=True)
+    solution = cholesky_apply(factor, rhs)
     ok = info == 0
     return torch.where(ok[..., None, None], solution, 0).nan_to_num(), ok
 

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_weighting_inputs, compute_dtype, masked_mean, task_norms
+from .base import Weighting, check_number, check_weighting_inputs, compute_dtype, masked_mean, task_norms
 
 
 def relative_contributions(losses: Tensor, gram: Tensor, *, eps: float = 1e-8) -> Tensor:
@@ -63,10 +63,8 @@ def emtl_weights(
 
 
 def _check_hyperparameters(lam: float, eps: float, min_weight: float | None) -> None:
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("lam", lam)
+    check_number("eps", eps)
     if min_weight is not None and not (isinstance(min_weight, (int, float)) and math.isfinite(min_weight)):
         raise ValueError(f"min_weight must be a finite number or None, got {min_weight!r}")
 

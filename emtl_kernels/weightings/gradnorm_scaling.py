@@ -10,13 +10,12 @@ mean, as in EMTL: scaling it by s/eps would blow up its head's gradient and chan
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_weighting_inputs, compute_dtype, masked_mean, task_norms
+from .base import Weighting, check_number, check_weighting_inputs, compute_dtype, masked_mean, task_norms
 
 Target = Literal["mean_norm", "sum_norm"]
 _TARGETS = ("mean_norm", "sum_norm")
@@ -49,8 +48,7 @@ def gradnorm_scaling_weights(
 def _check_options(target: str, eps: float) -> None:
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_number("eps", eps)
 
 
 class GradNormScaling(Weighting):
