@@ -80,13 +80,13 @@ def weighted_combine(
     else:
         outs = [out] if isinstance(out, Tensor) else list(out)
         _check_outs(outs, grads)
-    # The kernels write flat contiguous memory; a strided destination gets a contiguous stand-in
+    # The kernels write contiguous memory; a strided destination gets a contiguous stand-in
     # (holding its values when accumulating) that is copied back.
-    flat = [target.contiguous().view(-1) for target in outs]
-    backends.resolve(backend, grads.device).combine(grads, weights, flat, accumulate)
-    for target, written in zip(outs, flat):
-        if not target.is_contiguous():
-            target.copy_(written.view_as(target))
+    dense = [target if target.is_contiguous() else target.contiguous() for target in outs]
+    backends.resolve(backend, grads.device).combine(grads, weights, dense, accumulate)
+    for target, written in zip(outs, dense):
+        if written is not target:
+            target.copy_(written)
     return outs[0] if matrix_input else outs
 
 

@@ -48,6 +48,8 @@ class TaskGradients:
         _check_piece(first, "task 0, tensor 0")
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
+        for k, piece in enumerate(rows[0]):
+            _check_piece(piece, f"task 0, tensor {k}")
         self.sizes: tuple[int, ...] = tuple(piece.numel() for piece in rows[0])
         self.rows: tuple[tuple[Tensor, ...], ...] = tuple(
             tuple(self._flat_piece(piece, i, k) for k, piece in enumerate(row))
@@ -55,19 +57,43 @@ class TaskGradients:
         )
 
     def _flat_piece(self, piece: Tensor, task: int, index: int) -> Tensor:
+        # A step builds T·K pieces: the checks stay cheap and the messages are made only on failure.
+        if not (
+            isinstance(piece, Tensor)
+            and piece.dtype == self.dtype
+            and piece.device == self.device
+            and piece.numel() == self.sizes[index]
+        ):
+            self._refuse(piece, task, index)
+        if piece.requires_grad:
+            piece = piece.detach()
+        if not piece.is_contiguous():
+            piece = piece.contiguous()
+        return piece if piece.dim() == 1 else piece.view(-1)
+
+    def _refuse(self, piece: object, task: int, index: int) -> None:
         where = f"task {task}, tensor {index}"
         _check_piece(piece, where)
         if piece.dtype != self.dtype:
             raise TypeError(f"{where} has dtype {piece.dtype}, task 0 has {self.dtype}: one dtype for all")
         if piece.device != self.device:
             raise ValueError(f"{where} is on {piece.device}, task 0 on {self.device}: one device for all")
-        if piece.numel() != self.sizes[index]:
-            raise ValueError(
-                f"{where} has {piece.numel()} elements, task 0 has {self.sizes[index]}: "
-                "every task's gradient on a shared tensor has that tensor's size"
-            )
-        # contiguous() is free for contiguous pieces; only a strided piece is copied.
-        return piece.detach().contiguous().view(-1)
+        raise ValueError(
+            f"{where} has {piece.numel()} elements, task 0 has {self.sizes[index]}: "
+            "every task's gradient on a shared tensor has that tensor's size"
+        )
+
+    @classmethod
+    def from_checked_pieces(cls, pieces: Sequence[Tensor], num_tasks: int) -> TaskGradients:
+        """Regroup the task-major pieces of an existing TaskGradients (``[p for row in
+        grads.rows for p in row]``, as a custom op's ``Tensor[]`` argument carries them) without
+        checking them again: a kernel call then costs no per-piece Python work."""
+        grads = cls.__new__(cls)
+        per_task = len(pieces) // num_tasks
+        grads.rows = tuple(tuple(pieces[i * per_task : (i + 1) * per_task]) for i in range(num_tasks))
+        grads.dtype, grads.device = pieces[0].dtype, pieces[0].device
+        grads.sizes = tuple(piece.numel() for piece in grads.rows[0])
+        return grads
 
     @classmethod
     def from_matrix(cls, matrix: Tensor) -> TaskGradients:

@@ -61,9 +61,9 @@ def test_pcgrad_replays_with_given_orders():
     torch.testing.assert_close(weights, pcgrad_weights(losses, gram, orders=orders))
 
 
-# Not Triton: its pointer tables are built on the host for tensors it has seen, and every step's
-# autograd makes new task-gradient tensors, so it can capture its passes but not a whole step.
-@pytest.mark.parametrize("backend", ["native", "reference"])
+# Triton too: the step's autograd makes new task-gradient tensors in the graph's memory pool, whose
+# tables the capture copies from pinned memory that eager calls reserved.
+@pytest.mark.parametrize("backend", ["triton", "native", "reference"])
 @pytest.mark.parametrize("weighting", ["emtl", "upgrad"])
 def test_whole_training_step_replays(backend, weighting):
     model = ToyMultiTask().cuda()

@@ -126,6 +126,23 @@ def test_combine_into_noncontiguous_out(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_combine_accumulates_into_parameter_shaped_grads(backend, device):
+    """Destinations shaped like the parameters' ``.grad`` (contiguous, several dimensions) are
+    written in place, each element where a flat view of it would put it."""
+    sizes, shapes = (24, 5, 60), ((2, 3, 4), (5,), (6, 10))
+    values, exact = make_task_gradients(3, sum(sizes), torch.float32, "matrix", device=device, seed=12)
+    grads = TaskGradients([list(row.split(sizes)) for row in values])
+    weights = torch.tensor([1.5, -0.5, 2.0], device=device)
+    before = [torch.randn(shape, device=device) for shape in shapes]
+    outs = [b.clone() for b in before]
+    returned = weighted_combine(grads, weights, out=outs, accumulate=True, backend=backend)
+    assert all(r is o and r.shape == shape for r, o, shape in zip(returned, outs, shapes))
+    expected, scale = combine64(exact, weights)
+    start = flat_output(before)
+    assert_combine_close(outs, expected + start, scale + start.abs(), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_zero_weight_rows_contribute_nothing_even_when_non_finite(backend, device, dtype):
     grads, exact = make_task_gradients(3, 777, dtype, "matrix", device=device, seed=3)

@@ -44,16 +44,17 @@ def compile_variant(kernel, constants: dict, num_warps: int, num_stages: int) ->
         "kernel": kernel.__name__,
         "constants": {name: str(value) for name, value in constants.items()},
         "accesses": sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*|cp\.async\.\w+\.shared\.global", ptx))),
+        "wide_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32 ", ptx)),
         "mma": sorted(set(re.findall(r"mma\.sync[.\w]*", ptx))),
     }
 
 
-def _gram(dtype, t_block, norms_only, single_block, block, num_warps, num_stages=1):
+def _gram(dtype, t_block, norms_only, single_block, block, num_warps, num_stages=1, vec=1):
     constants = dict(
         DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
         SINGLE_BLOCK=single_block, ALIGNED=True,
         WIDTH=t_block if norms_only else t_block * t_block,
-        BLOCK=block,
+        BLOCK=block, VEC=vec,
     )
     return compile_variant(gram_partials_kernel, constants, num_warps, num_stages)
 
@@ -63,7 +64,8 @@ def variants() -> list[dict]:
     storage, norms only, pairs of task blocks, the reduction, combine with and without adding."""
     reports = [
         _gram(tl.float32, 1, False, True, 4096, 8),
-        _gram(tl.bfloat16, 8, False, True, 256, 8),
+        _gram(tl.float32, 8, False, True, 512, 4, vec=4),
+        _gram(tl.bfloat16, 8, False, True, 2048, 8, vec=8),
         _gram(tl.float16, 4, True, True, 2048, 8),
         _gram(tl.float32, 16, False, True, 64, 4, 3),
         _gram(tl.bfloat16, 32, False, False, 128, 8, 3),
@@ -72,7 +74,7 @@ def variants() -> list[dict]:
         constants = dict(T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=t_block if norms_only else t_block**2, ROWS=8)
         reports.append(compile_variant(reduce_partials_kernel, constants, 4, 1))
     for dtype, accumulate in ((tl.float32, False), (tl.bfloat16, True)):
-        constants = dict(DTYPE=dtype, T_BLOCK=8, ACCUMULATE=accumulate, ALIGNED=True, BLOCK=1024)
+        constants = dict(DTYPE=dtype, T_BLOCK=8, ACCUMULATE=accumulate, ALIGNED=True, BLOCK=2048)
         reports.append(compile_variant(combine_kernel, constants, 8, 1))
     return reports
 

@@ -2,7 +2,8 @@
 
 A backend is a module with ``NAME``, ``unavailable_reason(device) -> str | None``, and the three
 kernels ``gram(grads)``, ``sq_norms(grads)`` and ``combine(grads, weights, outs, accumulate)`` over
-a :class:`~emtl_kernels.task_gradients.TaskGradients`. The package works without Triton or the
+a :class:`~emtl_kernels.task_gradients.TaskGradients` (``outs``: K contiguous tensors of any shape,
+tensor k with ``grads.sizes[k]`` elements; ``weights``: float32 ``[T]``). The package works without Triton or the
 compiled extension: a backend that cannot load is reported, never fatal.
 """
 

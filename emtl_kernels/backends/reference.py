@@ -52,5 +52,5 @@ def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulat
         block = _column_fp32(grads, k).masked_fill_(dropped, 0.0)
         combined = torch.mv(block.T, weights)
         if accumulate:
-            combined += out
-        out.copy_(combined)
+            combined += out.view(-1)
+        out.copy_(combined.view_as(out))

@@ -1,10 +1,11 @@
 """The Triton backend: the fused Gram/norm pass and the fused combination, one launch each over
 every piece of J (GPU; on a CPU only through Triton's interpreter, for tests).
 
-Each pass is a ``torch.library`` custom op, so torch.compile keeps it as one opaque node of its
-graph (the launch code reads tensor addresses, which a tracer cannot follow) and a CUDA graph
-captures its launches. Triton itself is imported on the first launch, in
-:mod:`emtl_kernels.triton_kernels.passes`: importing this module costs nothing.
+Under torch.compile each pass is a ``torch.library`` custom op, one opaque node of the graph (the
+launch code reads tensor addresses, which a tracer cannot follow). Eagerly the passes are called
+directly: a custom op's Python dispatch visits every one of the T×K pieces, which for a model of
+a few hundred shared tensors cost milliseconds per call. Triton itself is imported on the first
+launch, in :mod:`emtl_kernels.triton_kernels.passes`: importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -51,28 +52,30 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def gram(grads: TaskGradients) -> Tensor:
     """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J."""
-    return _reduce(_flat_pieces(grads), grads.num_tasks, False)
+    if torch.compiler.is_compiling():
+        return _reduce(_flat_pieces(grads), grads.num_tasks, False)
+    return _passes().gram(grads)
 
 
 def sq_norms(grads: TaskGradients) -> Tensor:
     """The squared row norms of J in float32, ``[T]``; one read of J."""
-    return _reduce(_flat_pieces(grads), grads.num_tasks, True)
+    if torch.compiler.is_compiling():
+        return _reduce(_flat_pieces(grads), grads.num_tasks, True)
+    return _passes().sq_norms(grads)
 
 
 def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
     """``outs[k] (+)= Σ_i weights[i] · rows[i][k]``, float32 accumulation, one rounding; rows
     whose weight is exactly zero contribute nothing, even where they hold non-finite values."""
-    _combine(_flat_pieces(grads), grads.num_tasks, weights, outs, accumulate)
+    if torch.compiler.is_compiling():
+        _combine(_flat_pieces(grads), grads.num_tasks, weights, outs, accumulate)
+    else:
+        _passes().combine(grads, weights, outs, accumulate)
 
 
 def _flat_pieces(grads: TaskGradients) -> list[Tensor]:
     """The T×K pieces task-major, the form a custom op's ``Tensor[]`` argument takes."""
     return [piece for row in grads.rows for piece in row]
-
-
-def _regrouped(pieces: list[Tensor], num_tasks: int) -> TaskGradients:
-    per_task = len(pieces) // num_tasks
-    return TaskGradients([pieces[i * per_task : (i + 1) * per_task] for i in range(num_tasks)])
 
 
 def _passes():
@@ -81,7 +84,7 @@ def _passes():
 
 @torch.library.custom_op("emtl_triton::reduce", mutates_args=())
 def _reduce(pieces: list[Tensor], num_tasks: int, norms_only: bool) -> Tensor:
-    grads = _regrouped(pieces, num_tasks)
+    grads = TaskGradients.from_checked_pieces(pieces, num_tasks)
     return _passes().sq_norms(grads) if norms_only else _passes().gram(grads)
 
 
@@ -93,7 +96,7 @@ def _(pieces: list[Tensor], num_tasks: int, norms_only: bool) -> Tensor:
 
 @torch.library.custom_op("emtl_triton::combine", mutates_args=("outs",))
 def _combine(pieces: list[Tensor], num_tasks: int, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
-    _passes().combine(_regrouped(pieces, num_tasks), weights, outs, accumulate)
+    _passes().combine(TaskGradients.from_checked_pieces(pieces, num_tasks), weights, outs, accumulate)
 
 
 @_combine.register_fake

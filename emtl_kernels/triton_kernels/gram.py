@@ -8,8 +8,10 @@ triangle mirrored, so G is exactly symmetric and a repeat run is bit-identical (
 same chunks go to the same programs in the same order).
 
 Products, by T_BLOCK (T rounded up to a power of two, at most 32):
-- up to 8: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK]`` accumulator, reduced once at the end: few
-  FMAs per loaded element, where a padded matrix product would be compute-bound.
+- up to 8: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK // VEC]`` accumulator, reduced once at the
+  end: few FMAs per loaded element, where a padded matrix product would be compute-bound. A
+  thread sums the products of VEC adjacent columns into one accumulator column, so that 8 rows
+  can be read with 16-byte loads within the register budget.
 - 16 and 32: ``tl.dot`` of the tile with its transpose, in IEEE float32 for every storage dtype.
   bfloat16 and float16 values and their products are exact in TF32, but the tensor cores'
   accumulation is not IEEE float32: on an H100, TF32 dots over P = 100 003 (T = 17) and
@@ -50,9 +52,24 @@ def uses_dot(t_block: int, norms_only: bool) -> bool:
 
 
 @triton.jit
+def _add_outer_products(acc, tile_a, tile_b, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """``acc[i, j, c] += Σ_v tile_a[i, VEC·c + v] · tile_b[j, VEC·c + v]``: a thread holds VEC
+    adjacent columns (one wide load per row) but only one column of accumulators. tl.split keeps
+    the halves it makes in the thread that held them."""
+    if VEC == 1:
+        acc += tile_a[:, None, :] * tile_b[None, :, :]
+    else:
+        a_even, a_odd = tl.split(tl.reshape(tile_a, (T_BLOCK, BLOCK // 2, 2)))
+        b_even, b_odd = tl.split(tl.reshape(tile_b, (T_BLOCK, BLOCK // 2, 2)))
+        acc = _add_outer_products(acc, a_even, b_even, T_BLOCK, BLOCK // 2, VEC // 2)
+        acc = _add_outer_products(acc, a_odd, b_odd, T_BLOCK, BLOCK // 2, VEC // 2)
+    return acc
+
+
+@triton.jit
 def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
                 MASK_COLUMNS: tl.constexpr, NORMS_ONLY: tl.constexpr, USE_DOT: tl.constexpr,
-                SINGLE_BLOCK: tl.constexpr):
+                SINGLE_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     tile_a = load_tile(pointers_a, mask_a, offset, length, columns, MASK_COLUMNS)
     if NORMS_ONLY:
         acc += tile_a * tile_a
@@ -64,7 +81,7 @@ def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, col
         if USE_DOT:
             acc = tl.dot(tile_a, tl.trans(tile_b), acc, input_precision="ieee")
         else:
-            acc += tile_a[:, None, :] * tile_b[None, :, :]
+            acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK, BLOCK, VEC)
     return acc
 
 
@@ -73,7 +90,7 @@ def gram_partials_kernel(
     pointer_table, chunk_table, block_pairs, partials, num_tasks, num_chunks,
     DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, USE_DOT: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, WIDTH: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     """One program's partial products (WIDTH values) of the block pair ``program_id(1)`` over its
     chunks."""
@@ -90,7 +107,7 @@ def gram_partials_kernel(
     elif USE_DOT:
         acc = tl.zeros([T_BLOCK, T_BLOCK], dtype=tl.float32)
     else:
-        acc = tl.zeros([T_BLOCK, T_BLOCK, BLOCK], dtype=tl.float32)
+        acc = tl.zeros([T_BLOCK, T_BLOCK, BLOCK // VEC], dtype=tl.float32)
     for chunk in range(program, num_chunks, num_programs):
         column, start, length = chunk_span(chunk_table, chunk, num_chunks)
         pointers_a = row_pointers(pointer_table, column, rows_a, mask_a, num_tasks, start, DTYPE, ALIGNED)
@@ -101,10 +118,10 @@ def gram_partials_kernel(
         full = length - length % BLOCK
         for offset in range(0, full, BLOCK):
             acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
-                              False, NORMS_ONLY, USE_DOT, SINGLE_BLOCK)
+                              False, NORMS_ONLY, USE_DOT, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
         if full < length:
             acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, full, length, columns,
-                              True, NORMS_ONLY, USE_DOT, SINGLE_BLOCK)
+                              True, NORMS_ONLY, USE_DOT, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
     if NORMS_ONLY:
         partial = tl.sum(acc, axis=1)
         entries = tl.arange(0, T_BLOCK)
@@ -175,7 +192,8 @@ def launch_gram(
         DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
         SINGLE_BLOCK=t_block >= num_tasks,
         ALIGNED=tables.aligned, WIDTH=width,
-        BLOCK=config.block, num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
+        BLOCK=config.block, VEC=config.vec,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )
     shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
     out = torch.empty(shape, dtype=torch.float32, device=device)

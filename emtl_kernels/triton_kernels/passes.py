@@ -59,13 +59,13 @@ def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
         return launch_gram(row_tables, grads.num_tasks, dtype, config, slots, norms_only=norms_only)
 
     t_block = gram_t_block(grads.num_tasks)
-    # Registers per element column: the tile, and the squares or the pair products.
+    # Registers per element column: the tile, and the squares.
     if norms_only:
         candidates = tuning.elementwise_candidates(2 * t_block, persistent=True)
     elif uses_dot(t_block, norms_only):
         candidates = tuning.dot_candidates()
     else:
-        candidates = tuning.elementwise_candidates(t_block * t_block + 2 * t_block, persistent=True)
+        candidates = tuning.outer_product_candidates(t_block, grads.rows[0][0].element_size())
     with _on(grads.device):
         config = TUNER.choose(_key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads))
         return run(config)

@@ -13,6 +13,10 @@ launch reads them through three small int64 tables:
 Tables are cached by their contents (the sizes, or the addresses), so a step that sees the same
 tensors again (the caching allocator hands a training loop the same addresses step after step)
 copies nothing to the device, and a CUDA graph replays with the tables it captured.
+
+A whole step captured in a CUDA graph meets new tensors (the graph's own memory pool): their
+tables are copied from pinned host memory by a copy the graph records and repeats at every
+replay, from entries that are never reused (:class:`_CaptureStaging`).
 """
 
 from __future__ import annotations
@@ -49,13 +53,52 @@ class RowTables:
     aligned: bool
 
 
+class _CaptureStaging:
+    """Pinned host memory for the tables made while a CUDA graph is captured.
+
+    The graph records their host-to-device copies and repeats them at every replay, reading the
+    host side again: a staged entry is therefore never overwritten or freed. Pinned memory cannot
+    be allocated during a capture, so eager calls keep room in reserve (twice the entries of each
+    table they build or find: a capture of the same step needs its row and output tables once).
+    """
+
+    #: Entries of the smallest buffer (32 KiB).
+    MIN_ENTRIES = 4096
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+        self._used = 0
+        # Earlier buffers: graphs may still replay copies from them.
+        self._retired: list[Tensor] = []
+
+    def reserve(self, entries: int) -> None:
+        """Outside a capture: make sure ``entries`` are free for the next capture."""
+        if self._buffer is not None and self._buffer.numel() - self._used >= entries:
+            return
+        if self._buffer is not None:
+            self._retired.append(self._buffer)
+        self._buffer = torch.empty(max(entries, self.MIN_ENTRIES), dtype=torch.int64, pin_memory=True)
+        self._used = 0
+
+    def stage(self, values: Tensor) -> Tensor:
+        """During a capture: ``values`` copied into entries that nothing will write again."""
+        count = values.numel()
+        if self._buffer is None or self._buffer.numel() - self._used < count:
+            raise RuntimeError(
+                "the Triton backend has no pinned memory in reserve for the tables of a CUDA graph "
+                "capture; run the step once eagerly, on tensors of the same sizes, before capturing it"
+            )
+        staged = self._buffer[self._used : self._used + count]
+        self._used += count
+        return staged.copy_(values)
+
+
 class _DeviceTableCache:
     """int64 device tensors keyed by their contents, least recently used evicted first.
 
     A table read by a kernel captured in a CUDA graph must outlive the graph: tables looked up
-    while a capture is under way are pinned (never evicted). A table that is not cached yet cannot
-    be made during a capture (its host-to-device copy would be recorded into the graph, reading a
-    host buffer that is gone at replay): that raises, asking for one eager step before capture.
+    while a capture is under way are pinned (never evicted), and those made during a capture are
+    copied from :class:`_CaptureStaging`.
     """
 
     def __init__(self, capacity: int):
@@ -73,10 +116,8 @@ class _DeviceTableCache:
         table = self._entries.get(key)
         if table is None:
             if capturing:
-                raise RuntimeError(
-                    "the Triton backend met new task-gradient tensors during CUDA graph capture; "
-                    "run the step once eagerly on the same tensors before capturing it"
-                )
+                self._pinned[key] = table = CAPTURE_STAGING.stage(build()).to(device, non_blocking=True)
+                return table
             table = _to_device(build(), device)
             self._entries[key] = table
             while len(self._entries) > self._capacity:
@@ -84,6 +125,8 @@ class _DeviceTableCache:
         self._entries.move_to_end(key)
         if capturing:
             self._pinned[key] = self._entries.pop(key)
+        elif device.type == "cuda":
+            CAPTURE_STAGING.reserve(2 * table.numel())
         return table
 
     def clear(self) -> None:
@@ -93,6 +136,8 @@ class _DeviceTableCache:
     def __len__(self) -> int:
         return len(self._entries) + len(self._pinned)
 
+
+CAPTURE_STAGING = _CaptureStaging()
 
 # Entries hold their keys (tuples of T·K addresses): a few dozen cover a training loop.
 DEVICE_TABLES = _DeviceTableCache(capacity=32)
@@ -130,7 +175,7 @@ def row_tables(grads: TaskGradients) -> RowTables:
     tables = _ROW_TABLES.get(grads)
     # Under capture the lookups must go through the device cache, which pins what a graph reads.
     if tables is None or _is_capturing(grads.device):
-        addresses = tuple(grads.rows[i][k].data_ptr() for k in range(len(grads.sizes)) for i in range(grads.num_tasks))
+        addresses = tuple([piece.data_ptr() for column in zip(*grads.rows) for piece in column])
         chunks = DEVICE_TABLES.get(("chunks", grads.sizes), grads.device, lambda: chunk_spans(grads.sizes))
         tables = RowTables(
             chunks=chunks,
@@ -154,7 +199,7 @@ def index_table(values: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def all_aligned(addresses: tuple[int, ...]) -> bool:
-    return all(address % VECTOR_BYTES == 0 for address in addresses)
+    return not any([address % VECTOR_BYTES for address in addresses])
 
 
 def _int64(values: tuple[int, ...]) -> Tensor:

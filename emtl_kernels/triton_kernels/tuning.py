@@ -22,23 +22,31 @@ from triton.runtime.errors import OutOfResources
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Elements per tile, warps per program, software-pipelining stages, and (for persistent
-    grids) programs per SM."""
+    """Elements per tile, warps per program, software-pipelining stages, (for persistent grids)
+    programs per SM, and (for the elementwise Gram products) adjacent columns a thread sums into
+    one accumulator column."""
 
     block: int
     num_warps: int = 4
     num_stages: int = 1
     programs_per_slot: int = 4
+    vec: int = 1
 
 
-#: The one configuration used under the interpreter: large tiles mean fewer Python iterations.
-INTERPRETER_CONFIG = LaunchConfig(block=4096, num_warps=4, num_stages=1, programs_per_slot=4)
+#: The one configuration used under the interpreter: large tiles mean fewer Python iterations;
+#: vec > 1 so that the CPU tests run the code path the GPU candidates add (vec = 1 is tested
+#: explicitly).
+INTERPRETER_CONFIG = LaunchConfig(block=4096, num_warps=4, num_stages=1, programs_per_slot=4, vec=4)
 
 # float32 values a thread may hold in registers for its accumulators and tiles: the compiled
 # kernels then stay well below 255 registers, with no spills.
 _REGISTER_BUDGET = 96
 # Triton's software pipelining acts only on loads that feed tl.dot: elementwise kernels get none.
 _DOT_STAGES = 3
+# Bytes of the widest load a thread issues (128-bit).
+_LOAD_BYTES = 16
+# Largest tile: CHUNK_ELEMENTS must stay a multiple of every block size.
+_MAX_BLOCK = 4096
 
 
 def interpreting() -> bool:
@@ -69,9 +77,26 @@ def elementwise_candidates(values_per_column: int, *, persistent: bool) -> list[
     configs = []
     for warps in (4, 8):
         threads = 32 * warps
-        fitting = [b for b in (256, 512, 1024, 2048, 4096) if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads]
+        fitting = [b for b in (256, 512, 1024, 2048, _MAX_BLOCK) if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads]
         for block in fitting[-2:] or [threads]:
             configs += [LaunchConfig(block, warps, 1, slots) for slots in ((2, 4) if persistent else (1,))]
+    return configs
+
+
+def outer_product_candidates(t_block: int, element_bytes: int) -> list[LaunchConfig]:
+    """Tiles for the elementwise Gram products of ``t_block`` rows. A thread keeps t_block²
+    accumulators per group of ``vec`` adjacent columns and the group's t_block·vec tile values;
+    vec is 1, or one 16-byte load's worth of elements (without it, 8 rows of accumulators leave
+    room for one column a thread: 4-byte loads, 2-byte ones for 16-bit storage). Per warp count and
+    vec, as many groups as the register budget allows (at least one), and two occupancies."""
+    if interpreting():
+        return [INTERPRETER_CONFIG]
+    configs = []
+    for vec in sorted({1, _LOAD_BYTES // element_bytes}):
+        groups = max(1, _REGISTER_BUDGET // (t_block * t_block + t_block * vec))
+        for warps in (4, 8):
+            block = min(_MAX_BLOCK, 32 * warps * vec * (1 << (groups.bit_length() - 1)))
+            configs += [LaunchConfig(block, warps, 1, slots, vec) for slots in (2, 4)]
     return configs
 
 
