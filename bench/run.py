@@ -10,6 +10,7 @@ and the report (``report.md`` and PNG plots, see :mod:`bench.report`) into
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -40,9 +41,23 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}"
     )
+    parser.add_argument(
+        "--kernel-sizes", type=_log2_sizes, metavar="K,K,...",
+        help="the kernel section's P = 2^K instead of the preset's (e.g. 20,24,27: the GPU targets' sizes)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<device>)")
     parser.add_argument("--report-only", type=Path, metavar="RESULTS_JSON", help="rebuild the report of a results file")
     return parser.parse_args(argv)
+
+
+def _log2_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or not all(1 <= size <= 40 for size in sizes):
+        raise argparse.ArgumentTypeError(f"each K must be within 1..40 (P = 2^K), got {text!r}")
+    return sizes
 
 
 def _plan(preset: Preset, device: torch.device, backends: list[str], sections: list[str]):
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> Path:
         return report
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = PRESETS[args.preset or ("full" if device.type == "cuda" else "quick")]
+    if args.kernel_sizes is not None:
+        preset = dataclasses.replace(preset, kernels=dataclasses.replace(preset.kernels, log2_sizes=args.kernel_sizes))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sections = [section.strip() for section in args.sections.split(",") if section.strip()]

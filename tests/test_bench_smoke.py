@@ -15,7 +15,7 @@ from bench.backends import measured_backends
 from bench.environment import caption
 from bench.extras import SUITES
 from bench.kernel_cases import BASELINES, FOREACH_NORM, MATMUL_COMBINE, MATMUL_GRAM, MV_INTO_OUT, SQUARE_SUM, Candidate, KernelCase
-from bench.kernels import pass_bytes
+from bench.kernels import MATRIX, pass_bytes
 from bench.library_path import LibraryStyleStep
 from bench.memory import cpu_peak_increase, peak_bytes
 from bench.presets import TINY
@@ -300,3 +300,13 @@ def test_weighting_suite_times_every_weighting_beside_the_gram_pass(one_thread):
         assert row["gram_numel"] == 2**plan.gram_log2_numel and row["gram_pass_us"] > 0
         assert row["vs_gram_pass"] == pytest.approx(row["median_us"] / row["gram_pass_us"])
         assert "graph_median_us" not in row  # CUDA graphs are captured on a GPU only
+
+
+def test_kernel_sizes_replace_the_presets(tmp_path, one_thread):
+    main(["--preset", "tiny", "--device", "cpu", "--sections", "kernels", "--kernel-sizes", "9,11", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["kernels"]
+    matrix_sizes = {row["numel"] for row in rows if row["layout"] == MATRIX}
+    assert {2**9, 2**11} <= matrix_sizes and 2**10 not in matrix_sizes
+    for bad in ("20,x", "0", ""):
+        with pytest.raises(SystemExit):
+            main(["--kernel-sizes", bad])
