@@ -151,6 +151,34 @@ def test_tables_are_built_once_and_reused():
     assert tables.output_table(outs)[0] is tables.output_table(list(outs))[0]
 
 
+def test_tables_made_during_a_capture_are_staged_once_and_never_overwritten(monkeypatch):
+    """The bookkeeping of capture staging, with the capture simulated on the host: each new table
+    takes fresh entries, a table met again is the pinned one, and without room it asks for an
+    eager step. (On a GPU, test_capture_of_unseen_tensors_* checks the replays themselves.)"""
+    staging = tables._CaptureStaging(pin_memory=False)
+    staging.MIN_ENTRIES = 8
+    monkeypatch.setattr(tables, "CAPTURE_STAGING", staging)
+    monkeypatch.setattr(tables, "_is_capturing", lambda device: True)
+    cache, cpu = tables._DeviceTableCache(capacity=4), torch.device("cpu")
+
+    def built(*values):
+        return lambda: torch.tensor(values)
+
+    with pytest.raises(RuntimeError, match="eagerly"):
+        cache.get(("addresses", (1,)), cpu, built(1))
+    staging.reserve(5)
+    first = cache.get(("addresses", (1, 2, 3)), cpu, built(1, 2, 3))
+    second = cache.get(("addresses", (4, 5)), cpu, built(4, 5))
+    assert cache.get(("addresses", (1, 2, 3)), cpu, built(9, 9, 9)) is first
+    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5]
+    with pytest.raises(RuntimeError, match="eagerly"):
+        cache.get(("addresses", (6, 7, 8, 9)), cpu, built(6, 7, 8, 9))
+    staging.reserve(4)  # a new buffer: the full one stays, as graphs still copy from it
+    third = cache.get(("addresses", (6, 7, 8, 9)), cpu, built(6, 7, 8, 9))
+    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5] and third.tolist() == [6, 7, 8, 9]
+    assert len(cache) == 3
+
+
 def test_chunk_table_covers_every_element_with_int64_offsets():
     chunk = tables.CHUNK_ELEMENTS
     sizes = (3, 2 * chunk + 5, 2**31 + 7, chunk)
@@ -181,7 +209,7 @@ def test_kernels_reach_offsets_past_two_to_the_31():
         row_pointers=torch.tensor(address, device=DEVICE),
         aligned=tables.all_aligned(tuple(a + shift for a in address)),
     )
-    config = tuning.elementwise_candidates(80, persistent=True)[0]
+    config = tuning.outer_product_candidates(8, 2)[0]
     triton_dtype = triton_passes.TRITON_DTYPES[dtype]
     slots = tuning.program_slots(torch.device(DEVICE))
     gram = launch_gram(row_tables, num_tasks, triton_dtype, config, slots, norms_only=False)
@@ -190,7 +218,7 @@ def test_kernels_reach_offsets_past_two_to_the_31():
     output_table = torch.tensor([out.data_ptr() - shift], device=DEVICE)
     weights = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
     launch_combine(row_tables, num_tasks, triton_dtype, weights, output_table, True,
-                   tuning.elementwise_candidates(9, persistent=False)[0], accumulate=False)
+                   tuning.elementwise_candidates(9, 2, persistent=False)[0], accumulate=False)
     assert_combine_close(out, *combine64(exact, weights), dtype)
 
 
@@ -300,6 +328,27 @@ def test_first_accumulating_combine_adds_once_on_gpu():
     assert_combine_close(out, expected + 1.0, scale + 1.0, torch.float32)
 
 
+def capture_both_passes(grads, weights, outs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """The Gram and combine passes over ``grads`` captured in a CUDA graph, and the G it writes."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gram = task_gram(grads, backend="triton")
+        weighted_combine(grads, weights, out=outs, backend="triton")
+    return graph, gram
+
+
+def replay_on_scaled_gradients(graph, gram, grads, weights, outs, factor: float) -> None:
+    """Scale every task gradient in place, replay, and check both passes against float64."""
+    for row in grads.rows:
+        for piece in row:
+            piece.mul_(factor)
+    graph.replay()
+    torch.cuda.synchronize()
+    exact = torch.stack([torch.cat(row).double().cpu() for row in grads.rows])
+    assert_gram_close(gram, exact)
+    assert_combine_close(outs, *combine64(exact, weights), grads.dtype)
+
+
 @needs_cuda
 def test_cuda_graph_replays_both_passes():
     grads, _ = make_task_gradients(6, 300_001, torch.float32, "rows", device=DEVICE, seed=6)
@@ -308,19 +357,9 @@ def test_cuda_graph_replays_both_passes():
     task_gram(grads, backend="triton")  # warm-up: tuning and tables happen outside the capture
     weighted_combine(grads, weights, out=outs, backend="triton")
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        gram = task_gram(grads, backend="triton")
-        weighted_combine(grads, weights, out=outs, backend="triton")
-    for row in grads.rows:
-        for piece in row:
-            piece.mul_(-0.5)
+    graph, gram = capture_both_passes(grads, weights, outs)
     weights.mul_(2.0)
-    graph.replay()
-    torch.cuda.synchronize()
-    exact = torch.stack([torch.cat(row).double().cpu() for row in grads.rows])
-    assert_gram_close(gram, exact)
-    assert_combine_close(outs, *combine64(exact, weights), torch.float32)
+    replay_on_scaled_gradients(graph, gram, grads, weights, outs, -0.5)
 
 
 @needs_cuda
@@ -335,19 +374,9 @@ def test_capture_of_unseen_tensors_copies_their_tables_at_every_replay():
     for seed in (9, 10):
         grads, _ = make_task_gradients(5, 70_001, torch.bfloat16, "rows", device=DEVICE, seed=seed)
         outs = [torch.empty(size, dtype=torch.bfloat16, device=DEVICE) for size in grads.sizes]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            gram = task_gram(grads, backend="triton")
-            weighted_combine(grads, weights, out=outs, backend="triton")
+        graph, gram = capture_both_passes(grads, weights, outs)
         for _ in range(2):
-            for row in grads.rows:
-                for piece in row:
-                    piece.mul_(-2.0)
-            graph.replay()
-            torch.cuda.synchronize()
-            exact = torch.stack([torch.cat(row).double().cpu() for row in grads.rows])
-            assert_gram_close(gram, exact)
-            assert_combine_close(outs, *combine64(exact, weights), torch.bfloat16)
+            replay_on_scaled_gradients(graph, gram, grads, weights, outs, -2.0)
 
 
 @needs_cuda

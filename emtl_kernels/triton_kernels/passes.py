@@ -44,7 +44,8 @@ def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulat
                        accumulate=accumulate)
 
     with _on(grads.device):
-        candidates = tuning.elementwise_candidates(combine_t_block(grads.num_tasks) + 1, persistent=False)
+        candidates = tuning.elementwise_candidates(combine_t_block(grads.num_tasks) + 1, _element_bytes(grads),
+                                                   persistent=False)
         # Timing runs the pass several times: harmless when it overwrites, wrong when it adds.
         config = TUNER.choose(_key("combine", grads), candidates, run, may_time=_may_time(grads) and not accumulate)
         run(config)
@@ -61,14 +62,18 @@ def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
     t_block = gram_t_block(grads.num_tasks)
     # Registers per element column: the tile, and the squares.
     if norms_only:
-        candidates = tuning.elementwise_candidates(2 * t_block, persistent=True)
+        candidates = tuning.elementwise_candidates(2 * t_block, _element_bytes(grads), persistent=True)
     elif uses_dot(t_block, norms_only):
         candidates = tuning.dot_candidates()
     else:
-        candidates = tuning.outer_product_candidates(t_block, grads.rows[0][0].element_size())
+        candidates = tuning.outer_product_candidates(t_block, _element_bytes(grads))
     with _on(grads.device):
         config = TUNER.choose(_key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads))
         return run(config)
+
+
+def _element_bytes(grads: TaskGradients) -> int:
+    return grads.rows[0][0].element_size()
 
 
 def _key(kind: str, grads: TaskGradients) -> tuple:

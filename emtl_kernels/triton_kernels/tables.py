@@ -65,7 +65,9 @@ class _CaptureStaging:
     #: Entries of the smallest buffer (32 KiB).
     MIN_ENTRIES = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, pin_memory: bool = True) -> None:
+        # Unpinned only in CPU tests of the bookkeeping (a CPU-only torch cannot pin).
+        self._pin_memory = pin_memory
         self._buffer: Tensor | None = None
         self._used = 0
         # Earlier buffers: graphs may still replay copies from them.
@@ -77,7 +79,7 @@ class _CaptureStaging:
             return
         if self._buffer is not None:
             self._retired.append(self._buffer)
-        self._buffer = torch.empty(max(entries, self.MIN_ENTRIES), dtype=torch.int64, pin_memory=True)
+        self._buffer = torch.empty(max(entries, self.MIN_ENTRIES), dtype=torch.int64, pin_memory=self._pin_memory)
         self._used = 0
 
     def stage(self, values: Tensor) -> Tensor:

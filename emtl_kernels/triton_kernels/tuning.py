@@ -67,10 +67,11 @@ def program_slots(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def elementwise_candidates(values_per_column: int, *, persistent: bool) -> list[LaunchConfig]:
+def elementwise_candidates(values_per_column: int, element_bytes: int, *, persistent: bool) -> list[LaunchConfig]:
     """Tiles for kernels that hold ``values_per_column`` float32 registers per element column
     (tile rows and elementwise accumulators): per warp count, the two largest blocks within the
-    register budget (more bytes in flight per iteration), and for a persistent grid two
+    register budget (more bytes in flight per iteration), the block that gives every thread one
+    16-byte load a row where the budget stops short of it, and for a persistent grid two
     occupancies."""
     if interpreting():
         return [INTERPRETER_CONFIG]
@@ -78,7 +79,11 @@ def elementwise_candidates(values_per_column: int, *, persistent: bool) -> list[
     for warps in (4, 8):
         threads = 32 * warps
         fitting = [b for b in (256, 512, 1024, 2048, _MAX_BLOCK) if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads]
-        for block in fitting[-2:] or [threads]:
+        blocks = fitting[-2:] or [threads]
+        wide = min(_MAX_BLOCK, threads * _LOAD_BYTES // element_bytes)
+        if blocks[-1] < wide:
+            blocks.append(wide)
+        for block in blocks:
             configs += [LaunchConfig(block, warps, 1, slots) for slots in ((2, 4) if persistent else (1,))]
     return configs
 
