@@ -44,12 +44,10 @@ class TaskGradients:
                     f"every task needs one gradient per shared tensor: task 0 has {num_pieces}, "
                     f"task {i} has {len(row)}"
                 )
-        first = rows[0][0]
-        _check_piece(first, "task 0, tensor 0")
-        self.dtype: torch.dtype = first.dtype
-        self.device: torch.device = first.device
         for k, piece in enumerate(rows[0]):
             _check_piece(piece, f"task 0, tensor {k}")
+        self.dtype: torch.dtype = rows[0][0].dtype
+        self.device: torch.device = rows[0][0].device
         self.sizes: tuple[int, ...] = tuple(piece.numel() for piece in rows[0])
         self.rows: tuple[tuple[Tensor, ...], ...] = tuple(
             tuple(self._flat_piece(piece, i, k) for k, piece in enumerate(row))
