@@ -16,7 +16,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from emtl_kernels.triton_kernels.combine import combine_kernel
-from emtl_kernels.triton_kernels.gram import gram_partials_kernel, reduce_partials_kernel, uses_dot
+from emtl_kernels.triton_kernels.tuning import NUM_STAGES
+from emtl_kernels.triton_kernels.gram import gram_partials_kernel, reduce_partials_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -36,46 +37,48 @@ def _signature(kernel, constants: dict) -> dict:
     return signature
 
 
-def compile_variant(kernel, constants: dict, num_warps: int, num_stages: int) -> dict:
+def compile_variant(kernel, constants: dict, num_warps: int) -> dict:
     source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, constants), constexprs=constants)
-    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True})
+    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": NUM_STAGES, "enable_fp_fusion": True})
     ptx = compiled.asm["ptx"]
     return {
         "kernel": kernel.__name__,
         "constants": {name: str(value) for name, value in constants.items()},
         "accesses": sorted(set(re.findall(r"(?:ld|st)\.global[.\w]*|cp\.async\.\w+\.shared\.global", ptx))),
         "wide_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32 ", ptx)),
-        "mma": sorted(set(re.findall(r"mma\.sync[.\w]*", ptx))),
+        "mma": sorted(set(re.findall(r"(?:wgmma|mma)\.[.\w]*", ptx))),
     }
 
 
-def _gram(dtype, t_block, norms_only, single_block, block, num_warps, num_stages=1, vec=1):
+def _gram(dtype, t_block, norms_only, single_block, block, num_warps, vec=1):
     constants = dict(
-        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
+        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only,
         SINGLE_BLOCK=single_block, ALIGNED=True,
         WIDTH=t_block if norms_only else t_block * t_block,
         BLOCK=block, VEC=vec,
     )
-    return compile_variant(gram_partials_kernel, constants, num_warps, num_stages)
+    return compile_variant(gram_partials_kernel, constants, num_warps)
 
 
 def variants() -> list[dict]:
-    """Every code path of the kernels once: elementwise and tl.dot products, float32 and 16-bit
-    storage, norms only, pairs of task blocks, the reduction, combine with and without adding."""
+    """Every code path of the kernels once: products with and without column groups, float32 and
+    16-bit storage, norms only, pairs of task blocks, the reduction, combine with and without
+    adding."""
     reports = [
         _gram(tl.float32, 1, False, True, 4096, 8),
         _gram(tl.float32, 8, False, True, 512, 4, vec=4),
         _gram(tl.bfloat16, 8, False, True, 2048, 8, vec=8),
         _gram(tl.float16, 4, True, True, 2048, 8),
-        _gram(tl.float32, 16, False, True, 64, 4, 3),
-        _gram(tl.bfloat16, 32, False, False, 128, 8, 3),
+        _gram(tl.float32, 32, True, True, 512, 4),
+        _gram(tl.bfloat16, 8, False, False, 1024, 4, vec=8),
     ]
-    for t_block, norms_only in ((32, False), (8, True)):
-        constants = dict(T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=t_block if norms_only else t_block**2, ROWS=8)
-        reports.append(compile_variant(reduce_partials_kernel, constants, 4, 1))
+    for t_block, norms_only in ((8, False), (32, True)):
+        width = t_block if norms_only else t_block**2
+        constants = dict(T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=width, ROWS=4096 // width)
+        reports.append(compile_variant(reduce_partials_kernel, constants, 4))
     for dtype, accumulate in ((tl.float32, False), (tl.bfloat16, True)):
         constants = dict(DTYPE=dtype, T_BLOCK=8, ACCUMULATE=accumulate, ALIGNED=True, BLOCK=2048)
-        reports.append(compile_variant(combine_kernel, constants, 8, 1))
+        reports.append(compile_variant(combine_kernel, constants, 8))
     return reports
 
 

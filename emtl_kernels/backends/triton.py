@@ -40,7 +40,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         if torch.version.hip is not None:
             return "the kernels are written and checked for NVIDIA GPUs, not ROCm"
         if torch.cuda.get_device_capability(device) < (8, 0):
-            # 16-bit Gram products run on TF32 tensor cores, which Ampere introduced.
+            # bfloat16 loads and conversions, as the kernels issue them, need Ampere.
             return "the kernels need an NVIDIA GPU of compute capability 8.0 (Ampere) or newer"
         return None
     if device.type == "cpu":
@@ -51,14 +51,14 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def gram(grads: TaskGradients) -> Tensor:
-    """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J."""
+    """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J per 8 tasks."""
     if torch.compiler.is_compiling():
         return _reduce(_flat_pieces(grads), grads.num_tasks, False)
     return _passes().gram(grads)
 
 
 def sq_norms(grads: TaskGradients) -> Tensor:
-    """The squared row norms of J in float32, ``[T]``; one read of J."""
+    """The squared row norms of J in float32, ``[T]``; one read of J per 32 tasks."""
     if torch.compiler.is_compiling():
         return _reduce(_flat_pieces(grads), grads.num_tasks, True)
     return _passes().sq_norms(grads)

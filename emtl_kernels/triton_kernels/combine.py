@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .tables import RowTables
 from .tiles import chunk_span, load_tile, row_pointers, to_storage, typed_pointer
-from .tuning import LaunchConfig
+from .tuning import NUM_STAGES, LaunchConfig
 
 #: Task rows a program holds at once; more tasks loop over row blocks.
 MAX_T_BLOCK = 16
@@ -87,5 +87,5 @@ def launch_combine(
         tables.row_pointers, output_table, tables.chunks, weights, num_tasks, tables.num_chunks,
         DTYPE=dtype, T_BLOCK=combine_t_block(num_tasks), ACCUMULATE=accumulate,
         ALIGNED=tables.aligned and outputs_aligned, BLOCK=config.block,
-        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
+        num_warps=config.num_warps, num_stages=NUM_STAGES, enable_fp_fusion=True,
     )

@@ -1,4 +1,4 @@
-"""The Gram pass: all T(T+1)/2 dot products of the task gradients in one read of J.
+"""The Gram pass: all T(T+1)/2 dot products of the task gradients in one pass.
 
 Stage 1 (:func:`gram_partials_kernel`): a persistent grid (about the SM count times a few programs)
 walks the chunk table grid-stride; each program accumulates the products of its chunks in float32
@@ -7,17 +7,15 @@ registers and writes one ``T_BLOCK × T_BLOCK`` partial (or ``T_BLOCK`` squared 
 triangle mirrored, so G is exactly symmetric and a repeat run is bit-identical (no atomics; the
 same chunks go to the same programs in the same order).
 
-Products, by T_BLOCK (T rounded up to a power of two, at most 32):
-- up to 8: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK // VEC]`` accumulator, reduced once at the
-  end: few FMAs per loaded element, where a padded matrix product would be compute-bound. A
-  thread sums the products of VEC adjacent columns into one accumulator column, so that 8 rows
-  can be read with 16-byte loads within the register budget.
-- 16 and 32: ``tl.dot`` of the tile with its transpose, in IEEE float32 for every storage dtype.
-  bfloat16 and float16 values and their products are exact in TF32, but the tensor cores'
-  accumulation is not IEEE float32: on an H100, TF32 dots over P = 100 003 (T = 17) and
-  P = 2²² (T = 16) of bfloat16 rows erred 7 to 8 times the float32-accumulation bound the parity
-  tests hold every backend to.
-Beyond 32 tasks, a second grid axis walks the pairs of 32-row blocks (J is read once per pair).
+Products: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK // VEC]`` accumulator, reduced once at the
+end, with T_BLOCK at most 8. A thread sums the products of VEC adjacent columns into one
+accumulator column, so that 8 rows can be read with 16-byte loads within the register budget.
+More tasks take a second grid axis over the pairs of 8-row blocks, each pair reading its two
+blocks: J is read ⌈T/8⌉ times. That beats the alternatives measured on an H200 (P = 2²⁴ and 2²⁷,
+T = 16): ``tl.dot`` in IEEE float32 runs on the FMA units and reached 0.05–0.10× the copy
+bandwidth, and tensor-core dots are not an option, since their accumulation is not IEEE float32
+(on an H100, TF32 dots of bfloat16 rows erred 7 to 8 times the float32-accumulation bound the
+parity tests hold every backend to). The squared norms alone hold T_BLOCK ≤ 32 rows in one read.
 
 A NaN or inf anywhere in row i reaches G_ii: masked loads fill zeros only outside J, and nothing
 on the way drops a non-finite value.
@@ -31,24 +29,19 @@ import triton.language as tl
 
 from .tables import RowTables, index_table
 from .tiles import chunk_span, load_tile, row_pointers
-from .tuning import LaunchConfig
+from .tuning import NUM_STAGES, LaunchConfig
 
-#: Largest task block held in registers; more tasks tile over pairs of blocks.
-MAX_T_BLOCK = 32
-#: From this task block on, Gram products run through ``tl.dot`` (its smallest M and N).
-DOT_T_BLOCK = 16
-#: Partials summed per step of the second stage.
-_REDUCE_ROWS = 8
+#: Largest task block a program holds: its products, or its squares alone. More tasks tile
+#: over (pairs of) blocks.
+MAX_PRODUCTS_T_BLOCK = 8
+MAX_NORMS_T_BLOCK = 32
+#: Partial values the second stage loads at once: 64 partials of an 8×8 block a step.
+_REDUCE_VALUES = 4096
 
 
-def gram_t_block(num_tasks: int) -> int:
+def gram_t_block(num_tasks: int, norms_only: bool) -> int:
     """Rows of J a program holds at once for ``num_tasks`` tasks."""
-    return min(triton.next_power_of_2(num_tasks), MAX_T_BLOCK)
-
-
-def uses_dot(t_block: int, norms_only: bool) -> bool:
-    """Whether the products of a pass run through ``tl.dot`` (else elementwise)."""
-    return not norms_only and t_block >= DOT_T_BLOCK
+    return min(triton.next_power_of_2(num_tasks), MAX_NORMS_T_BLOCK if norms_only else MAX_PRODUCTS_T_BLOCK)
 
 
 @triton.jit
@@ -68,8 +61,7 @@ def _add_outer_products(acc, tile_a, tile_b, T_BLOCK: tl.constexpr, BLOCK: tl.co
 
 @triton.jit
 def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
-                MASK_COLUMNS: tl.constexpr, NORMS_ONLY: tl.constexpr, USE_DOT: tl.constexpr,
-                SINGLE_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+                MASK_COLUMNS: tl.constexpr, NORMS_ONLY: tl.constexpr, SINGLE_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
     tile_a = load_tile(pointers_a, mask_a, offset, length, columns, MASK_COLUMNS)
     if NORMS_ONLY:
         acc += tile_a * tile_a
@@ -78,18 +70,14 @@ def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, col
             tile_b = tile_a
         else:
             tile_b = load_tile(pointers_b, mask_b, offset, length, columns, MASK_COLUMNS)
-        if USE_DOT:
-            acc = tl.dot(tile_a, tl.trans(tile_b), acc, input_precision="ieee")
-        else:
-            acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK, BLOCK, VEC)
+        acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK, BLOCK, VEC)
     return acc
 
 
 @triton.jit
 def gram_partials_kernel(
     pointer_table, chunk_table, block_pairs, partials, num_tasks, num_chunks,
-    DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, USE_DOT: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, WIDTH: tl.constexpr,
+    DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     """One program's partial products (WIDTH values) of the block pair ``program_id(1)`` over its
@@ -104,8 +92,6 @@ def gram_partials_kernel(
     columns = tl.arange(0, BLOCK)
     if NORMS_ONLY:
         acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
-    elif USE_DOT:
-        acc = tl.zeros([T_BLOCK, T_BLOCK], dtype=tl.float32)
     else:
         acc = tl.zeros([T_BLOCK, T_BLOCK, BLOCK // VEC], dtype=tl.float32)
     for chunk in range(program, num_chunks, num_programs):
@@ -118,18 +104,15 @@ def gram_partials_kernel(
         full = length - length % BLOCK
         for offset in range(0, full, BLOCK):
             acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
-                              False, NORMS_ONLY, USE_DOT, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
+                              False, NORMS_ONLY, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
         if full < length:
             acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, full, length, columns,
-                              True, NORMS_ONLY, USE_DOT, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
+                              True, NORMS_ONLY, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
     if NORMS_ONLY:
         partial = tl.sum(acc, axis=1)
         entries = tl.arange(0, T_BLOCK)
     else:
-        if USE_DOT:
-            partial = acc
-        else:
-            partial = tl.sum(acc, axis=2)
+        partial = tl.sum(acc, axis=2)
         entries = tl.arange(0, T_BLOCK)[:, None] * T_BLOCK + tl.arange(0, T_BLOCK)[None, :]
     slot = (pair * num_programs + program).to(tl.int64)
     tl.store(partials + slot * WIDTH + entries, partial)
@@ -177,7 +160,7 @@ def launch_gram(
     (the SM count on a GPU); the persistent grid never exceeds the chunk count.
     """
     device = tables.chunks.device
-    t_block = gram_t_block(num_tasks)
+    t_block = gram_t_block(num_tasks, norms_only)
     starts = range(0, num_tasks, t_block)
     if norms_only:
         pairs = [(a, a) for a in starts]
@@ -189,16 +172,15 @@ def launch_gram(
     partials = torch.empty(len(pairs), num_programs, width, dtype=torch.float32, device=device)
     gram_partials_kernel[(num_programs, len(pairs))](
         tables.row_pointers, tables.chunks, block_pairs, partials, num_tasks, tables.num_chunks,
-        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, USE_DOT=uses_dot(t_block, norms_only),
-        SINGLE_BLOCK=t_block >= num_tasks,
+        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, SINGLE_BLOCK=t_block >= num_tasks,
         ALIGNED=tables.aligned, WIDTH=width,
         BLOCK=config.block, VEC=config.vec,
-        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
+        num_warps=config.num_warps, num_stages=NUM_STAGES, enable_fp_fusion=True,
     )
     shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     reduce_partials_kernel[(len(pairs),)](
         partials, out, block_pairs, num_tasks, num_programs,
-        T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=width, ROWS=_REDUCE_ROWS, num_warps=4, enable_fp_fusion=True,
+        T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=width, ROWS=max(1, _REDUCE_VALUES // width), num_warps=4, enable_fp_fusion=True,
     )
     return out

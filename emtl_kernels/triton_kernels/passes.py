@@ -14,7 +14,7 @@ from torch import Tensor
 from ..task_gradients import TaskGradients
 from . import tables, tuning
 from .combine import combine_t_block, launch_combine
-from .gram import gram_t_block, launch_gram, uses_dot
+from .gram import gram_t_block, launch_gram
 
 #: Triton's name for each storage dtype.
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -23,12 +23,12 @@ TUNER = tuning.Tuner()
 
 
 def gram(grads: TaskGradients) -> Tensor:
-    """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J."""
+    """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J per 8 tasks."""
     return _reduction(grads, norms_only=False)
 
 
 def sq_norms(grads: TaskGradients) -> Tensor:
-    """The squared row norms of J in float32, ``[T]``; one read of J."""
+    """The squared row norms of J in float32, ``[T]``; one read of J per 32 tasks."""
     return _reduction(grads, norms_only=True)
 
 
@@ -59,12 +59,10 @@ def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
     def run(config: tuning.LaunchConfig) -> Tensor:
         return launch_gram(row_tables, grads.num_tasks, dtype, config, slots, norms_only=norms_only)
 
-    t_block = gram_t_block(grads.num_tasks)
+    t_block = gram_t_block(grads.num_tasks, norms_only)
     # Registers per element column: the tile, and the squares.
     if norms_only:
         candidates = tuning.elementwise_candidates(2 * t_block, _element_bytes(grads), persistent=True)
-    elif uses_dot(t_block, norms_only):
-        candidates = tuning.dot_candidates()
     else:
         candidates = tuning.outer_product_candidates(t_block, _element_bytes(grads))
     with _on(grads.device):

@@ -22,13 +22,11 @@ from triton.runtime.errors import OutOfResources
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Elements per tile, warps per program, software-pipelining stages, (for persistent grids)
-    programs per SM, and (for the elementwise Gram products) adjacent columns a thread sums into
-    one accumulator column."""
+    """Elements per tile, warps per program, (for persistent grids) programs per SM, and (for the
+    Gram products) adjacent columns a thread sums into one accumulator column."""
 
     block: int
     num_warps: int = 4
-    num_stages: int = 1
     programs_per_slot: int = 4
     vec: int = 1
 
@@ -36,13 +34,14 @@ class LaunchConfig:
 #: The one configuration used under the interpreter: large tiles mean fewer Python iterations;
 #: vec > 1 so that the CPU tests run the code path the GPU candidates add (vec = 1 is tested
 #: explicitly).
-INTERPRETER_CONFIG = LaunchConfig(block=4096, num_warps=4, num_stages=1, programs_per_slot=4, vec=4)
+INTERPRETER_CONFIG = LaunchConfig(block=4096, num_warps=4, programs_per_slot=4, vec=4)
 
 # float32 values a thread may hold in registers for its accumulators and tiles: the compiled
 # kernels then stay well below 255 registers, with no spills.
 _REGISTER_BUDGET = 96
-# Triton's software pipelining acts only on loads that feed tl.dot: elementwise kernels get none.
-_DOT_STAGES = 3
+#: Software-pipelining stages of every launch: Triton pipelines only loads that feed tl.dot, and
+#: the kernels have none.
+NUM_STAGES = 1
 # Bytes of the widest load a thread issues (128-bit).
 _LOAD_BYTES = 16
 # Largest tile: CHUNK_ELEMENTS must stay a multiple of every block size.
@@ -84,7 +83,7 @@ def elementwise_candidates(values_per_column: int, element_bytes: int, *, persis
         if blocks[-1] < wide:
             blocks.append(wide)
         for block in blocks:
-            configs += [LaunchConfig(block, warps, 1, slots) for slots in ((2, 4) if persistent else (1,))]
+            configs += [LaunchConfig(block, warps, slots) for slots in ((2, 4) if persistent else (1,))]
     return configs
 
 
@@ -101,20 +100,8 @@ def outer_product_candidates(t_block: int, element_bytes: int) -> list[LaunchCon
         groups = max(1, _REGISTER_BUDGET // (t_block * t_block + t_block * vec))
         for warps in (4, 8):
             block = min(_MAX_BLOCK, 32 * warps * vec * (1 << (groups.bit_length() - 1)))
-            configs += [LaunchConfig(block, warps, 1, slots, vec) for slots in (2, 4)]
+            configs += [LaunchConfig(block, warps, slots, vec) for slots in (2, 4)]
     return configs
-
-
-def dot_candidates() -> list[LaunchConfig]:
-    """Tiles for the persistent kernel whose products run through ``tl.dot`` (K = block)."""
-    if interpreting():
-        return [INTERPRETER_CONFIG]
-    return [
-        LaunchConfig(block, warps, _DOT_STAGES, slots)
-        for block in (64, 128)
-        for warps in (4, 8)
-        for slots in (1, 2)
-    ]
 
 
 class Tuner:
