@@ -84,7 +84,10 @@ def measure_ranks(plan: DistributedPlan) -> list[dict]:
 def _rank_main(rank: int, processes: int, port: int, out_dir: str, plan: DistributedPlan) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=processes,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=processes,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     rows = []

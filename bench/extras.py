@@ -38,7 +38,9 @@ def _suite_job(module_name: str, preset: Preset, device: torch.device) -> Job:
         try:
             rows = results(preset.name, device)
         except Exception as error:  # another suite's failure must not lose this run's results
-            return [{"suite": module_name, "note": "failed: " + "".join(traceback.format_exception_only(error)).strip()}]
+            return [
+                {"suite": module_name, "note": "failed: " + "".join(traceback.format_exception_only(error)).strip()}
+            ]
         return [{"suite": module_name, **row} for row in rows]
 
     return Job("extras", f"extras: {module_name}", run)

@@ -64,7 +64,9 @@ def free_bytes(device: torch.device) -> int:
     raise RuntimeError("cannot tell the free memory of this machine")
 
 
-def measure_case(case: KernelCase, layout: str, backends: Sequence[str], device: torch.device, preset: Preset) -> list[dict]:
+def measure_case(
+    case: KernelCase, layout: str, backends: Sequence[str], device: torch.device, preset: Preset
+) -> list[dict]:
     """Time every candidate of ``case`` interleaved; one row per candidate."""
     clock = Clock(device, flush_cache=True)
     samplers = {candidate: timed(call, clock) for candidate, call in case.calls(backends).items()}
@@ -80,9 +82,17 @@ def measure_case(case: KernelCase, layout: str, backends: Sequence[str], device:
     for candidate, error in errors.items():
         moved = pass_bytes(candidate.kernel_pass, num_tasks, numel, element_size)
         row = {
-            "pass": candidate.kernel_pass, "backend": candidate.backend, "baseline": candidate.baseline,
-            "layout": layout, "tensors": len(case.blocks), "dtype": str(case.blocks[0].dtype).removeprefix("torch."),
-            "tasks": num_tasks, "numel": numel, "element_size": element_size, "bytes": moved, "error": error,
+            "pass": candidate.kernel_pass,
+            "backend": candidate.backend,
+            "baseline": candidate.baseline,
+            "layout": layout,
+            "tensors": len(case.blocks),
+            "dtype": str(case.blocks[0].dtype).removeprefix("torch."),
+            "tasks": num_tasks,
+            "numel": numel,
+            "element_size": element_size,
+            "bytes": moved,
+            "error": error,
         }
         if error is None:
             gbps = _gbps(timings[candidate], moved)
@@ -100,8 +110,13 @@ def _case_name(sizes: Sequence[int], layout: str) -> str:
 
 
 def _case_job(
-    dtype_name: str, num_tasks: int, sizes: Sequence[int], layout: str, backends: Sequence[str],
-    device: torch.device, preset: Preset,
+    dtype_name: str,
+    num_tasks: int,
+    sizes: Sequence[int],
+    layout: str,
+    backends: Sequence[str],
+    device: torch.device,
+    preset: Preset,
 ) -> Job:
     def run() -> list[dict]:
         case = KernelCase.make(dtype_name, num_tasks, sizes, device)

@@ -38,8 +38,18 @@ class TransformerShapes:
         """The tensors' shapes in the order ``named_parameters()`` lists them."""
         width = self.width
         block = [
-            (width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,),
-            (width,), (width,), (4 * width, width), (4 * width,), (width, 4 * width), (width,),
+            (width,),
+            (width,),
+            (3 * width, width),
+            (3 * width,),
+            (width, width),
+            (width,),
+            (width,),
+            (width,),
+            (4 * width, width),
+            (4 * width,),
+            (width, 4 * width),
+            (width,),
         ]
         return [(self.vocab, width), (self.context, width)] + block * self.layers + [(width,), (width,)]
 
@@ -119,7 +129,9 @@ QUICK = Preset(
         tasks=(2, 4, 8, 16),
         log2_sizes=(16, 18, 20, 22),
         dtypes=("float32", "bfloat16"),
-        multi_tensor=TransformerShapes("GPT-2 shapes, width 256, 4 layers", width=256, layers=4, vocab=8192, context=256),
+        multi_tensor=TransformerShapes(
+            "GPT-2 shapes, width 256, 4 layers", width=256, layers=4, vocab=8192, context=256
+        ),
         multi_tensor_tasks=(2, 8),
         warmup=2,
         repeats=7,

@@ -139,32 +139,45 @@ def _targets_section(results: dict, exhibits: _Exhibits) -> str:
 
 def _step_rows_table(trunk_rows: list[dict], all_rows: list[dict], exhibits: _Exhibits) -> str:
     header = [
-        "path", "step ms", "× floor", "task gradients ms", "post-backward ms",
-        "post-backward speed-up vs library", "vs TorchJD", "step speed-up vs library", "vs TorchJD",
-        "peak MiB", "peak × floor", "extra / (P·s)",
+        "path",
+        "step ms",
+        "× floor",
+        "task gradients ms",
+        "post-backward ms",
+        "post-backward speed-up vs library",
+        "vs TorchJD",
+        "step speed-up vs library",
+        "vs TorchJD",
+        "peak MiB",
+        "peak × floor",
+        "extra / (P·s)",
     ]
     table = []
     for row in trunk_rows:
         if "times" not in row:
-            table.append([_path_label(row), "error: " + (row.get("error") or "?").replace("|", "/")] + [""] * (len(header) - 2))
+            table.append(
+                [_path_label(row), "error: " + (row.get("error") or "?").replace("|", "/")] + [""] * (len(header) - 2)
+            )
             continue
         step, post = median(row, "step"), median(row, "post_backward")
         peak = row.get("peak_bytes")
         weighted = row["path"] != "floor"
-        table.append([
-            _path_label(row),
-            _ms(step),
-            _ratio(step / baseline(all_rows, row, "floor", "step")),
-            _ms(median(row, "task_gradients")),
-            _ms(post),
-            _ratio(baseline(all_rows, row, "library", "post_backward") / post) if weighted else "—",
-            _ratio(baseline(all_rows, row, "torchjd", "post_backward") / post) if weighted else "—",
-            _ratio(baseline(all_rows, row, "library", "step") / step) if weighted else "—",
-            _ratio(baseline(all_rows, row, "torchjd", "step") / step) if weighted else "—",
-            "—" if peak is None else f"{peak / 2**20:.3g}",
-            "—" if peak is None else _ratio(peak / floor_peak(all_rows, row)),
-            "—" if peak is None else f"{extra_memory_units(all_rows, row):.2f}",
-        ])
+        table.append(
+            [
+                _path_label(row),
+                _ms(step),
+                _ratio(step / baseline(all_rows, row, "floor", "step")),
+                _ms(median(row, "task_gradients")),
+                _ms(post),
+                _ratio(baseline(all_rows, row, "library", "post_backward") / post) if weighted else "—",
+                _ratio(baseline(all_rows, row, "torchjd", "post_backward") / post) if weighted else "—",
+                _ratio(baseline(all_rows, row, "library", "step") / step) if weighted else "—",
+                _ratio(baseline(all_rows, row, "torchjd", "step") / step) if weighted else "—",
+                "—" if peak is None else f"{peak / 2**20:.3g}",
+                "—" if peak is None else _ratio(peak / floor_peak(all_rows, row)),
+                "—" if peak is None else f"{extra_memory_units(all_rows, row):.2f}",
+            ]
+        )
     return exhibits.table(header, table)
 
 
@@ -355,7 +368,9 @@ def _kernels_section(results: dict, exhibits: _Exhibits) -> str:
         parts += [
             "At the largest P measured for each dtype and T:",
             "",
-            _kernel_table([row for row in matrix if row["numel"] == largest[(row["dtype"], row["tasks"])]], good, exhibits),
+            _kernel_table(
+                [row for row in matrix if row["numel"] == largest[(row["dtype"], row["tasks"])]], good, exhibits
+            ),
             "",
             "<details><summary>Every size</summary>",
             "",
@@ -379,8 +394,9 @@ def _kernels_section(results: dict, exhibits: _Exhibits) -> str:
         ]
     errors = [row for row in rows if row.get("error")]
     parts += [
-        f"- {row['job']}: {row['error']}" if "job" in row else
-        f"- {row['pass']}, {_candidate(row)}, {row['dtype']}, T={row['tasks']}, {row['layout']}, P={row['numel']:,}: {row['error']}"
+        f"- {row['job']}: {row['error']}"
+        if "job" in row
+        else f"- {row['pass']}, {_candidate(row)}, {row['dtype']}, T={row['tasks']}, {row['layout']}, P={row['numel']:,}: {row['error']}"
         for row in errors
     ]
     return "\n".join(parts) + "\n"
@@ -402,7 +418,10 @@ def _scaling_section(results: dict, exhibits: _Exhibits) -> str:
         "",
     ]
     slopes = []
-    for sweep, axis_name, x_of in (("tasks", "T", lambda row: row["tasks"]), ("size", "P", lambda row: row["shared_numel"])):
+    for sweep, axis_name, x_of in (
+        ("tasks", "T", lambda row: row["tasks"]),
+        ("size", "P", lambda row: row["shared_numel"]),
+    ):
         chosen = [row for row in rows if row["sweep"] == sweep]
         if not chosen:
             continue
@@ -416,7 +435,9 @@ def _scaling_section(results: dict, exhibits: _Exhibits) -> str:
                 slope = loglog_slope(xs, ys)
                 if math.isfinite(slope):
                     axis.plot(xs, [y * 1e3 for y in ys], marker="o", label=f"{label} (slope {slope:.2f})")
-                    slopes.append([axis_name, label, duration.replace("_", "-"), f"{slope:.2f}", f"{min(xs):,}–{max(xs):,}"])
+                    slopes.append(
+                        [axis_name, label, duration.replace("_", "-"), f"{slope:.2f}", f"{min(xs):,}–{max(xs):,}"]
+                    )
         for axis, duration in zip(axes, ("step time", "post-backward part")):
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")
@@ -443,7 +464,12 @@ def _distributed_section(results: dict, exhibits: _Exhibits) -> str:
     good = [row for row in rows if "method" in row]
     if good:
         first = good[0]
-        ddp = {(row["world_size"], key): row[key] for row in good if row["method"] == "ddp" for key in ("step_ms", "fastest_ms")}
+        ddp = {
+            (row["world_size"], key): row[key]
+            for row in good
+            if row["method"] == "ddp"
+            for key in ("step_ms", "fastest_ms")
+        }
 
         def vs_ddp(row: dict, key: str) -> str:
             return _ratio(row[key] / ddp.get((row["world_size"], key), math.nan))
@@ -451,8 +477,16 @@ def _distributed_section(results: dict, exhibits: _Exhibits) -> str:
         header = ["ranks", "method", "step, median ms", "vs plain DDP", "fastest ms", "vs plain DDP"]
         header += ["payload MB", "sent per rank MB"]
         table = [
-            [row["world_size"], row["method"], f"{row['step_ms']:.3g}", vs_ddp(row, "step_ms"), f"{row['fastest_ms']:.3g}",
-             vs_ddp(row, "fastest_ms"), f"{row['payload_bytes'] / 1e6:.3f}", f"{row['sent_bytes'] / 1e6:.3f}"]
+            [
+                row["world_size"],
+                row["method"],
+                f"{row['step_ms']:.3g}",
+                vs_ddp(row, "step_ms"),
+                f"{row['fastest_ms']:.3g}",
+                vs_ddp(row, "fastest_ms"),
+                f"{row['payload_bytes'] / 1e6:.3f}",
+                f"{row['sent_bytes'] / 1e6:.3f}",
+            ]
             for row in good
         ]
         parts += [
@@ -504,11 +538,18 @@ def _weightings_section(results: dict, exhibits: _Exhibits) -> str:
             cells = [weighting]
             for num_tasks in task_counts:
                 row = by_case[(weighting, num_tasks)]
-                cells += [cell for prefix in timings for cell in (_us(row[f"{prefix}median_us"]), _times_over(row[f"{prefix}vs_gram_pass"]))]
+                cells += [
+                    cell
+                    for prefix in timings
+                    for cell in (_us(row[f"{prefix}median_us"]), _times_over(row[f"{prefix}vs_gram_pass"]))
+                ]
             table.append(cells)
         gram_pass = {row["num_tasks"]: row["gram_pass_us"] for row in good}
         not_captured = ("—", "—") * (len(timings) - 1)
-        table.append(["Gram pass"] + [cell for num_tasks in task_counts for cell in (_us(gram_pass[num_tasks]), "1×") + not_captured])
+        table.append(
+            ["Gram pass"]
+            + [cell for num_tasks in task_counts for cell in (_us(gram_pass[num_tasks]), "1×") + not_captured]
+        )
         first = good[0]
         parts += [
             "One call of each weighting with its default options on losses `[T]` and the float32 Gram matrix of "
@@ -522,7 +563,9 @@ def _weightings_section(results: dict, exhibits: _Exhibits) -> str:
         ]
         parts += [
             f"- {row['weighting']}, T={row['num_tasks']}{where}: {row[key]}"
-            for row in good for key, where in (("error", ""), ("graph_error", ", CUDA graph")) if row.get(key)
+            for row in good
+            for key, where in (("error", ""), ("graph_error", ", CUDA graph"))
+            if row.get(key)
         ]
     parts += [f"- {row['note']}" for row in rows if "note" in row]
     return "\n".join(parts) + "\n"

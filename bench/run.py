@@ -42,7 +42,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}"
     )
     parser.add_argument(
-        "--kernel-sizes", type=_log2_sizes, metavar="K,K,...",
+        "--kernel-sizes",
+        type=_log2_sizes,
+        metavar="K,K,...",
         help="the kernel section's P = 2^K instead of the preset's (e.g. 20,24,27: the GPU targets' sizes)",
     )
     parser.add_argument("--out", type=Path, help="output folder (default: bench/results/<device>)")

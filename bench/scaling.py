@@ -36,12 +36,12 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
-def _point_job(sweep: str, spec: TrunkSpec, num_tasks: int, backends: Sequence[str], device: torch.device, preset: Preset) -> Job:
+def _point_job(
+    sweep: str, spec: TrunkSpec, num_tasks: int, backends: Sequence[str], device: torch.device, preset: Preset
+) -> Job:
     def run() -> list[dict]:
         model, batch = build_model(spec, num_tasks, device)
-        paths = make_paths(
-            model, backends, weightings=("emtl",), torchjd_variants=(None,), batched_variant=False
-        )
+        paths = make_paths(model, backends, weightings=("emtl",), torchjd_variants=(None,), batched_variant=False)
         scaling = preset.scaling
         rows = measure_paths(model, batch, paths, device, warmup=scaling.warmup, repeats=scaling.repeats, memory=False)
         return [{**row, "sweep": sweep} for row in rows]
@@ -55,6 +55,8 @@ def plan(preset: Preset, device: torch.device, backends: Sequence[str]) -> list[
     scaling = preset.scaling
     jobs = [_point_job("tasks", scaling.trunk, tasks, backends, device, preset) for tasks in scaling.task_counts]
     for width in scaling.widths:
-        spec = TrunkSpec("mlp", batch=scaling.batch, options={"in_features": width, "width": width, "depth": scaling.depth})
+        spec = TrunkSpec(
+            "mlp", batch=scaling.batch, options={"in_features": width, "width": width, "depth": scaling.depth}
+        )
         jobs.append(_point_job("size", spec, scaling.tasks, backends, device, preset))
     return jobs

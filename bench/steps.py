@@ -121,7 +121,9 @@ def _torchjd_path(model: MultiTaskModel, weighting: str, variant: str | None) ->
         weighting,
         optimize_gramian_computation=variant == "gramian",
     )
-    return StepPath("torchjd", lambda features, losses, clock: step.backward(features, losses, clock), weighting, variant)
+    return StepPath(
+        "torchjd", lambda features, losses, clock: step.backward(features, losses, clock), weighting, variant
+    )
 
 
 def make_paths(

@@ -94,28 +94,34 @@ def evaluate(results: dict) -> list[dict]:
             ratios = [baseline(step_rows, row, family, "post_backward") / median(row, "post_backward") for row in speed]
             worst = min((r for r in ratios if math.isfinite(r)), default=math.nan)
             threshold = gpu_factor if on_gpu else 1.0
-            judged.append({
-                "target": f"post-backward part faster than {name} ({backend})",
-                "threshold": f"≥ {threshold:g}× (GPU)" if on_gpu else "> 1× (CPU: ahead)",
-                "measured": f"{worst:.2f}× (worst of {len(ratios)})",
-                "verdict": _judge(worst, worst >= threshold if on_gpu else worst > threshold),
-            })
+            judged.append(
+                {
+                    "target": f"post-backward part faster than {name} ({backend})",
+                    "threshold": f"≥ {threshold:g}× (GPU)" if on_gpu else "> 1× (CPU: ahead)",
+                    "measured": f"{worst:.2f}× (worst of {len(ratios)})",
+                    "verdict": _judge(worst, worst >= threshold if on_gpu else worst > threshold),
+                }
+            )
         memory_ratios = [row["peak_bytes"] / floor_peak(step_rows, row) for row in memory if row.get("peak_bytes")]
         worst_memory = max(memory_ratios, default=math.nan)
-        judged.append({
-            "target": f"memory mode peak memory ({backend})",
-            "threshold": "≤ 1.1× the floor's",
-            "measured": f"{worst_memory:.2f}× (worst of {len(memory_ratios)})",
-            "verdict": _judge(worst_memory, worst_memory <= 1.1),
-        })
+        judged.append(
+            {
+                "target": f"memory mode peak memory ({backend})",
+                "threshold": "≤ 1.1× the floor's",
+                "measured": f"{worst_memory:.2f}× (worst of {len(memory_ratios)})",
+                "verdict": _judge(worst_memory, worst_memory <= 1.1),
+            }
+        )
         excess = [extra_memory_units(step_rows, row) - row["tasks"] for row in speed]
         worst_excess = max((e for e in excess if math.isfinite(e)), default=math.nan)
-        judged.append({
-            "target": f"speed mode peak memory ({backend})",
-            "threshold": f"≤ floor + T·P·s + {SPEED_MODE_ALLOWANCE:g}·P·s",
-            "measured": f"floor + T·P·s {'+' if worst_excess >= 0 else '−'} {abs(worst_excess):.2f}·P·s (worst of {len(excess)})",
-            "verdict": _judge(worst_excess, worst_excess <= SPEED_MODE_ALLOWANCE),
-        })
+        judged.append(
+            {
+                "target": f"speed mode peak memory ({backend})",
+                "threshold": f"≤ floor + T·P·s + {SPEED_MODE_ALLOWANCE:g}·P·s",
+                "measured": f"floor + T·P·s {'+' if worst_excess >= 0 else '−'} {abs(worst_excess):.2f}·P·s (worst of {len(excess)})",
+                "verdict": _judge(worst_excess, worst_excess <= SPEED_MODE_ALLOWANCE),
+            }
+        )
         if backend != "reference":
             judged += _kernel_targets(results, backend, on_gpu)
     judged += _native_cpu_targets(results)
@@ -123,7 +129,9 @@ def evaluate(results: dict) -> list[dict]:
 
 
 def _case_of(row: dict) -> str:
-    where = f"P=2^{row['numel'].bit_length() - 1}" if row["layout"] == "matrix" else f"{row['layout']}, P={row['numel']:,}"
+    where = (
+        f"P=2^{row['numel'].bit_length() - 1}" if row["layout"] == "matrix" else f"{row['layout']}, P={row['numel']:,}"
+    )
     return f"{row['pass']}, {row['dtype']}, T={row['tasks']}, {where}"
 
 
@@ -137,7 +145,10 @@ def _kernel_targets(results: dict, backend: str, on_gpu: bool) -> list[dict]:
     rows = measured(results.get("kernels", []))
     own = [row for row in find(rows, backend=backend) if row["numel"] >= KERNEL_TARGET_NUMEL]
     copy_target = {"target": f"kernel passes at P ≥ 2^24 ({backend})", "threshold": "≥ 90 % of copy bandwidth (GPU)"}
-    torch_target = {"target": f"kernel passes at P ≥ 2^24 ({backend})", "threshold": "ahead of every torch baseline (GPU)"}
+    torch_target = {
+        "target": f"kernel passes at P ≥ 2^24 ({backend})",
+        "threshold": "ahead of every torch baseline (GPU)",
+    }
     if not own:
         largest = max((row["numel"] for row in find(rows, backend=backend)), default=0)
         where = f"largest P measured {largest:,}" if largest else "no kernel rows"

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 #: Bytes written to evict the L2 cache: more than any GPU's L2 holds (50 MiB on an H100).
 L2_FLUSH_BYTES = 256 * 2**20
 
@@ -109,9 +108,7 @@ class Summary:
         return {"median": self.median, "p25": self.p25, "p75": self.p75, "min": self.min, "samples": self.samples}
 
 
-def measure_interleaved(
-    samplers: Mapping[str, Sampler], *, warmup: int, repeats: int
-) -> dict[str, dict[str, Summary]]:
+def measure_interleaved(samplers: Mapping[str, Sampler], *, warmup: int, repeats: int) -> dict[str, dict[str, Summary]]:
     """Time every sampler ``warmup`` times unrecorded, then ``repeats`` times round-robin.
 
     Returns, per sampler, a :class:`Summary` of each duration it reports.
@@ -126,7 +123,9 @@ def measure_interleaved(
         for name in names[shift:] + names[:shift]:
             for key, value in samplers[name]().items():
                 recorded[name].setdefault(key, []).append(value)
-    return {name: {key: Summary.of(values) for key, values in durations.items()} for name, durations in recorded.items()}
+    return {
+        name: {key: Summary.of(values) for key, values in durations.items()} for name, durations in recorded.items()
+    }
 
 
 def first_run(sample: Sampler) -> tuple[list[str], str | None]:

@@ -120,7 +120,12 @@ def train(method: str, seed: int, args, train_split: Split, test: Split, progres
         history.append(step.last.relative_contributions.tolist())
         progress.update(1)
     seconds = time.perf_counter() - started
-    return {"metrics": evaluate(model, test), "history": history, "weights": step.last.weights.tolist(), "seconds": seconds}
+    return {
+        "metrics": evaluate(model, test),
+        "history": history,
+        "weights": step.last.weights.tolist(),
+        "seconds": seconds,
+    }
 
 
 def print_results(results: dict[str, list[dict]]) -> None:

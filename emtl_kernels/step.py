@@ -118,8 +118,7 @@ class MTLStep:
             raise ValueError(f"mode must be 'speed' or 'memory', got {mode!r}")
         if mode == "memory" and self.weighting.gram_use == "full":
             raise ValueError(
-                f"{self.weighting!r} reads the whole Gram matrix, which mode='memory' never forms; "
-                "use mode='speed'"
+                f"{self.weighting!r} reads the whole Gram matrix, which mode='memory' never forms; use mode='speed'"
             )
         if batched_backward and mode == "memory":
             raise ValueError("batched_backward keeps all T task gradients at once: use it with mode='speed'")
@@ -249,14 +248,16 @@ class MTLStep:
             stacked = torch.stack(losses)
             eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
             blocks = torch.autograd.grad(
-                stacked, inputs, grad_outputs=eye, is_grads_batched=True,
-                retain_graph=retain_graph, allow_unused=True,
+                stacked,
+                inputs,
+                grad_outputs=eye,
+                is_grads_batched=True,
+                retain_graph=retain_graph,
+                allow_unused=True,
             )
             return [tuple(None if b is None else b[i] for b in blocks) for i in range(num_tasks)]
         return [
-            torch.autograd.grad(
-                loss, inputs, retain_graph=retain_graph or i < num_tasks - 1, allow_unused=True
-            )
+            torch.autograd.grad(loss, inputs, retain_graph=retain_graph or i < num_tasks - 1, allow_unused=True)
             for i, loss in enumerate(losses)
         ]
 
@@ -305,7 +306,6 @@ class MTLStep:
         elif len(loss_list) != self.num_tasks:
             raise ValueError(f"this step was first called with T={self.num_tasks} losses, now with {len(loss_list)}")
         return loss_list
-
 
 
 def _warn_if_disconnected(task: int, grads: Sequence[Tensor | None]) -> None:

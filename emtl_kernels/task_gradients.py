@@ -41,8 +41,7 @@ class TaskGradients:
         for i, row in enumerate(rows):
             if len(row) != num_pieces:
                 raise ValueError(
-                    f"every task needs one gradient per shared tensor: task 0 has {num_pieces}, "
-                    f"task {i} has {len(row)}"
+                    f"every task needs one gradient per shared tensor: task 0 has {num_pieces}, task {i} has {len(row)}"
                 )
         for k, piece in enumerate(rows[0]):
             _check_piece(piece, f"task 0, tensor {k}")
@@ -50,8 +49,7 @@ class TaskGradients:
         self.device: torch.device = rows[0][0].device
         self.sizes: tuple[int, ...] = tuple(piece.numel() for piece in rows[0])
         self.rows: tuple[tuple[Tensor, ...], ...] = tuple(
-            tuple(self._flat_piece(piece, i, k) for k, piece in enumerate(row))
-            for i, row in enumerate(rows)
+            tuple(self._flat_piece(piece, i, k) for k, piece in enumerate(row)) for i, row in enumerate(rows)
         )
 
     def _flat_piece(self, piece: Tensor, task: int, index: int) -> Tensor:

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multitask_models import ToyMultiTask, toy_batch
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from emtl_kernels.distributed import DistributedMTLStep
-from multitask_models import ToyMultiTask, toy_batch
 
 #: How long a collective may wait for the other ranks before it raises.
 COLLECTIVE_TIMEOUT_S = 30
@@ -48,9 +48,7 @@ def run_ranks(scenarios: list[str], out_dir: Path, world_size: int = 2, deadline
         if process.is_alive():
             process.kill()
             process.join()
-    return {
-        name: [_load(out_dir / f"{name}-rank{rank}.pt") for rank in range(world_size)] for name in scenarios
-    }
+    return {name: [_load(out_dir / f"{name}-rank{rank}.pt") for rank in range(world_size)] for name in scenarios}
 
 
 def _load(path: Path):
@@ -66,7 +64,10 @@ def _free_port() -> int:
 def run_rank(rank: int, world_size: int, port: int, out_dir: str, scenarios: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
     for name in scenarios:
@@ -89,9 +90,13 @@ def local_batch(rank: int, world_size: int):
 
 def step_result(step: DistributedMTLStep, grads: list[torch.Tensor]) -> dict:
     return {
-        "weights": step.last.weights, "gram": step.last.gram, "losses": step.last.losses,
-        "skipped": bool(step.last.skipped), "grads": grads,
-        "payload": dict(step.communication.payload), "calls": dict(step.communication.calls),
+        "weights": step.last.weights,
+        "gram": step.last.gram,
+        "losses": step.last.losses,
+        "skipped": bool(step.last.skipped),
+        "grads": grads,
+        "payload": dict(step.communication.payload),
+        "calls": dict(step.communication.calls),
     }
 
 
@@ -143,8 +148,11 @@ def nan_on_one_rank(rank: int, world_size: int) -> dict:
         if rank == 1:
             losses[1] = losses[1] * float("nan")
         step.backward(losses)
-        results[sync] = {"skipped": bool(step.last.skipped), "weights": step.last.weights,
-                         "grads_unchanged": all(bool((p.grad == 7.0).all()) for p in model.parameters())}
+        results[sync] = {
+            "skipped": bool(step.last.skipped),
+            "weights": step.last.weights,
+            "grads_unchanged": all(bool((p.grad == 7.0).all()) for p in model.parameters()),
+        }
     return results
 
 

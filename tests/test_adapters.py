@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from multitask_models import ToyMultiTask, toy_batch
 from torch import nn
 
-from emtl_kernels import EMTL, MTLStep, PCGrad, WEIGHTINGS, make_weighting
+from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad, make_weighting
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
@@ -25,7 +26,6 @@ from emtl_kernels.weightings import (
     pcgrad_weights,
     upgrad_weights,
 )
-from multitask_models import ToyMultiTask, toy_batch
 
 pytest.importorskip("torchjd")
 pytest.importorskip("quadprog")  # TorchJD's default dual-cone projector

@@ -14,7 +14,16 @@ from bench import bench_weightings
 from bench.backends import measured_backends
 from bench.environment import caption
 from bench.extras import SUITES
-from bench.kernel_cases import BASELINES, FOREACH_NORM, MATMUL_COMBINE, MATMUL_GRAM, MV_INTO_OUT, SQUARE_SUM, Candidate, KernelCase
+from bench.kernel_cases import (
+    BASELINES,
+    FOREACH_NORM,
+    MATMUL_COMBINE,
+    MATMUL_GRAM,
+    MV_INTO_OUT,
+    SQUARE_SUM,
+    Candidate,
+    KernelCase,
+)
 from bench.kernels import MATRIX, pass_bytes
 from bench.library_path import LibraryStyleStep
 from bench.memory import cpu_peak_increase, peak_bytes
@@ -49,19 +58,26 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
     kernels = TINY.kernels
     shapes = kernels.multi_tensor.shapes()
     expected_cases = {
-        ("matrix", 1, dtype, tasks, 2**log2) for dtype in kernels.dtypes for tasks in kernels.tasks for log2 in kernels.log2_sizes
+        ("matrix", 1, dtype, tasks, 2**log2)
+        for dtype in kernels.dtypes
+        for tasks in kernels.tasks
+        for log2 in kernels.log2_sizes
     } | {
         (kernels.multi_tensor.name, len(shapes), dtype, tasks, sum(math.prod(shape) for shape in shapes))
         for dtype in kernels.dtypes
         for tasks in kernels.multi_tensor_tasks
     }
-    candidates = {("copy", None, None)} | {
-        (kernel_pass, backend, None) for kernel_pass in ("gram", "combine") for backend in meta["backends"]
-    } | {(kernel_pass, None, name) for kernel_pass, names in BASELINES.items() for name in names}
+    candidates = (
+        {("copy", None, None)}
+        | {(kernel_pass, backend, None) for kernel_pass in ("gram", "combine") for backend in meta["backends"]}
+        | {(kernel_pass, None, name) for kernel_pass, names in BASELINES.items() for name in names}
+    )
     for layout, tensors, dtype, tasks, numel in expected_cases:
         case_rows = [
-            row for row in kernel_rows
-            if (row["layout"], row["tensors"], row["dtype"], row["tasks"], row["numel"]) == (layout, tensors, dtype, tasks, numel)
+            row
+            for row in kernel_rows
+            if (row["layout"], row["tensors"], row["dtype"], row["tasks"], row["numel"])
+            == (layout, tensors, dtype, tasks, numel)
         ]
         assert {(row["pass"], row["backend"], row["baseline"]) for row in case_rows} == candidates
         copy = next(row for row in case_rows if row["pass"] == "copy")
@@ -123,7 +139,15 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
     text = report.read_text()
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / image).stat().st_size > 0
-    for heading in ("## Targets", "## Steps", "## Kernels", "### Multi-tensor", "## Scaling", "## Distributed", "## Weighting solvers"):
+    for heading in (
+        "## Targets",
+        "## Steps",
+        "## Kernels",
+        "### Multi-tensor",
+        "## Scaling",
+        "## Distributed",
+        "## Weighting solvers",
+    ):
         assert heading in text
     assert "steps_overhead.png" in text and "kernels_gram_float32.png" in text and meta["commit"] in text
     captions, figures, tables = text.count(f"*{caption(meta)}*"), text.count("!["), len(re.findall(r"(?m)^\|---", text))
@@ -168,10 +192,20 @@ def test_kernel_candidates_compute_their_pass(dtype_name, one_thread):
     assert Candidate("gram", baseline=MATMUL_GRAM) in calls
 
 
-def _kernel_row(kernel_pass, gbps, *, backend=None, baseline=None, dtype="float32", tasks=8, numel=2**22, copy_ratio=0.5):
+def _kernel_row(
+    kernel_pass, gbps, *, backend=None, baseline=None, dtype="float32", tasks=8, numel=2**22, copy_ratio=0.5
+):
     return {
-        "pass": kernel_pass, "backend": backend, "baseline": baseline, "layout": "matrix", "dtype": dtype,
-        "tasks": tasks, "numel": numel, "gbps": gbps, "copy_ratio": copy_ratio, "times": {"median": 1.0},
+        "pass": kernel_pass,
+        "backend": backend,
+        "baseline": baseline,
+        "layout": "matrix",
+        "dtype": dtype,
+        "tasks": tasks,
+        "numel": numel,
+        "gbps": gbps,
+        "copy_ratio": copy_ratio,
+        "times": {"median": 1.0},
     }
 
 
@@ -196,7 +230,8 @@ def test_native_cpu_target_is_judged_on_the_ratios_of_one_run():
     where = "CPU, float32, T=8, P=2^22"
     assert verdicts[(f"native gram pass: speed-up vs {MATMUL_GRAM} ({where})", "≥ 3×")] == ("4.00×", "met")
     assert verdicts[(f"native gram pass: read bandwidth vs {FOREACH_NORM} ({where})", "≥ 80 %")] == (
-        "83 % (10.0 vs 12.0 GB/s)", "met"
+        "83 % (10.0 vs 12.0 GB/s)",
+        "met",
     )
     assert verdicts[(f"native combine pass: speed-up vs {MATMUL_COMBINE} ({where})", "≥ 1.5×")] == ("1.60×", "met")
     bf16 = "CPU, bfloat16, T=8, P=2^22"
@@ -253,7 +288,9 @@ def test_baseline_paths_write_the_weighted_update(spec, path, one_thread):
     else:
         from bench.torchjd_path import TorchJDStep
 
-        step = TorchJDStep(model.trunk.parameters(), heads, "emtl", lam=1.0, optimize_gramian_computation=path != "torchjd")
+        step = TorchJDStep(
+            model.trunk.parameters(), heads, "emtl", lam=1.0, optimize_gramian_computation=path != "torchjd"
+        )
         step.backward(features, losses)
     update = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()]).double()
     expected, weights = _float64_update(model, batch, lambda l, g: emtl_weights(l, g, lam=1.0))
@@ -303,7 +340,20 @@ def test_weighting_suite_times_every_weighting_beside_the_gram_pass(one_thread):
 
 
 def test_kernel_sizes_replace_the_presets(tmp_path, one_thread):
-    main(["--preset", "tiny", "--device", "cpu", "--sections", "kernels", "--kernel-sizes", "9,11", "--out", str(tmp_path)])
+    main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--sections",
+            "kernels",
+            "--kernel-sizes",
+            "9,11",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = json.loads((tmp_path / "results.json").read_text())["kernels"]
     matrix_sizes = {row["numel"] for row in rows if row["layout"] == MATRIX}
     assert {2**9, 2**11} <= matrix_sizes and 2**10 not in matrix_sizes

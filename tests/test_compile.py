@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from task_gradient_cases import make_task_gradients
 
 from emtl_kernels import TaskGradients, available_backends, emtl_weights, task_gram, weighted_combine
-from task_gradient_cases import make_task_gradients
 
 
 def post_backward(rows, losses, outs, backend):

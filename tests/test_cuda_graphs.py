@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from multitask_models import ToyMultiTask, toy_batch
 
 from emtl_kernels import WEIGHTINGS, MTLStep, available_backends, make_weighting, pcgrad_weights
-
-from multitask_models import ToyMultiTask, toy_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

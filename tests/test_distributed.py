@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from distributed_ranks import SCENARIOS, STALL_TIMEOUT_S, WEIGHTING, local_batch, run_ranks
+from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch, weighted_sum_gradients64
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed_ranks import SCENARIOS, STALL_TIMEOUT_S, WEIGHTING, local_batch, run_ranks
 from emtl_kernels import MTLStep, available_backends, gradnorm_scaling_weights
 from emtl_kernels.distributed import DistributedMTLStep
 from emtl_kernels.distributed.buckets import fill_bucket, plan_buckets
 from emtl_kernels.task_gradients import TaskGradients
-from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch, weighted_sum_gradients64
 
 WORLD = 2
 
@@ -40,8 +40,12 @@ def global_batch_expectation():
     jacobian = shared_gradients64(model64, losses)
     gram = jacobian @ jacobian.T
     weights = weights64(torch.stack(losses).detach(), gram)
-    return {"losses": torch.stack(losses).detach(), "gram": gram, "weights": weights,
-            "grads": weighted_sum_gradients64(model64, losses, weights)}
+    return {
+        "losses": torch.stack(losses).detach(),
+        "gram": gram,
+        "weights": weights,
+        "grads": weighted_sum_gradients64(model64, losses, weights),
+    }
 
 
 def local_mode_expectation():
@@ -58,8 +62,12 @@ def local_mode_expectation():
     mean_gram = torch.stack([gram for _, gram in per_rank]).mean(0)
     weights = weights64(mean_losses, mean_gram)
     grads = [weighted_sum_gradients64(model64, losses, weights) for losses, _ in per_rank]
-    return {"losses": mean_losses, "gram": mean_gram, "weights": weights,
-            "grads": [sum(g) / WORLD for g in zip(*grads)]}
+    return {
+        "losses": mean_losses,
+        "gram": mean_gram,
+        "weights": weights,
+        "grads": [sum(g) / WORLD for g in zip(*grads)],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +114,11 @@ def test_fsdp2_matches_ddp(ranks):
 def test_communication_is_counted_from_the_collectives_issued(ranks):
     num_tasks, shared, heads, scalars = 3, 248, 27, 3 + 6  # ToyMultiTask: P = 248, 3 heads of 9
     exact = successful(ranks["ddp_exact"])[0]["second_step_payload"]
-    assert exact == {"reduce_scatter": 4 * num_tasks * shared, "all_gather": 4 * shared, "all_reduce": 4 * (heads + scalars)}
+    assert exact == {
+        "reduce_scatter": 4 * num_tasks * shared,
+        "all_gather": 4 * shared,
+        "all_reduce": 4 * (heads + scalars),
+    }
     assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * scalars}
     # The first step adds the check that ranks agree: 3 int64 numbers from each rank.
     assert successful(ranks["ddp_exact"])[0]["payload"]["all_gather"] == 4 * shared + 8 * 3 * WORLD
@@ -178,7 +190,9 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     before = [torch.full_like(p, 0.5) for p in model.parameters()]
     for p, b in zip(model.parameters(), before):
         p.grad = b.clone()
-    step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, backend=backend, bucket_cap_mb=1e-4, **WEIGHTING)
+    step = DistributedMTLStep(
+        wrapped, model.trunk.parameters(), sync=sync, backend=backend, bucket_cap_mb=1e-4, **WEIGHTING
+    )
     weights = step.backward(wrapped(*toy_batch()))
     expected_weights, expected_grads = single_process_result(backend="reference")
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
@@ -199,12 +213,32 @@ def test_buckets_cut_at_the_cap_and_pad_to_the_world_size():
 
 def bad_construction_cases():
     yield "plain module", lambda m: DistributedMTLStep(m, m.trunk.parameters()), TypeError, "DistributedDataParallel"
-    yield "sync", lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), sync="fast"), ValueError, "sync"
-    yield "bucket", lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), bucket_cap_mb=0), ValueError, "bucket_cap_mb"
+    yield (
+        "sync",
+        lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), sync="fast"),
+        ValueError,
+        "sync",
+    )
+    yield (
+        "bucket",
+        lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), bucket_cap_mb=0),
+        ValueError,
+        "bucket_cap_mb",
+    )
     outside = torch.nn.Parameter(torch.ones(4))
-    yield "not covered", lambda m: DistributedMTLStep(DistributedDataParallel(m), [*m.trunk.parameters(), outside]), ValueError, r"shapes \[\(4,\)\] that are not"
+    yield (
+        "not covered",
+        lambda m: DistributedMTLStep(DistributedDataParallel(m), [*m.trunk.parameters(), outside]),
+        ValueError,
+        r"shapes \[\(4,\)\] that are not",
+    )
     yield "ignored by ddp", lambda m: ignored_shared(m), ValueError, "not trainable parameters"
-    yield "memory mode", lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), mode="memory"), ValueError, "speed mode"
+    yield (
+        "memory mode",
+        lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), mode="memory"),
+        ValueError,
+        "speed mode",
+    )
     yield "fsdp local", lambda m: fsdp_step(sync="local"), ValueError, "sync='exact' only"
     yield "fsdp batched", lambda m: fsdp_step(batched_backward=True), ValueError, "without batched_backward"
 
@@ -219,7 +253,9 @@ def ignored_shared(model):
     return DistributedMTLStep(DistributedDataParallel(model), model.trunk.parameters())
 
 
-@pytest.mark.parametrize("name,make,error,match", list(bad_construction_cases()), ids=[c[0] for c in bad_construction_cases()])
+@pytest.mark.parametrize(
+    "name,make,error,match", list(bad_construction_cases()), ids=[c[0] for c in bad_construction_cases()]
+)
 def test_bad_construction_raises(one_rank_group, name, make, error, match):
     with pytest.raises(error, match=match):
         make(ToyMultiTask())

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from task_gradient_cases import make_task_gradients
+from test_ops_parity import assert_combine_close, assert_gram_close, combine64
 
 from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq_norms, weighted_combine
 from emtl_kernels.backends import native
-from task_gradient_cases import make_task_gradients
-from test_ops_parity import assert_combine_close, assert_gram_close, combine64
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CUDA = torch.cuda.is_available() and native.unavailable_reason(torch.device("cuda")) is None
@@ -127,8 +127,11 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             runs = [
-                (task_gram(grads, backend="native"), task_sq_norms(grads, backend="native"),
-                 torch.cat(weighted_combine(grads, weights, backend="native")))
+                (
+                    task_gram(grads, backend="native"),
+                    task_sq_norms(grads, backend="native"),
+                    torch.cat(weighted_combine(grads, weights, backend="native")),
+                )
                 for _ in range(2)
             ]
             for first, second in zip(*runs):
@@ -188,7 +191,10 @@ def error_cases():
         "has 9 elements": (ops.task_gram, ([a, b[:9]], 2)),
         "is not contiguous": (ops.task_gram, ([a, torch.randn(20)[::2]], 2)),
         "weights must be float32": (ops.weighted_combine_, ([a, b], 2, w.double(), out, False)),
-        "weights must be a 1-D tensor of num_tasks = 2": (ops.weighted_combine_, ([a, b], 2, torch.ones(3), out, False)),
+        "weights must be a 1-D tensor of num_tasks = 2": (
+            ops.weighted_combine_,
+            ([a, b], 2, torch.ones(3), out, False),
+        ),
         "got 2 outputs for 1 shared tensors": (ops.weighted_combine_, ([a, b], 2, w, out * 2, False)),
         "output 0 has dtype": (ops.weighted_combine_, ([a, b], 2, w, [torch.zeros(10).half()], False)),
         "output 0 has 11 elements": (ops.weighted_combine_, ([a, b], 2, w, [torch.zeros(11)], False)),

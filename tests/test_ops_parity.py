@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from task_gradient_cases import LAYOUTS, make_task_gradients
 
 from emtl_kernels import TaskGradients, available_backends, task_gram, task_sq_norms, weighted_combine
-from task_gradient_cases import LAYOUTS, make_task_gradients
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKEND_DEVICES = [(b, d) for d in DEVICES for b in available_backends(d)]
@@ -151,7 +151,9 @@ def test_zero_weight_rows_contribute_nothing_even_when_non_finite(backend, devic
     weights = torch.tensor([2.0, 0.0, -1.0], device=device)
     expected, scale = combine64(torch.stack([exact[0], torch.zeros_like(exact[1]), exact[2]]), weights)
     assert_combine_close(weighted_combine(grads, weights, backend=backend), expected, scale, dtype)
-    assert torch.equal(weighted_combine(grads, torch.zeros(3, device=device), backend=backend), torch.zeros_like(grads[0]))
+    assert torch.equal(
+        weighted_combine(grads, torch.zeros(3, device=device), backend=backend), torch.zeros_like(grads[0])
+    )
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

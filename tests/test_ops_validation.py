@@ -33,7 +33,11 @@ def test_task_gradients_copies_only_strided_pieces():
     [
         (lambda: TaskGradients([]), ValueError, "at least one task"),
         (lambda: TaskGradients([[]]), ValueError, "at least one shared tensor"),
-        (lambda: TaskGradients([[torch.ones(3)], [torch.ones(3), torch.ones(1)]]), ValueError, "one gradient per shared tensor"),
+        (
+            lambda: TaskGradients([[torch.ones(3)], [torch.ones(3), torch.ones(1)]]),
+            ValueError,
+            "one gradient per shared tensor",
+        ),
         (lambda: TaskGradients([[torch.ones(3)], [torch.ones(4)]]), ValueError, "elements"),
         (lambda: TaskGradients([[torch.ones(3)], [torch.ones(3, dtype=torch.float16)]]), TypeError, "one dtype"),
         (lambda: TaskGradients([[torch.ones(3)], [torch.ones(3, device="meta")]]), ValueError, "one device"),

@@ -6,8 +6,6 @@ import warnings
 
 import pytest
 import torch
-
-from emtl_kernels import MTLStep, Weighting
 from multitask_models import (
     ToyMultiTask,
     float64_twin,
@@ -15,6 +13,8 @@ from multitask_models import (
     toy_batch,
     weighted_sum_gradients64,
 )
+
+from emtl_kernels import MTLStep, Weighting
 
 GRAD_TOL = dict(rtol=2e-4, atol=1e-6)
 
@@ -51,13 +51,18 @@ def emtl_objective_gradients64(model, lam):
 @pytest.mark.parametrize("mode,batched_backward", [("speed", False), ("speed", True), ("memory", False)])
 def test_emtl_step_writes_the_gradient_of_the_regularised_objective(mode, batched_backward):
     model = ToyMultiTask()
-    step = MTLStep(model.trunk.parameters(), "emtl", lam=0.5, min_weight=None, mode=mode, batched_backward=batched_backward)
+    step = MTLStep(
+        model.trunk.parameters(), "emtl", lam=0.5, min_weight=None, mode=mode, batched_backward=batched_backward
+    )
     _, grads = run_step(model, step)
     assert_grads_close(grads, emtl_objective_gradients64(model, lam=0.5))
     assert not step.last.skipped
 
 
-@pytest.mark.parametrize("weighting,options", [("emtl", {"lam": 2.0}), ("gradnorm_scaling", {}), ("gradnorm_scaling", {"target": "sum_norm"}), ("equal", {})])
+@pytest.mark.parametrize(
+    "weighting,options",
+    [("emtl", {"lam": 2.0}), ("gradnorm_scaling", {}), ("gradnorm_scaling", {"target": "sum_norm"}), ("equal", {})],
+)
 def test_step_gradient_is_the_weighted_sum_with_float64_weights(weighting, options):
     model = ToyMultiTask()
     step = MTLStep(model.trunk.parameters(), weighting, **options)
@@ -81,7 +86,10 @@ def test_step_gradient_is_the_weighted_sum_with_float64_weights(weighting, optio
     torch.testing.assert_close(step.last.relative_contributions.double(), loss_values / norms, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("weighting,options", [("emtl", {"lam": 1.0}), ("gradnorm_scaling", {}), ("gradnorm_scaling", {"target": "sum_norm"})])
+@pytest.mark.parametrize(
+    "weighting,options",
+    [("emtl", {"lam": 1.0}), ("gradnorm_scaling", {}), ("gradnorm_scaling", {"target": "sum_norm"})],
+)
 def test_memory_mode_matches_speed_mode(weighting, options):
     results = []
     for mode in ("speed", "memory"):
@@ -110,7 +118,9 @@ def test_norm_params_take_the_norms_on_a_subset_and_update_everything():
     model64 = float64_twin(model)
     losses64 = model64.losses(*toy_batch(3, dtype=torch.float64))
     subset = list(model64.trunk[2].parameters())
-    norms = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, subset, retain_graph=True)]).norm() for l in losses64])
+    norms = torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, subset, retain_graph=True)]).norm() for l in losses64]
+    )
     expected_weights = norms.mean() / norms
     torch.testing.assert_close(weights.double(), expected_weights, rtol=1e-4, atol=0)
     assert_grads_close(grads, weighted_sum_gradients64(model64, losses64, expected_weights))
@@ -264,19 +274,36 @@ def bad_construction_cases():
     yield "frozen", lambda: MTLStep([torch.randn(3)]), ValueError, "frozen"
     yield "integer", lambda: MTLStep([torch.ones(3, dtype=torch.int64)]), TypeError, "floating point"
     yield "float64", lambda: MTLStep([torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]), TypeError, "one dtype"
-    yield "mixed dtypes", lambda: MTLStep([param, torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]), TypeError, "one dtype"
-    yield "devices", lambda: MTLStep([param, torch.nn.Parameter(torch.ones(2, device="meta"))]), ValueError, "several devices"
+    yield (
+        "mixed dtypes",
+        lambda: MTLStep([param, torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]),
+        TypeError,
+        "one dtype",
+    )
+    yield (
+        "devices",
+        lambda: MTLStep([param, torch.nn.Parameter(torch.ones(2, device="meta"))]),
+        ValueError,
+        "several devices",
+    )
     yield "duplicate", lambda: MTLStep([param, param]), ValueError, "twice"
     yield "non-leaf", lambda: MTLStep([param * 2]), ValueError, "leaf"
     yield "mode", lambda: MTLStep([param], mode="fast"), ValueError, "mode"
     yield "backend", lambda: MTLStep([param], backend="cuda"), ValueError, "unknown backend"
     yield "memory full gram", lambda: MTLStep([param], FullGramWeighting(), mode="memory"), ValueError, "whole Gram"
-    yield "memory batched", lambda: MTLStep([param], mode="memory", batched_backward=True), ValueError, "batched_backward"
+    yield (
+        "memory batched",
+        lambda: MTLStep([param], mode="memory", batched_backward=True),
+        ValueError,
+        "batched_backward",
+    )
     yield "norm subset", lambda: MTLStep([param], norm_params=[torch.nn.Parameter(torch.ones(1))]), ValueError, "subset"
     yield "weighting", lambda: MTLStep([param], "pcgrad-typo"), ValueError, "unknown weighting"
 
 
-@pytest.mark.parametrize("name,make,error,match", list(bad_construction_cases()), ids=[c[0] for c in bad_construction_cases()])
+@pytest.mark.parametrize(
+    "name,make,error,match", list(bad_construction_cases()), ids=[c[0] for c in bad_construction_cases()]
+)
 def test_bad_construction_raises(name, make, error, match):
     with pytest.raises(error, match=match):
         make()

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from task_gradient_cases import make_task_gradients
+from test_ops_parity import GRAM_RTOL, assert_combine_close, assert_gram_close, combine64
 
 from emtl_kernels import TaskGradients, task_gram, task_sq_norms, weighted_combine
 from emtl_kernels.backends import resolve, unavailable_reason
-from task_gradient_cases import make_task_gradients
-from test_ops_parity import GRAM_RTOL, assert_combine_close, assert_gram_close, combine64
 
 DEVICE = next((d for d in ("cuda", "cpu") if unavailable_reason("triton", d) is None), None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=f"Triton cannot run here: {unavailable_reason('triton', 'cpu')}")
@@ -124,12 +124,18 @@ def test_non_finite_value_reaches_the_diagonal_on_every_path(num_tasks, bad):
 def test_repeat_runs_are_bit_identical(num_tasks):
     grads, _ = make_task_gradients(num_tasks, 10**5 + 3, torch.bfloat16, "rows", device=DEVICE, seed=2)
     weights = torch.randn(num_tasks).to(DEVICE)
-    first = (task_gram(grads, backend="triton"), task_sq_norms(grads, backend="triton"),
-             torch.cat(weighted_combine(grads, weights, backend="triton")))
+    first = (
+        task_gram(grads, backend="triton"),
+        task_sq_norms(grads, backend="triton"),
+        torch.cat(weighted_combine(grads, weights, backend="triton")),
+    )
     # A new TaskGradients of the same tensors: the tables come from the cache.
     again = TaskGradients(grads.rows)
-    second = (task_gram(again, backend="triton"), task_sq_norms(again, backend="triton"),
-              torch.cat(weighted_combine(again, weights, backend="triton")))
+    second = (
+        task_gram(again, backend="triton"),
+        task_sq_norms(again, backend="triton"),
+        torch.cat(weighted_combine(again, weights, backend="triton")),
+    )
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -217,8 +223,16 @@ def test_kernels_reach_offsets_past_two_to_the_31():
     out = torch.empty(numel, dtype=dtype, device=DEVICE)
     output_table = torch.tensor([out.data_ptr() - shift], device=DEVICE)
     weights = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
-    launch_combine(row_tables, num_tasks, triton_dtype, weights, output_table, True,
-                   tuning.elementwise_candidates(9, 2, persistent=False)[0], accumulate=False)
+    launch_combine(
+        row_tables,
+        num_tasks,
+        triton_dtype,
+        weights,
+        output_table,
+        True,
+        tuning.elementwise_candidates(9, 2, persistent=False)[0],
+        accumulate=False,
+    )
     assert_combine_close(out, *combine64(exact, weights), dtype)
 
 
@@ -232,8 +246,9 @@ def test_gram_products_of_every_column_grouping(num_tasks, vec, dtype):
     grads, exact = make_task_gradients(num_tasks, 3 * 1024 + 29, dtype, "rows", device=DEVICE, seed=vec)
     config = tuning.LaunchConfig(block=256 * vec, vec=vec)
     slots = tuning.program_slots(torch.device(DEVICE))
-    gram = launch_gram(tables.row_tables(grads), num_tasks, triton_passes.TRITON_DTYPES[dtype], config, slots,
-                       norms_only=False)
+    gram = launch_gram(
+        tables.row_tables(grads), num_tasks, triton_passes.TRITON_DTYPES[dtype], config, slots, norms_only=False
+    )
     assert_gram_close(gram, exact)
     assert torch.equal(gram, gram.T)
 
@@ -282,8 +297,13 @@ def test_kernels_compile_for_hopper_with_wide_accesses():
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(root / "tests" / "triton_sm90_compile.py")],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(root / "tests" / "triton_sm90_compile.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     if "ptxas" in result.stderr and result.returncode != 0 and "No such file" in result.stderr:
         pytest.skip("Triton's ptxas is not installed")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -300,6 +320,7 @@ def test_kernels_compile_for_hopper_with_wide_accesses():
 
 
 # GPU only: what the interpreter cannot show.
+
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from test_weightings import NUM_TASKS, random_problem
 from torch import Tensor
 
 from emtl_kernels.weightings import (
@@ -44,7 +45,6 @@ from emtl_kernels.weightings._solvers import (
     spd_solve,
     symmetric_eigh,
 )
-from test_weightings import NUM_TASKS, random_problem
 
 DTYPES = [torch.float64, torch.float32]
 EPS = {dtype: torch.finfo(dtype).eps for dtype in DTYPES}

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch
 
-from emtl_kernels import MTLStep, PCGrad, WEIGHTINGS, make_weighting
+from emtl_kernels import WEIGHTINGS, MTLStep, PCGrad, make_weighting
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
@@ -20,7 +21,6 @@ from emtl_kernels.weightings import (
     pcgrad_weights,
     upgrad_weights,
 )
-from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch
 
 #: The weightings that read all of G, which memory mode never forms.
 FULL_GRAM = {"imtl_g", "mgda", "pcgrad", "cagrad", "aligned_mtl", "upgrad", "dualproj", "nash_mtl"}

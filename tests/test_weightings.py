@@ -24,7 +24,9 @@ NUM_TASKS = [1, 2, 3, 8, 17]
 def random_problem(num_tasks: int, seed: int, numel: int = 50):
     """Losses spread over orders of magnitude, a task-gradient matrix and its float32 Gram."""
     generator = torch.Generator().manual_seed(seed)
-    losses = torch.rand(num_tasks, generator=generator, dtype=torch.float64) * 10 ** torch.randint(-2, 3, (num_tasks,), generator=generator)
+    losses = torch.rand(num_tasks, generator=generator, dtype=torch.float64) * 10 ** torch.randint(
+        -2, 3, (num_tasks,), generator=generator
+    )
     scales = 10 ** torch.randint(-3, 3, (num_tasks, 1), generator=generator).double()
     jacobian = torch.randn(num_tasks, numel, generator=generator, dtype=torch.float64) * scales
     return losses, jacobian, (jacobian @ jacobian.T).float()
@@ -87,7 +89,9 @@ def test_emtl_leaves_zero_gradient_tasks_out():
     torch.testing.assert_close(weights[kept].double(), expected, rtol=1e-5, atol=1e-6)
     ratios = relative_contributions(losses, gram)
     assert math.isnan(ratios[2])
-    torch.testing.assert_close(ratios[kept].double(), losses[kept] / (jacobian[kept].norm(dim=1) + 1e-8), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        ratios[kept].double(), losses[kept] / (jacobian[kept].norm(dim=1) + 1e-8), rtol=1e-6, atol=0
+    )
 
 
 def test_emtl_with_every_gradient_zero_is_equal_weighting():
@@ -124,7 +128,12 @@ def test_equal_weights_are_ones():
 
 @pytest.mark.parametrize(
     "weighting,gram_use",
-    [(EMTL(), "diagonal"), (GradNormScaling(), "diagonal"), (GradNormScaling("sum_norm"), "diagonal_and_total"), (Equal(), "diagonal")],
+    [
+        (EMTL(), "diagonal"),
+        (GradNormScaling(), "diagonal"),
+        (GradNormScaling("sum_norm"), "diagonal_and_total"),
+        (Equal(), "diagonal"),
+    ],
     ids=repr,
 )
 def test_weighting_objects_declare_what_they_read_and_match_their_functions(weighting, gram_use):

@@ -16,8 +16,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
 from emtl_kernels.triton_kernels.combine import combine_kernel
-from emtl_kernels.triton_kernels.tuning import NUM_STAGES
 from emtl_kernels.triton_kernels.gram import gram_partials_kernel, reduce_partials_kernel
+from emtl_kernels.triton_kernels.tuning import NUM_STAGES
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -39,7 +39,9 @@ def _signature(kernel, constants: dict) -> dict:
 
 def compile_variant(kernel, constants: dict, num_warps: int) -> dict:
     source = triton.compiler.ASTSource(fn=kernel, signature=_signature(kernel, constants), constexprs=constants)
-    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": NUM_STAGES, "enable_fp_fusion": True})
+    compiled = triton.compile(
+        source, target=HOPPER, options={"num_warps": num_warps, "num_stages": NUM_STAGES, "enable_fp_fusion": True}
+    )
     ptx = compiled.asm["ptx"]
     return {
         "kernel": kernel.__name__,
@@ -52,10 +54,14 @@ def compile_variant(kernel, constants: dict, num_warps: int) -> dict:
 
 def _gram(dtype, t_block, norms_only, single_block, block, num_warps, vec=1):
     constants = dict(
-        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only,
-        SINGLE_BLOCK=single_block, ALIGNED=True,
+        DTYPE=dtype,
+        T_BLOCK=t_block,
+        NORMS_ONLY=norms_only,
+        SINGLE_BLOCK=single_block,
+        ALIGNED=True,
         WIDTH=t_block if norms_only else t_block * t_block,
-        BLOCK=block, VEC=vec,
+        BLOCK=block,
+        VEC=vec,
     )
     return compile_variant(gram_partials_kernel, constants, num_warps)
 

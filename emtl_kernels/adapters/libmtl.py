@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..step import MTLStep, Mode
+from ..step import Mode, MTLStep
 from ..weightings import Weighting, make_weighting
 
 

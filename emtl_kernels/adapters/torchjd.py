@@ -25,9 +25,7 @@ try:
     from torchjd import aggregation as _aggregation
     from torchjd.linalg import DualConeProjector as _DualConeProjector
 except ImportError as error:  # pragma: no cover - exercised only without torchjd
-    raise ImportError(
-        "emtl_kernels.adapters.torchjd needs TorchJD (>= 0.18): pip install torchjd"
-    ) from error
+    raise ImportError("emtl_kernels.adapters.torchjd needs TorchJD (>= 0.18): pip install torchjd") from error
 
 from ..weightings import Weighting, make_weighting
 from ..weightings._solvers import IPM_ITERATIONS, project_onto_dual_cone
@@ -136,4 +134,6 @@ class DeviceDualConeProjector(_DualConeProjector):
         return weights.reshape(U.shape).to(G.dtype)
 
     def __repr__(self) -> str:
-        return f"DeviceDualConeProjector(norm_eps={self.norm_eps}, reg_eps={self.reg_eps}, iterations={self.iterations})"
+        return (
+            f"DeviceDualConeProjector(norm_eps={self.norm_eps}, reg_eps={self.reg_eps}, iterations={self.iterations})"
+        )

@@ -20,10 +20,7 @@ NAME = "native"
 def unavailable_reason(device: torch.device) -> str | None:
     """Why this backend cannot run on ``device`` (None: it can)."""
     if _extension.LOAD_ERROR is not None:
-        return (
-            "the compiled extension is not built: pip install --no-build-isolation -e . "
-            f"({_extension.LOAD_ERROR})"
-        )
+        return f"the compiled extension is not built: pip install --no-build-isolation -e . ({_extension.LOAD_ERROR})"
     if device.type == "cuda" and not _extension.WITH_CUDA:
         return "the extension was built without CUDA (torch had no CUDA or nvcc was not found at build time)"
     if device.type not in ("cpu", "cuda"):

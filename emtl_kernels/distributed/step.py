@@ -118,7 +118,9 @@ class DistributedMTLStep(MTLStep):
             )
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
-        super().__init__(shared_params, weighting, backend=backend, batched_backward=batched_backward, **weighting_options)
+        super().__init__(
+            shared_params, weighting, backend=backend, batched_backward=batched_backward, **weighting_options
+        )
         self.data_parallel.check_covers(self.shared_params, "shared_params")
         self.sync: Sync = sync
         self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
@@ -214,7 +216,9 @@ class DistributedMTLStep(MTLStep):
         loss_sum, gram_sum = self._collectives.sum_losses_and_gram(loss_vector, local_gram)
         record = self._record(loss_sum / world, gram_sum / world, gram_formed=True)
         params = list(targets)
-        grads = [g.view_as(p) for g, p in zip(weighted_combine(jacobian, record.weights, backend=self.backend), targets)]
+        grads = [
+            g.view_as(p) for g, p in zip(weighted_combine(jacobian, record.weights, backend=self.backend), targets)
+        ]
         for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
             if grad is not None:
                 params.append(head)

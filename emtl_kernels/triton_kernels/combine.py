@@ -30,9 +30,23 @@ def combine_t_block(num_tasks: int) -> int:
 
 
 @triton.jit
-def _combine_tile(pointer_table, weights, column, start, destination, num_tasks, offset, length, columns,
-                  MASK_COLUMNS: tl.constexpr, DTYPE: tl.constexpr, T_BLOCK: tl.constexpr,
-                  ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _combine_tile(
+    pointer_table,
+    weights,
+    column,
+    start,
+    destination,
+    num_tasks,
+    offset,
+    length,
+    columns,
+    MASK_COLUMNS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    T_BLOCK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for first in range(0, num_tasks, T_BLOCK):
         rows = first + tl.arange(0, T_BLOCK)
@@ -53,8 +67,16 @@ def _combine_tile(pointer_table, weights, column, start, destination, num_tasks,
 
 @triton.jit
 def combine_kernel(
-    pointer_table, output_table, chunk_table, weights, num_tasks, num_chunks,
-    DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr, ALIGNED: tl.constexpr,
+    pointer_table,
+    output_table,
+    chunk_table,
+    weights,
+    num_tasks,
+    num_chunks,
+    DTYPE: tl.constexpr,
+    T_BLOCK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Write (or add) the combination over chunk ``program_id(0)``."""
@@ -64,11 +86,41 @@ def combine_kernel(
     columns = tl.arange(0, BLOCK)
     full = length - length % BLOCK
     for offset in range(0, full, BLOCK):
-        _combine_tile(pointer_table, weights, column, start, destination, num_tasks, offset, length, columns,
-                      False, DTYPE, T_BLOCK, ACCUMULATE, ALIGNED, BLOCK)
+        _combine_tile(
+            pointer_table,
+            weights,
+            column,
+            start,
+            destination,
+            num_tasks,
+            offset,
+            length,
+            columns,
+            False,
+            DTYPE,
+            T_BLOCK,
+            ACCUMULATE,
+            ALIGNED,
+            BLOCK,
+        )
     if full < length:
-        _combine_tile(pointer_table, weights, column, start, destination, num_tasks, full, length, columns,
-                      True, DTYPE, T_BLOCK, ACCUMULATE, ALIGNED, BLOCK)
+        _combine_tile(
+            pointer_table,
+            weights,
+            column,
+            start,
+            destination,
+            num_tasks,
+            full,
+            length,
+            columns,
+            True,
+            DTYPE,
+            T_BLOCK,
+            ACCUMULATE,
+            ALIGNED,
+            BLOCK,
+        )
 
 
 def launch_combine(
@@ -84,8 +136,18 @@ def launch_combine(
 ) -> None:
     """One launch over every chunk; ``weights`` is float32 ``[T]`` on the device."""
     combine_kernel[(tables.num_chunks,)](
-        tables.row_pointers, output_table, tables.chunks, weights, num_tasks, tables.num_chunks,
-        DTYPE=dtype, T_BLOCK=combine_t_block(num_tasks), ACCUMULATE=accumulate,
-        ALIGNED=tables.aligned and outputs_aligned, BLOCK=config.block,
-        num_warps=config.num_warps, num_stages=NUM_STAGES, enable_fp_fusion=True,
+        tables.row_pointers,
+        output_table,
+        tables.chunks,
+        weights,
+        num_tasks,
+        tables.num_chunks,
+        DTYPE=dtype,
+        T_BLOCK=combine_t_block(num_tasks),
+        ACCUMULATE=accumulate,
+        ALIGNED=tables.aligned and outputs_aligned,
+        BLOCK=config.block,
+        num_warps=config.num_warps,
+        num_stages=NUM_STAGES,
+        enable_fp_fusion=True,
     )

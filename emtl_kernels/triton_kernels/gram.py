@@ -60,8 +60,22 @@ def _add_outer_products(acc, tile_a, tile_b, T_BLOCK: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
-                MASK_COLUMNS: tl.constexpr, NORMS_ONLY: tl.constexpr, SINGLE_BLOCK: tl.constexpr, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
+def _accumulate(
+    acc,
+    pointers_a,
+    mask_a,
+    pointers_b,
+    mask_b,
+    offset,
+    length,
+    columns,
+    MASK_COLUMNS: tl.constexpr,
+    NORMS_ONLY: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    T_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+):
     tile_a = load_tile(pointers_a, mask_a, offset, length, columns, MASK_COLUMNS)
     if NORMS_ONLY:
         acc += tile_a * tile_a
@@ -76,9 +90,20 @@ def _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, col
 
 @triton.jit
 def gram_partials_kernel(
-    pointer_table, chunk_table, block_pairs, partials, num_tasks, num_chunks,
-    DTYPE: tl.constexpr, T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, SINGLE_BLOCK: tl.constexpr, ALIGNED: tl.constexpr, WIDTH: tl.constexpr,
-    BLOCK: tl.constexpr, VEC: tl.constexpr,
+    pointer_table,
+    chunk_table,
+    block_pairs,
+    partials,
+    num_tasks,
+    num_chunks,
+    DTYPE: tl.constexpr,
+    T_BLOCK: tl.constexpr,
+    NORMS_ONLY: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """One program's partial products (WIDTH values) of the block pair ``program_id(1)`` over its
     chunks."""
@@ -103,11 +128,39 @@ def gram_partials_kernel(
             pointers_b = row_pointers(pointer_table, column, rows_b, mask_b, num_tasks, start, DTYPE, ALIGNED)
         full = length - length % BLOCK
         for offset in range(0, full, BLOCK):
-            acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, offset, length, columns,
-                              False, NORMS_ONLY, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
+            acc = _accumulate(
+                acc,
+                pointers_a,
+                mask_a,
+                pointers_b,
+                mask_b,
+                offset,
+                length,
+                columns,
+                False,
+                NORMS_ONLY,
+                SINGLE_BLOCK,
+                T_BLOCK,
+                BLOCK,
+                VEC,
+            )
         if full < length:
-            acc = _accumulate(acc, pointers_a, mask_a, pointers_b, mask_b, full, length, columns,
-                              True, NORMS_ONLY, SINGLE_BLOCK, T_BLOCK, BLOCK, VEC)
+            acc = _accumulate(
+                acc,
+                pointers_a,
+                mask_a,
+                pointers_b,
+                mask_b,
+                full,
+                length,
+                columns,
+                True,
+                NORMS_ONLY,
+                SINGLE_BLOCK,
+                T_BLOCK,
+                BLOCK,
+                VEC,
+            )
     if NORMS_ONLY:
         partial = tl.sum(acc, axis=1)
         entries = tl.arange(0, T_BLOCK)
@@ -119,9 +172,17 @@ def gram_partials_kernel(
 
 
 @triton.jit
-def reduce_partials_kernel(partials, out, block_pairs, num_tasks, num_partials,
-                           T_BLOCK: tl.constexpr, NORMS_ONLY: tl.constexpr, WIDTH: tl.constexpr,
-                           ROWS: tl.constexpr):
+def reduce_partials_kernel(
+    partials,
+    out,
+    block_pairs,
+    num_tasks,
+    num_partials,
+    T_BLOCK: tl.constexpr,
+    NORMS_ONLY: tl.constexpr,
+    WIDTH: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     """Sum the partials (WIDTH values each) of block pair ``program_id(0)`` in program order;
     write the norms, or the pair's upper-triangle entries of G and their mirror images."""
     pair = tl.program_id(0)
@@ -130,8 +191,9 @@ def reduce_partials_kernel(partials, out, block_pairs, num_tasks, num_partials,
     total = tl.zeros([WIDTH], dtype=tl.float32)
     for first in range(0, num_partials, ROWS):
         index = first + tl.arange(0, ROWS)
-        block = tl.load(first_row + index[:, None] * WIDTH + entries[None, :],
-                        mask=(index < num_partials)[:, None], other=0.0)
+        block = tl.load(
+            first_row + index[:, None] * WIDTH + entries[None, :], mask=(index < num_partials)[:, None], other=0.0
+        )
         total += tl.sum(block, axis=0)
     row_start = tl.load(block_pairs + 2 * pair).to(tl.int32)
     if NORMS_ONLY:
@@ -171,16 +233,37 @@ def launch_gram(
     width = t_block if norms_only else t_block * t_block
     partials = torch.empty(len(pairs), num_programs, width, dtype=torch.float32, device=device)
     gram_partials_kernel[(num_programs, len(pairs))](
-        tables.row_pointers, tables.chunks, block_pairs, partials, num_tasks, tables.num_chunks,
-        DTYPE=dtype, T_BLOCK=t_block, NORMS_ONLY=norms_only, SINGLE_BLOCK=t_block >= num_tasks,
-        ALIGNED=tables.aligned, WIDTH=width,
-        BLOCK=config.block, VEC=config.vec,
-        num_warps=config.num_warps, num_stages=NUM_STAGES, enable_fp_fusion=True,
+        tables.row_pointers,
+        tables.chunks,
+        block_pairs,
+        partials,
+        num_tasks,
+        tables.num_chunks,
+        DTYPE=dtype,
+        T_BLOCK=t_block,
+        NORMS_ONLY=norms_only,
+        SINGLE_BLOCK=t_block >= num_tasks,
+        ALIGNED=tables.aligned,
+        WIDTH=width,
+        BLOCK=config.block,
+        VEC=config.vec,
+        num_warps=config.num_warps,
+        num_stages=NUM_STAGES,
+        enable_fp_fusion=True,
     )
     shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     reduce_partials_kernel[(len(pairs),)](
-        partials, out, block_pairs, num_tasks, num_programs,
-        T_BLOCK=t_block, NORMS_ONLY=norms_only, WIDTH=width, ROWS=max(1, _REDUCE_VALUES // width), num_warps=4, enable_fp_fusion=True,
+        partials,
+        out,
+        block_pairs,
+        num_tasks,
+        num_programs,
+        T_BLOCK=t_block,
+        NORMS_ONLY=norms_only,
+        WIDTH=width,
+        ROWS=max(1, _REDUCE_VALUES // width),
+        num_warps=4,
+        enable_fp_fusion=True,
     )
     return out

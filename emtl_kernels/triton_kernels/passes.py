@@ -40,12 +40,14 @@ def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulat
     dtype = TRITON_DTYPES[grads.dtype]
 
     def run(config: tuning.LaunchConfig) -> None:
-        launch_combine(row_tables, grads.num_tasks, dtype, weights, output_table, outputs_aligned, config,
-                       accumulate=accumulate)
+        launch_combine(
+            row_tables, grads.num_tasks, dtype, weights, output_table, outputs_aligned, config, accumulate=accumulate
+        )
 
     with _on(grads.device):
-        candidates = tuning.elementwise_candidates(combine_t_block(grads.num_tasks) + 1, _element_bytes(grads),
-                                                   persistent=False)
+        candidates = tuning.elementwise_candidates(
+            combine_t_block(grads.num_tasks) + 1, _element_bytes(grads), persistent=False
+        )
         # Timing runs the pass several times: harmless when it overwrites, wrong when it adds.
         config = TUNER.choose(_key("combine", grads), candidates, run, may_time=_may_time(grads) and not accumulate)
         run(config)
@@ -66,7 +68,9 @@ def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
     else:
         candidates = tuning.outer_product_candidates(t_block, _element_bytes(grads))
     with _on(grads.device):
-        config = TUNER.choose(_key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads))
+        config = TUNER.choose(
+            _key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads)
+        )
         return run(config)
 
 

@@ -192,7 +192,9 @@ def row_tables(grads: TaskGradients) -> RowTables:
 def output_table(outs: list[Tensor]) -> tuple[Tensor, bool]:
     """The output table ``[K]`` of the combine pass, and whether every address is aligned."""
     addresses = tuple(out.data_ptr() for out in outs)
-    return DEVICE_TABLES.get(("addresses", addresses), outs[0].device, lambda: _int64(addresses)), all_aligned(addresses)
+    return DEVICE_TABLES.get(("addresses", addresses), outs[0].device, lambda: _int64(addresses)), all_aligned(
+        addresses
+    )
 
 
 def index_table(values: tuple[int, ...], device: torch.device) -> Tensor:

@@ -77,7 +77,11 @@ def elementwise_candidates(values_per_column: int, element_bytes: int, *, persis
     configs = []
     for warps in (4, 8):
         threads = 32 * warps
-        fitting = [b for b in (256, 512, 1024, 2048, _MAX_BLOCK) if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads]
+        fitting = [
+            b
+            for b in (256, 512, 1024, 2048, _MAX_BLOCK)
+            if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads
+        ]
         blocks = fitting[-2:] or [threads]
         wide = min(_MAX_BLOCK, threads * _LOAD_BYTES // element_bytes)
         if blocks[-1] < wide:

@@ -162,7 +162,9 @@ def _best_shift_in_ball(
     task_rows = torch.cat([-factor, torch.ones(num_tasks, 1, dtype=dtype, device=device)], 1) * active[:, None]
     # Maximise t: minimise −t. Built by a cat, not by `tensor[-1] = -1`, whose Python scalar is
     # copied from the host: a CUDA graph cannot capture that copy.
-    objective_gradient = torch.cat([torch.zeros(num_tasks, dtype=dtype, device=device), -torch.ones(1, dtype=dtype, device=device)])
+    objective_gradient = torch.cat(
+        [torch.zeros(num_tasks, dtype=dtype, device=device), -torch.ones(1, dtype=dtype, device=device)]
+    )
     y = torch.zeros(num_tasks, dtype=dtype, device=device)
     t = torch.zeros((), dtype=dtype, device=device)
     slack = torch.ones(count, dtype=dtype, device=device)
