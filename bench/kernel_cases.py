@@ -82,7 +82,7 @@ class KernelCase:
         dtype = DTYPES[dtype_name]
         storage = torch.randn(num_tasks * sum(sizes), generator=generator, device=device).to(dtype)
         pieces = storage.split([num_tasks * size for size in sizes])
-        blocks = [piece.view(num_tasks, size) for piece, size in zip(pieces, sizes)]
+        blocks = [piece.view(num_tasks, size) for piece, size in zip(pieces, sizes, strict=True)]
         weights = torch.rand(num_tasks, generator=generator, device=device)
         outs = [torch.empty(size, dtype=dtype, device=device) for size in sizes]
         return cls(storage, blocks, weights, weights.to(dtype), outs, torch.empty_like(storage))
@@ -120,6 +120,6 @@ class KernelCase:
         calls[Candidate("gram", baseline=SQUARE_SUM)] = lambda: _sum((block * block).sum(1) for block in blocks)
         calls[Candidate("combine", baseline=MATMUL_COMBINE)] = lambda: [weights_like @ block for block in blocks]
         calls[Candidate("combine", baseline=MV_INTO_OUT)] = lambda: [
-            torch.mv(block.T, weights_like, out=out) for block, out in zip(blocks, outs)
+            torch.mv(block.T, weights_like, out=out) for block, out in zip(blocks, outs, strict=True)
         ]
         return calls

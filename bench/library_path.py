@@ -68,14 +68,14 @@ class LibraryStyleStep:
         new_grads = torch.einsum("i,ij->j", weights.to(grads.dtype), grads)
         self._reset_grad(new_grads)
         for task, own_head in enumerate(head_grads):
-            for param, grad in zip(self.task_params[task], own_head):
+            for param, grad in zip(self.task_params[task], own_head, strict=True):
                 _add_to_grad(param, weights[task] * grad)
         self.last_weights = weights.detach().cpu().numpy()
         return intervals
 
     def _reset_grad(self, new_grads: Tensor) -> None:
         begin = 0
-        for param, size in zip(self.shared, self.grad_index):
+        for param, size in zip(self.shared, self.grad_index, strict=True):
             param.grad = new_grads[begin : begin + size].contiguous().view(param.size()).clone()
             begin += size
 

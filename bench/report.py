@@ -16,11 +16,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+import matplotlib.pyplot as plt
 
-from .environment import caption  # noqa: E402
-from .scaling import loglog_slope  # noqa: E402
-from .targets import baseline, evaluate, extra_memory_units, floor_peak, measured, median, torch_baselines  # noqa: E402
+from .environment import caption
+from .scaling import loglog_slope
+from .targets import baseline, evaluate, extra_memory_units, floor_peak, measured, median, torch_baselines
 
 REPORT_FILE = "report.md"
 HEADLINE_PLOT = "steps_overhead.png"
@@ -92,7 +92,8 @@ def _header(meta: dict) -> str:
         f"Preset `{meta['preset']}` ({meta.get('preset_description', '')}), measured {meta['date']} in "
         f"{meta.get('seconds', '?')} s with {meta['threads']} torch threads on {meta.get('cpu_count')} logical CPUs. "
         f"Commit `{meta.get('commit')}`{' with uncommitted changes' if meta.get('dirty') else ''}; "
-        f"torch {meta['torch']}, Triton {meta.get('triton') or 'not installed'}, TorchJD {meta.get('torchjd') or 'not installed'}, "
+        f"torch {meta['torch']}, Triton {meta.get('triton') or 'not installed'}, "
+        f"TorchJD {meta.get('torchjd') or 'not installed'}, "
         f"Python {meta.get('python')}.",
         "",
     ]
@@ -184,7 +185,7 @@ def _step_rows_table(trunk_rows: list[dict], all_rows: list[dict], exhibits: _Ex
 def _overhead_plot(rows: list[dict], exhibits: _Exhibits, weighting: str) -> str:
     trunks = list(dict.fromkeys(row["trunk"] for row in rows))
     figure, axes = plt.subplots(1, len(trunks), figsize=(5.2 * len(trunks), 4.2), squeeze=False)
-    for axis, trunk in zip(axes[0], trunks):
+    for axis, trunk in zip(axes[0], trunks, strict=True):
         chosen = [row for row in rows if row["trunk"] == trunk and row.get("weighting") == weighting]
         floor = baseline(rows, {"trunk": trunk, "tasks": chosen[0]["tasks"] if chosen else 0}, "floor", "step")
         labels, before, after, whole = [], [], [], []
@@ -218,7 +219,7 @@ def _overhead_plot(rows: list[dict], exhibits: _Exhibits, weighting: str) -> str
 def _memory_plot(rows: list[dict], exhibits: _Exhibits) -> str:
     trunks = list(dict.fromkeys(row["trunk"] for row in rows))
     figure, axes = plt.subplots(1, len(trunks), figsize=(5.2 * len(trunks), 4.2), squeeze=False)
-    for axis, trunk in zip(axes[0], trunks):
+    for axis, trunk in zip(axes[0], trunks, strict=True):
         chosen = [row for row in rows if row["trunk"] == trunk and row.get("peak_bytes") and row["path"] != "floor"]
         ratios = [row["peak_bytes"] / floor_peak(rows, row) for row in chosen]
         positions = range(len(chosen))
@@ -316,7 +317,7 @@ def _kernel_plots(rows: list[dict], exhibits: _Exhibits) -> list[str]:
             chosen = [row for row in rows if row["dtype"] == dtype]
             tasks = sorted({row["tasks"] for row in chosen})
             figure, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks), 3.8), squeeze=False, sharey=True)
-            for axis, num_tasks in zip(axes[0], tasks):
+            for axis, num_tasks in zip(axes[0], tasks, strict=True):
                 lines = defaultdict(list)
                 for row in sorted(chosen, key=_case_order):
                     if row["tasks"] == num_tasks and row["pass"] in (kernel_pass, "copy"):
@@ -396,7 +397,8 @@ def _kernels_section(results: dict, exhibits: _Exhibits) -> str:
     parts += [
         f"- {row['job']}: {row['error']}"
         if "job" in row
-        else f"- {row['pass']}, {_candidate(row)}, {row['dtype']}, T={row['tasks']}, {row['layout']}, P={row['numel']:,}: {row['error']}"
+        else f"- {row['pass']}, {_candidate(row)}, {row['dtype']}, T={row['tasks']}, {row['layout']}, "
+        f"P={row['numel']:,}: {row['error']}"
         for row in errors
     ]
     return "\n".join(parts) + "\n"
@@ -430,7 +432,7 @@ def _scaling_section(results: dict, exhibits: _Exhibits) -> str:
             points = sorted((x_of(row), row) for row in chosen if row["key"] == key)
             xs = [x for x, _ in points]
             label = _path_label(points[0][1]).replace(" · emtl", "")
-            for axis, duration in zip(axes, ("step", "post_backward")):
+            for axis, duration in zip(axes, ("step", "post_backward"), strict=True):
                 ys = [median(row, duration) for _, row in points]
                 slope = loglog_slope(xs, ys)
                 if math.isfinite(slope):
@@ -438,7 +440,7 @@ def _scaling_section(results: dict, exhibits: _Exhibits) -> str:
                     slopes.append(
                         [axis_name, label, duration.replace("_", "-"), f"{slope:.2f}", f"{min(xs):,}–{max(xs):,}"]
                     )
-        for axis, duration in zip(axes, ("step time", "post-backward part")):
+        for axis, duration in zip(axes, ("step time", "post-backward part"), strict=True):
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")
             axis.set_xlabel(axis_name)
@@ -548,12 +550,13 @@ def _weightings_section(results: dict, exhibits: _Exhibits) -> str:
         not_captured = ("—", "—") * (len(timings) - 1)
         table.append(
             ["Gram pass"]
-            + [cell for num_tasks in task_counts for cell in (_us(gram_pass[num_tasks]), "1×") + not_captured]
+            + [cell for num_tasks in task_counts for cell in (_us(gram_pass[num_tasks]), "1×", *not_captured)]
         )
         first = good[0]
         parts += [
             "One call of each weighting with its default options on losses `[T]` and the float32 Gram matrix of "
-            f"a random `[T, 256]` J whose tasks conflict, median µs of the timed calls; `× Gram pass`: that median over the median of "
+            "a random `[T, 256]` J whose tasks conflict, median µs of the timed calls; "
+            "`× Gram pass`: that median over the median of "
             f"the Gram pass (`task_gram`, {first['gram_backend']} backend) over a `[T, P]` float32 matrix, "
             f"P = {_log2(first['gram_numel'])}, timed interleaved with the weightings in the same rounds."
             + (" `graph`: the weighting captured once in a CUDA graph, its replay timed." if not_captured else ""),

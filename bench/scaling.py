@@ -25,7 +25,7 @@ from .trunks import build_model
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log(y) against log(x) over the points where both are positive and
     finite; NaN with fewer than two such points."""
-    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0 and math.isfinite(y)]
+    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0 and math.isfinite(y)]
     if len(points) < 2:
         return math.nan
     mean_x = sum(x for x, _ in points) / len(points)

@@ -24,6 +24,7 @@ in a separate, untimed step (:mod:`bench.memory`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import warnings
@@ -218,7 +219,9 @@ def measure_paths(
                 model.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    row["peak_bytes"] = peak_bytes(lambda: _one_step(model, batch, path, clock), device, resident)
+                    row["peak_bytes"] = peak_bytes(
+                        functools.partial(_one_step, model, batch, path, clock), device, resident
+                    )
         rows.append(row)
     model.zero_grad(set_to_none=True)
     return rows

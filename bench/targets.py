@@ -118,7 +118,10 @@ def evaluate(results: dict) -> list[dict]:
             {
                 "target": f"speed mode peak memory ({backend})",
                 "threshold": f"≤ floor + T·P·s + {SPEED_MODE_ALLOWANCE:g}·P·s",
-                "measured": f"floor + T·P·s {'+' if worst_excess >= 0 else '−'} {abs(worst_excess):.2f}·P·s (worst of {len(excess)})",
+                "measured": (
+                    f"floor + T·P·s {'+' if worst_excess >= 0 else '−'} {abs(worst_excess):.2f}·P·s "
+                    f"(worst of {len(excess)})"
+                ),
                 "verdict": _judge(worst_excess, worst_excess <= SPEED_MODE_ALLOWANCE),
             }
         )

@@ -98,10 +98,7 @@ class Summary:
         finite = sorted(v for v in values if math.isfinite(v))
         if not finite:
             return cls(math.nan, math.nan, math.nan, math.nan, 0)
-        if len(finite) == 1:
-            quartiles = [finite[0]] * 3
-        else:
-            quartiles = statistics.quantiles(finite, n=4, method="inclusive")
+        quartiles = [finite[0]] * 3 if len(finite) == 1 else statistics.quantiles(finite, n=4, method="inclusive")
         return cls(statistics.median(finite), quartiles[0], quartiles[2], finite[0], len(finite))
 
     def as_dict(self) -> dict[str, float]:

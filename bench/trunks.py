@@ -8,6 +8,8 @@ orders of magnitude so that every weighting has real work to do.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -30,7 +32,7 @@ def convnet_trunk(channels: tuple[int, ...], image_size: int) -> tuple[nn.Module
     """3×3 convolutions with batch norm and ReLU, halving the resolution from the second layer
     on, then a global average pool."""
     layers: list[nn.Module] = []
-    for index, (inputs, outputs) in enumerate(zip((3, *channels), channels)):
+    for index, (inputs, outputs) in enumerate(itertools.pairwise((3, *channels))):
         layers += [
             nn.Conv2d(inputs, outputs, 3, stride=1 if index == 0 else 2, padding=1, bias=False),
             nn.BatchNorm2d(outputs),

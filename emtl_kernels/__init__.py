@@ -18,7 +18,7 @@ written back as the update. This package makes that one fused step:
 - :mod:`emtl_kernels.adapters`: TorchJD and LibMTL users' way in (optional imports).
 """
 
-from . import _extension  # registers torch.ops.emtl_kernels.* when the extension is built
+from . import _extension  # noqa: F401  (registers torch.ops.emtl_kernels.* when the extension is built)
 from .backends import available_backends
 from .distributed import CommunicationLog, DistributedMTLStep
 from .ops import task_gram, task_sq_norms, weighted_combine

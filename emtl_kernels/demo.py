@@ -117,13 +117,14 @@ def train(method: str, seed: int, args, train_split: Split, test: Split, progres
             optimizer.zero_grad()
             step.backward(batch.losses(model(batch.images)))
             step.optimizer_step(optimizer)
-        history.append(step.last.relative_contributions.tolist())
+        if step.last is not None:
+            history.append(step.last.relative_contributions.tolist())
         progress.update(1)
     seconds = time.perf_counter() - started
     return {
         "metrics": evaluate(model, test),
         "history": history,
-        "weights": step.last.weights.tolist(),
+        "weights": [] if step.last is None else step.last.weights.tolist(),
         "seconds": seconds,
     }
 
@@ -156,9 +157,9 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
     """Relative contributions over training, one panel a method (first seed)."""
     pyplot = _require("matplotlib.pyplot").pyplot
     figure, axes = pyplot.subplots(1, len(results), figsize=(4 * len(results), 3.2), sharey=True, squeeze=False)
-    for axis, (method, runs) in zip(axes[0], results.items()):
+    for axis, (method, runs) in zip(axes[0], results.items(), strict=True):
         history = torch.tensor(runs[0]["history"])
-        for task, series in zip(TASKS, history.T):
+        for task, series in zip(TASKS, history.T, strict=True):
             axis.plot(range(1, len(series) + 1), series, label=task)
         axis.set(title=method, xlabel="epoch", yscale="log")
     axes[0, 0].set_ylabel("relative contribution L / ‖∇θ L‖")
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     tqdm = _require("tqdm").tqdm
     train_split, test = load_digits(seed=0)
     print(f"digits: {len(train_split.digits)} train / {len(test.digits)} test images, tasks: {', '.join(TASKS)}")
-    results = {method: [] for method in args.methods}
+    results: dict[str, list[dict]] = {method: [] for method in args.methods}
     with tqdm(total=args.epochs * args.seeds * len(args.methods), unit="epoch", file=sys.stdout) as progress:
         for method in args.methods:
             progress.set_description(method)

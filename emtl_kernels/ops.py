@@ -84,7 +84,7 @@ def weighted_combine(
     # (holding its values when accumulating) that is copied back.
     dense = [target if target.is_contiguous() else target.contiguous() for target in outs]
     backends.resolve(backend, grads.device).combine(grads, weights, dense, accumulate)
-    for target, written in zip(outs, dense):
+    for target, written in zip(outs, dense, strict=True):
         if written is not target:
             target.copy_(written)
     return outs[0] if matrix_input else outs

@@ -24,6 +24,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Literal
 
 import torch
@@ -147,7 +148,7 @@ class MTLStep:
             self._combine_task_gradients(loss_list, loss_vector, heads, retain_graph)
         else:
             self._backward_weighted_sum(loss_list, loss_vector, heads, retain_graph)
-        return self.last.weights
+        return self._record_of_last_call().weights
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """``optimizer.step()`` unless the last backward was skipped; returns whether it stepped.
@@ -155,12 +156,15 @@ class MTLStep:
         Reads the skip flag on the host, one wait per step, as ``GradScaler.step`` does. Code that
         must not wait reads ``last.skipped`` itself (a fused optimiser takes it as ``found_inf``).
         """
-        if self.last is None:
-            raise RuntimeError("optimizer_step() needs a backward() first")
-        if bool(self.last.skipped):
+        if bool(self._record_of_last_call().skipped):
             return False
         optimizer.step()
         return True
+
+    def _record_of_last_call(self) -> StepRecord:
+        if self.last is None:
+            raise RuntimeError("no backward() has run on this step yet")
+        return self.last
 
     # Speed mode: J is kept, the update is one fused combine pass.
     def _combine_task_gradients(self, losses, loss_vector, heads, retain_graph) -> None:
@@ -169,12 +173,12 @@ class MTLStep:
         record = self._record(loss_vector, task_gram(jacobian, backend=self.backend), gram_formed=True)
         outs, accumulate = grad_destinations(targets)
         weighted_combine(jacobian, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
-        for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
+        for head, grad in zip(heads, self._head_gradients(per_task, record.weights), strict=True):
             accumulate_grad(head, grad, record.skipped)
 
     # The pieces of a speed-mode step, shared with the distributed step. ``per_task[i]`` holds task
     # i's gradients on the shared parameters (in order), then on the heads; None where it has none.
-    def _reached_shared(self, per_task: list[Sequence[Tensor | None]]) -> list[int]:
+    def _reached_shared(self, per_task: Sequence[Sequence[Tensor | None]]) -> list[int]:
         """Indices of the shared parameters some loss reaches; warns for each loss that reaches none."""
         num_shared = len(self.shared_params)
         reached = [k for k in range(num_shared) if any(grads[k] is not None for grads in per_task)]
@@ -210,9 +214,9 @@ class MTLStep:
         else:
             record = self._record(loss_vector, self._gram_from_norms(losses, scope), gram_formed=False)
         targets = self.shared_params + heads
-        weighted_loss = sum(w * loss for w, loss in zip(record.weights.unbind(0), losses))
+        weighted_loss = sum(w * loss for w, loss in zip(record.weights.unbind(0), losses, strict=True))
         grads = torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True)
-        for param, grad in zip(targets, grads):
+        for param, grad in zip(targets, grads, strict=True):
             accumulate_grad(param, grad, record.skipped)
 
     def _gram_from_norms(self, losses: list[Tensor], scope: list[Tensor]) -> Tensor:
@@ -222,18 +226,18 @@ class MTLStep:
         num_tasks = len(losses)
         wants_total = self.weighting.gram_use == "diagonal_and_total"
         summed = [torch.zeros_like(p, dtype=torch.float32) for p in scope] if wants_total else None
-        sq_norms = []
+        norms_by_task = []
         for i, loss in enumerate(losses):
             grads = torch.autograd.grad(loss, scope, retain_graph=True, allow_unused=True)
             _warn_if_disconnected(i, grads)
             present = [g for g in grads if g is not None]
             if present:
-                sq_norms.append(task_sq_norms(TaskGradients([present]), backend=self.backend)[0])
+                norms_by_task.append(task_sq_norms(TaskGradients([present]), backend=self.backend)[0])
             else:
-                sq_norms.append(torch.zeros((), dtype=torch.float32, device=loss.device))
+                norms_by_task.append(torch.zeros((), dtype=torch.float32, device=loss.device))
             if summed is not None:
                 torch._foreach_add_(summed, list(zeros_for_missing(grads, scope)))
-        sq_norms = torch.stack(sq_norms)
+        sq_norms = torch.stack(norms_by_task)
         off_diagonal = torch.full((), math.nan, dtype=torch.float32, device=sq_norms.device)
         if summed is not None and num_tasks > 1:
             total = task_sq_norms(TaskGradients([summed]), backend=self.backend)[0]
@@ -330,8 +334,9 @@ def _warn_if_data_parallel() -> None:
 
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside this package."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(__package__ + "."):
+    frame: FrameType | None = sys._getframe(2)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(f"{__package__}."):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -370,17 +375,17 @@ def task_rows(per_task, indices: Sequence[int], like: Sequence[Tensor]) -> list[
 
 def zeros_for_missing(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> list[Tensor]:
     """``grads``, with zeros shaped like the parameter where a gradient is None."""
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
 
 
 def grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
     """Each parameter's ``.grad`` to write into, and whether to add to it. Missing gradients are
     allocated uninitialised when none exists (nothing to add to: no fill pass), zeroed otherwise."""
     missing = [p.grad is None for p in params]
-    for p, is_missing in zip(params, missing):
+    for p, is_missing in zip(params, missing, strict=True):
         if is_missing:
             p.grad = torch.empty_like(p) if all(missing) else torch.zeros_like(p)
-    return [p.grad for p in params], not all(missing)
+    return [p.grad for p in params if p.grad is not None], not all(missing)
 
 
 def _weighted_sum(terms: list[tuple[int, Tensor]], weights: Tensor) -> Tensor | None:

@@ -67,9 +67,9 @@ class TaskGradients:
             piece = piece.contiguous()
         return piece if piece.dim() == 1 else piece.view(-1)
 
-    def _refuse(self, piece: object, task: int, index: int) -> None:
+    def _refuse(self, piece: Tensor, task: int, index: int) -> None:
         where = f"task {task}, tensor {index}"
-        _check_piece(piece, where)
+        _check_piece(piece, where)  # a piece that is no tensor at all is refused here
         if piece.dtype != self.dtype:
             raise TypeError(f"{where} has dtype {piece.dtype}, task 0 has {self.dtype}: one dtype for all")
         if piece.device != self.device:

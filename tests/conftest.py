@@ -6,14 +6,14 @@ import os
 # contend (tens of ms per tile product instead of tens of µs). Set before numpy is loaded.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 # Must be set before triton is first imported: without a GPU, Triton kernels then run on CPU
 # tensors through the interpreter, which is how CI tests them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import settings
 
 # CI draws the same examples every run, so that a red run is a bug to replay, never the luck of
 # the draw; a local run explores new examples each time.

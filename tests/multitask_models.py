@@ -53,5 +53,5 @@ def weighted_sum_gradients64(
     model64: nn.Module, losses: list[torch.Tensor], weights: torch.Tensor
 ) -> list[torch.Tensor]:
     """∇ Σ_i w_i L_i on every parameter of the model, float64, w held constant."""
-    total = sum(w * loss for w, loss in zip(weights.tolist(), losses))
+    total = sum(w * loss for w, loss in zip(weights.tolist(), losses, strict=True))
     return list(torch.autograd.grad(total, list(model64.parameters())))

@@ -6,6 +6,8 @@ without rounding), so a backend's only error against it is its float32 accumulat
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -19,7 +21,7 @@ def split_sizes(numel: int, pieces: int) -> list[int]:
     pieces = max(1, min(pieces, numel))
     cuts = sorted({(numel * (k * k)) // (pieces * pieces) for k in range(1, pieces)} - {0, numel})
     bounds = [0, *cuts, numel]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in itertools.pairwise(bounds)]
 
 
 def make_task_gradients(
@@ -44,7 +46,9 @@ def make_task_gradients(
     pieces = values.split(sizes, dim=1)
     if layout == "blocks":
         shapes = [(size,) if size % 3 else (3, size // 3) for size in sizes]
-        return TaskGradients.from_blocks([p.contiguous().view(num_tasks, *s) for p, s in zip(pieces, shapes)]), exact
+        return TaskGradients.from_blocks(
+            [p.contiguous().view(num_tasks, *s) for p, s in zip(pieces, shapes, strict=True)]
+        ), exact
     if layout == "rows":
         return TaskGradients([[p[i].clone() for p in pieces] for i in range(num_tasks)]), exact
     raise ValueError(layout)

@@ -30,11 +30,11 @@ from emtl_kernels.weightings import (
 pytest.importorskip("torchjd")
 pytest.importorskip("quadprog")  # TorchJD's default dual-cone projector
 
-from torchjd import aggregation  # noqa: E402
-from torchjd.autojac import backward, jac_to_grad, mtl_backward  # noqa: E402
+from torchjd import aggregation
+from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from emtl_kernels.adapters.libmtl import libmtl_weighting  # noqa: E402
-from emtl_kernels.adapters.torchjd import (  # noqa: E402
+from emtl_kernels.adapters.libmtl import libmtl_weighting
+from emtl_kernels.adapters.torchjd import (
     DeviceDualConeProjector,
     TorchJDWeighting,
     as_torchjd_aggregator,
@@ -222,7 +222,7 @@ def test_torchjd_aggregator_of_ours_gives_the_mtl_step_gradient(name, entry):
     step_weights = step.backward(reference.losses(*toy_batch(3)))
     torch.testing.assert_close(weights, step_weights, rtol=1e-4, atol=1e-5 * float(step_weights.abs().max()))
     tol = 2e-3 if name == "aligned_mtl" else 1e-5
-    for ours, theirs in zip(reference.trunk.parameters(), shared):
+    for ours, theirs in zip(reference.trunk.parameters(), shared, strict=True):
         assert (ours.grad - theirs.grad).norm() <= tol * ours.grad.norm()
 
 
@@ -266,7 +266,7 @@ def test_torchjd_upgrad_in_mtl_step_matches_ours(torchjd_weighting):
         results.append((weights, [p.grad for p in model.parameters()]))
     (theirs, their_grads), (ours, our_grads) = results
     torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3 * float(ours.abs().max()))
-    for a, b in zip(their_grads, our_grads):
+    for a, b in zip(their_grads, our_grads, strict=True):
         assert (a - b).norm() <= 1e-3 * b.norm()
 
 
@@ -346,7 +346,9 @@ def libmtl_model(weighting_class, rep_grad: bool = False):
             self.init_param()
 
     names = [f"task{i}" for i in range(len(toy.heads))]
-    return MTLmodel(names, lambda: toy.trunk, dict(zip(names, toy.heads)), rep_grad, False, torch.device("cpu"), {})
+    return MTLmodel(
+        names, lambda: toy.trunk, dict(zip(names, toy.heads, strict=True)), rep_grad, False, torch.device("cpu"), {}
+    )
 
 
 def libmtl_training_losses(model) -> torch.Tensor:
@@ -369,7 +371,7 @@ def test_libmtl_weighting_gives_the_mtl_step_gradients_and_weights(name, options
     expected = step.backward(reference.losses(*toy_batch(3)))
     assert isinstance(weights, np.ndarray) and weights.shape == (3,)
     np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-5, atol=1e-7)
-    for actual, wanted in zip(model.parameters(), reference.parameters()):
+    for actual, wanted in zip(model.parameters(), reference.parameters(), strict=True):
         assert (actual.grad - wanted.grad).norm() <= 1e-5 * wanted.grad.norm() + 1e-9
 
 

@@ -265,10 +265,10 @@ def _float64_update(model32, batch32, weights_of):
     batch = tuple(t.double() for t in batch32)
     _, losses = model(batch)
     shared = list(model.trunk.parameters())
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in losses]
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
     jacobian = torch.stack(rows)
-    weights = weights_of(torch.stack([l.detach() for l in losses]), jacobian @ jacobian.T)
-    grads = torch.autograd.grad(sum(w * l for w, l in zip(weights, losses)), shared)
+    weights = weights_of(torch.stack([loss.detach() for loss in losses]), jacobian @ jacobian.T)
+    grads = torch.autograd.grad(sum(w * loss for w, loss in zip(weights, losses, strict=True)), shared)
     return torch.cat([g.reshape(-1) for g in grads]), weights
 
 
@@ -293,7 +293,7 @@ def test_baseline_paths_write_the_weighted_update(spec, path, one_thread):
         )
         step.backward(features, losses)
     update = torch.cat([p.grad.reshape(-1) for p in model.trunk.parameters()]).double()
-    expected, weights = _float64_update(model, batch, lambda l, g: emtl_weights(l, g, lam=1.0))
+    expected, weights = _float64_update(model, batch, lambda losses, gram: emtl_weights(losses, gram, lam=1.0))
     assert not torch.allclose(weights, torch.ones_like(weights), atol=1e-3)  # the weighting did something
     torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 

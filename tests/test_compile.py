@@ -27,5 +27,5 @@ def test_gram_weights_and_combine_trace_in_one_graph(backend):
     expected = post_backward(grads.rows, losses, eager_outs, backend)
     compiled = torch.compile(post_backward, fullgraph=True, backend="aot_eager")
     result = compiled(grads.rows, losses, compiled_outs, backend)
-    for got, want in zip((*result, *compiled_outs), (*expected, *eager_outs)):
+    for got, want in zip((*result, *compiled_outs), (*expected, *eager_outs), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -80,5 +80,5 @@ def test_whole_training_step_replays(backend, weighting):
     graph.replay()
     replayed = [p.grad.clone() for p in model.parameters()]
     train_step()
-    for got, expected in zip(replayed, (p.grad for p in model.parameters())):
+    for got, expected in zip(replayed, (p.grad for p in model.parameters()), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

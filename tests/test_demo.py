@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
-from emtl_kernels import demo  # noqa: E402
+from emtl_kernels import demo
 
 
 def test_demo_trains_every_method_and_prints_the_table(capsys, tmp_path):

@@ -25,7 +25,7 @@ WORLD = 2
 def assert_float32_close(actual, expected, tol=2e-5):
     """Tensor by tensor, ‖a − e‖ ≤ tol·‖e‖ (float32 rounding is relative to the whole gradient)."""
     assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         assert (a.double() - e.double()).norm() <= tol * e.double().norm() + 1e-12
 
 
@@ -66,7 +66,7 @@ def local_mode_expectation():
         "losses": mean_losses,
         "gram": mean_gram,
         "weights": weights,
-        "grads": [sum(g) / WORLD for g in zip(*grads)],
+        "grads": [sum(g) / WORLD for g in zip(*grads, strict=True)],
     }
 
 
@@ -106,7 +106,7 @@ def test_local_mode_matches_its_definition(ranks):
 
 
 def test_fsdp2_matches_ddp(ranks):
-    for ddp, fsdp in zip(successful(ranks["ddp_exact"]), successful(ranks["fsdp_exact"])):
+    for ddp, fsdp in zip(successful(ranks["ddp_exact"]), successful(ranks["fsdp_exact"]), strict=True):
         torch.testing.assert_close(fsdp["weights"], ddp["weights"], rtol=1e-5, atol=0)
         assert_float32_close(fsdp["grads"], ddp["grads"], tol=1e-5)
 
@@ -145,7 +145,7 @@ def test_a_rank_that_raises_does_not_hang_the_others(ranks):
 
 
 def test_a_rank_that_stalls_ends_the_others_by_the_group_timeout(ranks):
-    survivor, stalled = successful(ranks["rank_stalls"])
+    survivor, _stalled = successful(ranks["rank_stalls"])
     assert survivor["raised"], survivor
     assert STALL_TIMEOUT_S <= survivor["waited_s"] < 4 * STALL_TIMEOUT_S
 
@@ -188,7 +188,7 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     model = fsdp_model() if wrap == "fsdp" else ToyMultiTask()
     wrapped = model if wrap == "fsdp" else DistributedDataParallel(model)
     before = [torch.full_like(p, 0.5) for p in model.parameters()]
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         p.grad = b.clone()
     step = DistributedMTLStep(
         wrapped, model.trunk.parameters(), sync=sync, backend=backend, bucket_cap_mb=1e-4, **WEIGHTING
@@ -198,7 +198,7 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
     grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
     before = [b.full_tensor() if wrap == "fsdp" else b for b in before]
-    assert_float32_close([g - b for g, b in zip(grads, before)], expected_grads, tol=1e-5)
+    assert_float32_close([g - b for g, b in zip(grads, before, strict=True)], expected_grads, tol=1e-5)
     assert step.communication.sent_bytes == 0
 
 

@@ -108,7 +108,7 @@ def test_ops_compile_with_fullgraph():
     compiled = torch.compile(balanced_step, fullgraph=True, backend="inductor")
     gram = compiled(pieces, 3, compiled_outs)
     assert torch.equal(gram, balanced_step(pieces, 3, eager_outs))
-    for compiled_out, eager_out in zip(compiled_outs, eager_outs):
+    for compiled_out, eager_out in zip(compiled_outs, eager_outs, strict=True):
         assert torch.equal(compiled_out, eager_out)
 
 
@@ -134,12 +134,12 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype):
                 )
                 for _ in range(2)
             ]
-            for first, second in zip(*runs):
+            for first, second in zip(*runs, strict=True):
                 assert torch.equal(first, second), f"not reproducible with {threads} thread(s)"
             results[threads] = runs[0]
     finally:
         torch.set_num_threads(previous_threads)
-    for one, two in zip(results[1], results[2]):
+    for one, two in zip(results[1], results[2], strict=True):
         assert torch.equal(one, two)
     assert_gram_close(results[1][0], exact)
 

@@ -108,7 +108,7 @@ def test_combine_accumulates_into_out(backend, device, dtype, layout):
     before = [torch.randn(size, dtype=torch.float64).to(dtype).to(device) for size in grads.sizes]
     out = [b.clone() for b in before]
     returned = weighted_combine(grads, weights, out=out, accumulate=True, backend=backend)
-    assert all(r is o for r, o in zip(returned, out))
+    assert all(r is o for r, o in zip(returned, out, strict=True))
     expected, scale = combine64(exact, weights)
     start = flat_output(before)
     assert_combine_close(out, expected + start, scale + start.abs(), dtype)
@@ -136,7 +136,7 @@ def test_combine_accumulates_into_parameter_shaped_grads(backend, device):
     before = [torch.randn(shape, device=device) for shape in shapes]
     outs = [b.clone() for b in before]
     returned = weighted_combine(grads, weights, out=outs, accumulate=True, backend=backend)
-    assert all(r is o and r.shape == shape for r, o, shape in zip(returned, outs, shapes))
+    assert all(r is o and r.shape == shape for r, o, shape in zip(returned, outs, shapes, strict=True))
     expected, scale = combine64(exact, weights)
     start = flat_output(before)
     assert_combine_close(outs, expected + start, scale + start.abs(), torch.float32)

@@ -26,14 +26,14 @@ def run_step(model, step, batch=None, **backward_options):
 
 
 def assert_grads_close(actual, expected, **tol):
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a.double(), e, **(tol or GRAD_TOL))
 
 
 def assert_float32_close(actual, expected, tol=1e-5):
     """Tensor by tensor, ‖a − e‖ ≤ tol·‖e‖: float32 rounding of sums with cancellation is
     relative to the scale of the whole gradient, not to each element."""
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         assert (a.double() - e.double()).norm() <= tol * e.double().norm() + 1e-12
 
 
@@ -119,7 +119,10 @@ def test_norm_params_take_the_norms_on_a_subset_and_update_everything():
     losses64 = model64.losses(*toy_batch(3, dtype=torch.float64))
     subset = list(model64.trunk[2].parameters())
     norms = torch.stack(
-        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(l, subset, retain_graph=True)]).norm() for l in losses64]
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, subset, retain_graph=True)]).norm()
+            for loss in losses64
+        ]
     )
     expected_weights = norms.mean() / norms
     torch.testing.assert_close(weights.double(), expected_weights, rtol=1e-4, atol=0)
@@ -130,14 +133,14 @@ def test_norm_params_take_the_norms_on_a_subset_and_update_everything():
 def test_step_adds_to_existing_gradients_like_backward(mode):
     model = ToyMultiTask()
     before = [torch.randn_like(p) for p in model.parameters()]
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         p.grad = b.clone()
     step = MTLStep(model.trunk.parameters(), "emtl", mode=mode)
     weights, grads = run_step(model, step)
     model64 = float64_twin(model)
     losses64 = model64.losses(*toy_batch(3, dtype=torch.float64))
     expected = weighted_sum_gradients64(model64, losses64, weights.double())
-    assert_grads_close(grads, [e + b.double() for e, b in zip(expected, before)])
+    assert_grads_close(grads, [e + b.double() for e, b in zip(expected, before, strict=True)])
 
 
 def test_shared_parameter_no_loss_reaches_keeps_no_gradient():
@@ -164,7 +167,7 @@ def test_single_task_gets_the_plain_gradient():
     assert torch.equal(weights, torch.ones(1))
     reference = ToyMultiTask(num_tasks=1)
     reference.losses(*toy_batch(1))[0].backward()
-    for g, r in zip(grads, (p.grad for p in reference.parameters())):
+    for g, r in zip(grads, (p.grad for p in reference.parameters()), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-8)
 
 
@@ -172,7 +175,7 @@ def test_loss_without_path_to_shared_parameters_keeps_weight_one_and_is_reported
     model = ToyMultiTask()
     stray = torch.nn.Parameter(torch.tensor(2.0))
     inputs, targets = toy_batch()
-    losses = model.losses(inputs, targets)[:2] + [stray.square()]
+    losses = [*model.losses(inputs, targets)[:2], stray.square()]
     step = MTLStep(model.trunk.parameters(), "emtl", lam=1.0)
     with pytest.warns(UserWarning, match="loss 2 has no path"):
         weights = step.backward(losses)
@@ -193,7 +196,7 @@ def nan_gradient_losses(model):
     """Three losses; the last is finite (0) but its gradient is NaN (sqrt at 0)."""
     losses = model.losses(*toy_batch())
     features = model.trunk(toy_batch()[0])
-    return losses[:2] + [(features.sum() * 0).sqrt()]
+    return [*losses[:2], (features.sum() * 0).sqrt()]
 
 
 @pytest.mark.parametrize("mode", ["speed", "memory"])
@@ -201,7 +204,7 @@ def nan_gradient_losses(model):
 def test_non_finite_loss_or_gradient_skips_the_step(mode, make_losses):
     model = ToyMultiTask()
     before = [torch.randn_like(p) for p in model.parameters()]
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         p.grad = b.clone()
     if make_losses == "nan_gradient":
         losses = nan_gradient_losses(model)
@@ -212,7 +215,7 @@ def test_non_finite_loss_or_gradient_skips_the_step(mode, make_losses):
     weights = step.backward(losses)
     assert step.last.skipped
     assert torch.equal(weights, torch.zeros(3))
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p.grad, b)
 
 
@@ -223,7 +226,7 @@ def test_skipped_step_without_gradients_leaves_zeros_and_optimizer_untouched():
     step = MTLStep(model.trunk.parameters(), "emtl")
     step.backward(nan_gradient_losses(model))
     assert step.optimizer_step(optimizer) is False
-    for p, s in zip(model.parameters(), start):
+    for p, s in zip(model.parameters(), start, strict=True):
         assert torch.equal(p.detach(), s)
         assert p.grad is None or torch.count_nonzero(p.grad) == 0
     model.zero_grad()

@@ -136,7 +136,7 @@ def test_repeat_runs_are_bit_identical(num_tasks):
         task_sq_norms(again, backend="triton"),
         torch.cat(weighted_combine(again, weights, backend="triton")),
     )
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
@@ -401,6 +401,5 @@ def test_capture_without_reserved_memory_asks_for_an_eager_step(monkeypatch):
     task_gram(make_task_gradients(3, 1000, torch.float32, "rows", device=DEVICE, seed=12)[0], backend="triton")
     monkeypatch.setattr(tables, "CAPTURE_STAGING", tables._CaptureStaging())
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="eagerly"):
-        with torch.cuda.graph(graph):
-            task_gram(grads, backend="triton")
+    with pytest.raises(RuntimeError, match="eagerly"), torch.cuda.graph(graph):
+        task_gram(grads, backend="triton")

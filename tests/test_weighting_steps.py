@@ -35,7 +35,7 @@ def per_task_gradients64(model64: ToyMultiTask, losses: list[torch.Tensor]) -> l
     """∇L_i on every parameter of the float64 twin (zeros where L_i does not reach one)."""
     params = list(model64.parameters())
     per_task = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
-    return [[torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)] for grads in per_task]
+    return [[torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)] for grads in per_task]
 
 
 @pytest.mark.parametrize("name", list(WEIGHTINGS))
@@ -50,7 +50,7 @@ def test_step_writes_the_weighted_sum_of_float64_task_gradients(name):
     gradients = per_task_gradients64(model64, model64.losses(*toy_batch(3, dtype=torch.float64)))
     weights64 = weights.double()
     for k, param in enumerate(model.parameters()):
-        terms = [w * task[k] for w, task in zip(weights64, gradients)]
+        terms = [w * task[k] for w, task in zip(weights64, gradients, strict=True)]
         expected = sum(terms)
         # float32 rounding is relative to the terms summed, not to a sum that may cancel.
         scale = sum(term.norm() for term in terms)

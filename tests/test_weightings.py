@@ -138,7 +138,7 @@ def test_equal_weights_are_ones():
 )
 def test_weighting_objects_declare_what_they_read_and_match_their_functions(weighting, gram_use):
     assert weighting.gram_use == gram_use
-    losses, jacobian, gram = random_problem(5, seed=2)
+    losses, _jacobian, gram = random_problem(5, seed=2)
     by_function = {"EMTL": emtl_weights, "GradNormScaling": gradnorm_scaling_weights, "Equal": equal_weights}
     options = {k: v for k, v in vars(weighting).items() if k != "gram_use"}
     expected = by_function[type(weighting).__name__](losses, gram, **options)

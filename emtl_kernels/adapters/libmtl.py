@@ -71,14 +71,16 @@ def libmtl_weighting(
                     "this weighting is mixed into a LibMTL model by Trainer(weighting=...); "
                     "the model must provide get_share_params()"
                 )
-            if getattr(self, "_mtl_step", None) is None:
-                self._mtl_step = MTLStep(
-                    list(self.get_share_params()),
+            step = getattr(self, "_mtl_step", None)
+            if step is None:
+                share_params = self.get_share_params  # LibMTL's model method, mixed in beside this class
+                step = self._mtl_step = MTLStep(
+                    list(share_params()),  # type: ignore[operator]
                     make_weighting(weighting, **options),
                     backend=backend,
                     mode=mode,
                 )
-            weights = self._mtl_step.backward(losses)
+            weights = step.backward(losses)
             return weights.detach().cpu().numpy() if return_weights else None
 
     EMTLKernelsWeighting.__qualname__ = EMTLKernelsWeighting.__name__

@@ -33,8 +33,10 @@ from ..weightings.base import check_count, check_number, compute_dtype
 
 try:  # TorchJD's marker for weightings that read the Jacobian itself; private, so optional.
     from torchjd.aggregation._weighting_bases import _MatrixWeighting
+
+    JACOBIAN_WEIGHTINGS: tuple[type, ...] = (_MatrixWeighting,)
 except ImportError:  # pragma: no cover
-    _MatrixWeighting = ()
+    JACOBIAN_WEIGHTINGS = ()
 
 
 class TorchJDWeighting(_aggregation.Weighting):
@@ -103,7 +105,7 @@ def from_torchjd(weighting: _aggregation.Weighting | _aggregation.GramianWeighte
         weighting = weighting.gramian_weighting
     if not isinstance(weighting, _aggregation.Weighting):
         raise TypeError(f"expected a TorchJD Weighting or GramianWeightedAggregator, got {type(weighting).__name__}")
-    if _MatrixWeighting and isinstance(weighting, _MatrixWeighting):
+    if isinstance(weighting, JACOBIAN_WEIGHTINGS):
         raise TypeError(
             f"{type(weighting).__name__} weighs the Jacobian, not its Gramian; MTLStep forms only the "
             "Gram matrix (use our weighting of the same method, or a TorchJD Gramian weighting)"

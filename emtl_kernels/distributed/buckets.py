@@ -37,7 +37,7 @@ class Bucket:
 
     def pieces(self, flat: Tensor) -> list[Tensor]:
         """The views of ``flat`` (its last dimension laid out like the bucket) on each tensor."""
-        return [flat[..., start : start + size] for start, size in zip(self.offsets, self.sizes)]
+        return [flat[..., start : start + size] for start, size in zip(self.offsets, self.sizes, strict=True)]
 
 
 def plan_buckets(sizes: tuple[int, ...], world_size: int, cap_elements: int) -> list[Bucket]:
@@ -64,7 +64,7 @@ def fill_bucket(bucket: Bucket, jacobian: TaskGradients) -> Tensor:
     """The ``[T, padded]`` buffer of the bucket's task gradients (the copy collectives need)."""
     buffer = torch.empty(jacobian.num_tasks, bucket.padded, dtype=jacobian.dtype, device=jacobian.device)
     buffer[:, bucket.numel :].zero_()
-    for k, piece in zip(bucket.indices, bucket.pieces(buffer)):
+    for k, piece in zip(bucket.indices, bucket.pieces(buffer), strict=True):
         for task, gradient in enumerate(jacobian.column(k)):
             piece[task].copy_(gradient)
     return buffer

@@ -37,10 +37,14 @@ plain DDP sends, local mode the same.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
 from ..autograd_graph import graph_leaves
 from ..ops import task_gram, weighted_combine
@@ -141,17 +145,17 @@ class DistributedMTLStep(MTLStep):
         loss_vector = torch.stack([loss.detach() for loss in loss_list])
         if self.data_parallel.kind == "fsdp":
             self._exact_sharded(loss_list, loss_vector, retain_graph)
-            return self.last.weights
+            return self._record_of_last_call().weights
         heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
         self.data_parallel.check_covers(heads, "the task-specific tensors the losses reach")
         per_task = self._task_gradients(loss_list, self.shared_params + heads, retain_graph)
         targets, jacobian = self._shared_jacobian(per_task)
         if self.sync == "exact":
             self._exact_replicated(jacobian, targets, loss_vector)
-            self._average_heads(heads, self._head_gradients(per_task, self.last.weights))
+            self._average_heads(heads, self._head_gradients(per_task, self._record_of_last_call().weights))
         else:
             self._local_replicated(jacobian, targets, loss_vector, heads, per_task)
-        return self.last.weights
+        return self._record_of_last_call().weights
 
     def _check_ranks_agree(self, num_tasks: int) -> None:
         shape = [num_tasks, len(self.shared_params), sum(p.numel() for p in self.shared_params)]
@@ -173,12 +177,14 @@ class DistributedMTLStep(MTLStep):
         # The shards hold Σ_r J_r = W·J: the 1/W goes into G and into the weights, not over J.
         record = self._record(loss_sum / world, gram_sum / world**2, gram_formed=True)
         shard_update = weighted_combine(summed, record.weights / world, backend=self.backend)
-        gathered = [shard.new_empty(bucket.padded) for shard, bucket in zip(shard_update, buckets)]
-        for work in [comm.all_gather(full, shard, async_op=True) for full, shard in zip(gathered, shard_update)]:
+        gathered = [shard.new_empty(bucket.padded) for shard, bucket in zip(shard_update, buckets, strict=True)]
+        for work in [
+            comm.all_gather(full, shard, async_op=True) for full, shard in zip(gathered, shard_update, strict=True)
+        ]:
             work.wait()
         outs, accumulate = grad_destinations(targets)
-        for bucket, full in zip(buckets, gathered):
-            for k, piece in zip(bucket.indices, bucket.pieces(full)):
+        for bucket, full in zip(buckets, gathered, strict=True):
+            for k, piece in zip(bucket.indices, bucket.pieces(full), strict=True):
                 if accumulate:
                     outs[k].add_(piece.view_as(outs[k]))
                 else:
@@ -199,15 +205,15 @@ class DistributedMTLStep(MTLStep):
 
     def _average_heads(self, heads: list[Tensor], head_grads: list[Tensor | None]) -> None:
         """Average the heads' gradients over ranks (one all-reduce a dtype) and add them to .grad."""
-        present = [(head, grad) for head, grad in zip(heads, head_grads) if grad is not None]
+        present = [(head, grad) for head, grad in zip(heads, head_grads, strict=True) if grad is not None]
         for dtype in {grad.dtype for _, grad in present}:
             group = [(head, grad) for head, grad in present if grad.dtype == dtype]
             # The collective needs one contiguous buffer: the heads' gradients are copied into it.
             flat = torch.cat([grad.reshape(-1) for _, grad in group])
             self._collectives.all_reduce_sum(flat)
             flat /= self._collectives.world_size
-            for (head, _), piece in zip(group, flat.split([grad.numel() for _, grad in group])):
-                accumulate_grad(head, piece.view_as(head), self.last.skipped)
+            for (head, _), piece in zip(group, flat.split([grad.numel() for _, grad in group]), strict=True):
+                accumulate_grad(head, piece.view_as(head), self._record_of_last_call().skipped)
 
     # DDP, local: the mean of the local Gram matrices, then DDP's own reduction of the combination.
     def _local_replicated(self, jacobian, targets, loss_vector, heads, per_task) -> None:
@@ -217,9 +223,10 @@ class DistributedMTLStep(MTLStep):
         record = self._record(loss_sum / world, gram_sum / world, gram_formed=True)
         params = list(targets)
         grads = [
-            g.view_as(p) for g, p in zip(weighted_combine(jacobian, record.weights, backend=self.backend), targets)
+            g.view_as(p)
+            for g, p in zip(weighted_combine(jacobian, record.weights, backend=self.backend), targets, strict=True)
         ]
-        for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
+        for head, grad in zip(heads, self._head_gradients(per_task, record.weights), strict=True):
             if grad is not None:
                 params.append(head)
                 grads.append(torch.where(record.skipped, 0.0, grad))
@@ -247,9 +254,9 @@ class DistributedMTLStep(MTLStep):
         record = self._record(loss_sum / comm.world_size, gram, gram_formed=True)
         grads, accumulate = grad_destinations([self.shared_params[k] for k in reached])
         if shard is not None:
-            outs = [_local(grad) for grad, k in zip(grads, reached) if k in held]
+            outs = [_local(grad) for grad, k in zip(grads, reached, strict=True) if k in held]
             weighted_combine(shard, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
-        for head, grad in zip(heads, self._head_gradients(per_task, record.weights)):
+        for head, grad in zip(heads, self._head_gradients(per_task, record.weights), strict=True):
             if grad is not None:
                 if head.grad is None:
                     head.grad = torch.zeros_like(head)
@@ -263,19 +270,24 @@ class DistributedMTLStep(MTLStep):
         leaf_grads = [_grad_state(leaf) for leaf in leaves]
         saved = [p.grad for p in params]
         per_task = []
+        fsdp_module = cast("FSDPModule", self.data_parallel.module)
         try:
             for p in params:
                 p.grad = None
             for i, loss in enumerate(loss_list):
                 last = i == len(loss_list) - 1
                 # Keep the parameters gathered from one task's backward to the next, not T all-gathers.
-                self.data_parallel.module.set_reshard_after_backward(last)
+                fsdp_module.set_reshard_after_backward(last)
                 loss.backward(retain_graph=retain_graph or not last)
                 per_task.append(tuple(None if p.grad is None else _local(p.grad) for p in params))
                 for p in params:
                     p.grad = None
                 # FSDP takes the gradient it reduces off its leaves; a leaf that kept one was not reduced.
-                kept = [tuple(leaf.shape) for leaf, state in zip(leaves, leaf_grads) if not _same_grad(leaf, state)]
+                kept = [
+                    tuple(leaf.shape)
+                    for leaf, state in zip(leaves, leaf_grads, strict=True)
+                    if not _same_grad(leaf, state)
+                ]
                 if kept:
                     raise ValueError(
                         f"tensors of shapes {kept} got a gradient that fully_shard did not reduce: every "
@@ -283,15 +295,15 @@ class DistributedMTLStep(MTLStep):
                         "gradient sync must be on (set_requires_gradient_sync(True))"
                     )
         finally:
-            self.data_parallel.module.set_reshard_after_backward(True)
-            for p, grad in zip(params, saved):
+            fsdp_module.set_reshard_after_backward(True)
+            for p, grad in zip(params, saved, strict=True):
                 p.grad = grad
         return per_task
 
 
 def _local(tensor: Tensor) -> Tensor:
     """This rank's shard of a DTensor, sharing its storage."""
-    return tensor.to_local().detach()
+    return cast("DTensor", tensor).to_local().detach()
 
 
 def _grad_state(leaf: Tensor) -> tuple[Tensor | None, int]:

@@ -46,7 +46,7 @@ def data_parallel(model: nn.Module) -> DataParallel:
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
-        ignored = getattr(model, "parameters_to_ignore", set())
+        ignored: set[str] = getattr(model, "parameters_to_ignore", set())
         params = [p for name, p in model.module.named_parameters() if p.requires_grad and name not in ignored]
         return DataParallel("ddp", model, model.process_group, params)
     if _is_fsdp2(model):

@@ -177,7 +177,7 @@ def row_tables(grads: TaskGradients) -> RowTables:
     tables = _ROW_TABLES.get(grads)
     # Under capture the lookups must go through the device cache, which pins what a graph reads.
     if tables is None or _is_capturing(grads.device):
-        addresses = tuple([piece.data_ptr() for column in zip(*grads.rows) for piece in column])
+        addresses = tuple([piece.data_ptr() for column in zip(*grads.rows, strict=True) for piece in column])
         chunks = DEVICE_TABLES.get(("chunks", grads.sizes), grads.device, lambda: chunk_spans(grads.sizes))
         tables = RowTables(
             chunks=chunks,

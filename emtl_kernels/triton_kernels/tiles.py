@@ -54,7 +54,7 @@ def to_storage(values, DTYPE: tl.constexpr):
     """float32 ``values`` rounded to nearest (ties to even) in DTYPE. bfloat16 is rounded with
     integer ops: Triton's interpreter truncates in its float32→bfloat16 conversion, and the CPU
     tests must check the code the GPU runs. Inf stays inf, NaN stays NaN."""
-    if DTYPE == tl.bfloat16:
+    if tl.bfloat16 == DTYPE:
         bits = values.to(tl.uint32, bitcast=True)
         upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         upper = tl.where(values != values, 0x7FC0, upper)

@@ -133,7 +133,7 @@ class Tuner:
         if not may_time:
             return candidates[0]
         timings = {config: _milliseconds(run, config) for config in candidates}
-        chosen = min(timings, key=timings.get)
+        chosen = min(timings, key=timings.__getitem__)
         self._chosen[key] = chosen
         return chosen
 

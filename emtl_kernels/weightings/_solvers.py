@@ -93,7 +93,15 @@ def minimize_on_orthant(
         primal_residual = None if equality is None else (equality * x).sum(-1, keepdim=True) - 1
         factor, info = torch.linalg.cholesky_ex(hess + torch.diag_embed(z / x))
 
-        def newton(complementarity: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def newton(
+            complementarity: Tensor,
+            x=x,
+            z=z,
+            y=y,
+            factor=factor,
+            dual_residual=dual_residual,
+            primal_residual=primal_residual,
+        ) -> tuple[Tensor, Tensor, Tensor]:
             # Newton step of: ∇f − z − y·a = 0, aᵀx = 1, x∘z = target, with dz eliminated.
             rhs = -dual_residual - complementarity / x
             if equality is None:
@@ -210,7 +218,7 @@ def jacobi_eigh(matrix: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tens
     vectors = torch.eye(padded, dtype=matrix.dtype, device=matrix.device)
     first, second = _round_robin(padded, matrix.device)
     for _ in range(jacobi_sweeps(size) if sweeps is None else sweeps):
-        for p, q in zip(first, second):
+        for p, q in zip(first, second, strict=True):
             rotation = _jacobi_rotation(work, p, q)
             work = rotation.mT @ work @ rotation
             vectors = vectors @ rotation

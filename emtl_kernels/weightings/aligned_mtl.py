@@ -77,11 +77,8 @@ def _common_value(values: Tensor, kept: Tensor, rank: Tensor, scale_mode: str) -
     num_tasks = values.numel()
     if scale_mode == "rmse":
         return masked_mean(values, kept)
-    if scale_mode == "min":
-        index = num_tasks - rank
-    else:
-        # torch.median's lower median of the kept values, located without leaving the device.
-        index = num_tasks - rank + (rank - 1).clamp_min(0) // 2
+    # "median": torch.median's lower median of the kept values, located without leaving the device.
+    index = num_tasks - rank if scale_mode == "min" else num_tasks - rank + (rank - 1).clamp_min(0) // 2
     return values.gather(0, index.clamp(max=num_tasks - 1).reshape(1))[0].clamp_min(0)
 
 

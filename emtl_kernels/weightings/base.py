@@ -107,8 +107,11 @@ def fill_zero_gradient_tasks(weights: Tensor, has_gradient: Tensor, neutral: flo
 
 def check_number(name: str, value: object, *, positive: bool = False) -> None:
     """Raise unless ``value`` is a finite real number ≥ 0 (> 0 when ``positive``)."""
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not valid or value < 0 or (positive and value == 0):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        valid = False
+    else:
+        valid = value > 0 if positive else value >= 0
+    if not valid:
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 

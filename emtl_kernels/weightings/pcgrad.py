@@ -67,7 +67,8 @@ def _check_orders(orders: Tensor, num_tasks: int, device: torch.device) -> None:
     # Shape, dtype and device only: checking that rows are permutations would read the device.
     if orders.shape != (num_tasks, num_tasks) or orders.dtype not in (torch.int64, torch.int32):
         raise ValueError(
-            f"orders must be an integer [T, T] = [{num_tasks}, {num_tasks}] tensor, got {orders.dtype} {tuple(orders.shape)}"
+            f"orders must be an integer [T, T] = [{num_tasks}, {num_tasks}] tensor, "
+            f"got {orders.dtype} {tuple(orders.shape)}"
         )
     if orders.device != device:
         raise ValueError(f"orders are on {orders.device}, the losses on {device}")
