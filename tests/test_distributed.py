@@ -119,7 +119,8 @@ def test_communication_is_counted_from_the_collectives_issued(ranks):
         "all_gather": 4 * shared,
         "all_reduce": 4 * (heads + scalars),
     }
-    assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * scalars}
+    # Local mode checks each rank's own values: one more all-reduce, of one number, agrees on the skip.
+    assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * (scalars + 1)}
     # The first step adds the check that ranks agree: 3 int64 numbers from each rank.
     assert successful(ranks["ddp_exact"])[0]["payload"]["all_gather"] == 4 * shared + 8 * 3 * WORLD
 
@@ -130,6 +131,14 @@ def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks, sync):
         assert result[sync]["skipped"]
         assert torch.equal(result[sync]["weights"], torch.zeros(3))
         assert result[sync]["grads_unchanged"]
+
+
+@pytest.mark.parametrize("wrap", ["exact", "local", "fsdp"])
+def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank(ranks, wrap):
+    for result in successful(ranks["inf_head_gradient_on_one_rank"]):
+        assert result[wrap]["skipped"]
+        assert result[wrap]["reasons"] == ["update"]
+        assert result[wrap]["grads_unchanged"]
 
 
 def test_ranks_disagreeing_on_the_number_of_tasks_raise_on_every_rank(ranks):
@@ -200,6 +209,18 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     before = [b.full_tensor() if wrap == "fsdp" else b for b in before]
     assert_float32_close([g - b for g, b in zip(grads, before, strict=True)], expected_grads, tol=1e-5)
     assert step.communication.sent_bytes == 0
+
+
+@pytest.mark.parametrize("wrap,sync", [("ddp", "exact"), ("ddp", "local"), ("fsdp", "exact")])
+def test_one_rank_with_unweighted_heads_equals_mtlstep(one_rank_group, wrap, sync):
+    model = fsdp_model() if wrap == "fsdp" else ToyMultiTask()
+    wrapped = model if wrap == "fsdp" else DistributedDataParallel(model)
+    step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, head_gradients="unweighted", **WEIGHTING)
+    weights = step.backward(wrapped(*toy_batch()))
+    expected_weights, expected_grads = single_process_result(head_gradients="unweighted")
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
+    grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
+    assert_float32_close(grads, expected_grads, tol=1e-5)
 
 
 def test_buckets_cut_at_the_cap_and_pad_to_the_world_size():
