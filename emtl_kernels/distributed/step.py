@@ -26,12 +26,19 @@ T(T+3)/2 = the T losses and the T(T+1)/2 entries of G's upper triangle):
 
     plain DDP:   all-reduce P + H
     exact DDP:   reduce-scatter T·P, all-gather P, all-reduce H + T(T+3)/2
-    local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2
-    exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2
+    local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2, all-reduce 1 (the skip)
+    exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2,
+                 all-reduce 1 (the skip)
 
 Under ring algorithms each rank sends (W−1)/W of a reduce-scatter's or an all-gather's payload
 and 2(W−1)/W of an all-reduce's: on the shared parameters exact DDP sends (T+1)/2 times what
 plain DDP sends, local mode the same.
+
+A step is skipped on every rank or on none (:class:`~emtl_kernels.MTLStep` says what skips one).
+Exact DDP's checks read values every rank holds alike: the all-reduced losses and G, the
+averaged heads, the gathered update. Local mode and FSDP2 check each rank's own values (its
+combination before DDP averages it, its shards of the heads), and one all-reduce of one number
+makes the decision common.
 """
 
 from __future__ import annotations
