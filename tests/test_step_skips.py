@@ -9,10 +9,13 @@ finite gradient beyond float32's squared range) writes float64 autograd's gradie
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from emtl_kernels import SKIP_REASONS, MTLStep, Weighting
+from emtl_kernels.skip_check import all_finite, largest_magnitudes, min_and_max
 
 MODES = [{"mode": "speed"}, {"mode": "memory"}, {"mode": "speed", "batched_backward": True}]
 MODE_IDS = ["speed", "memory", "batched"]
@@ -168,3 +171,17 @@ def test_checked_writes_leave_the_exact_gradient_when_nothing_overflows(weightin
     if before is not None:
         expected = expected + before.double()
     torch.testing.assert_close(shared.grad.double(), expected, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("extremes", [min_and_max, largest_magnitudes])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_both_ways_of_reading_extremes_see_every_non_finite_value(extremes, dtype):
+    big = torch.finfo(dtype).max
+    finite = [torch.tensor([big, -big, 0.0], dtype=dtype), torch.tensor([-1.0], dtype=dtype)]
+    assert all(bool(torch.isfinite(e)) for e in extremes(finite)) and bool(all_finite(finite))
+    for bad in (math.inf, -math.inf, math.nan):
+        for position in range(3):
+            values = [finite[0].clone(), finite[1]]
+            values[0][position] = bad
+            assert not all(bool(torch.isfinite(e)) for e in extremes(values))
+    assert not bool(all_finite([finite[0], torch.tensor([math.nan])]))  # two dtypes at once
