@@ -223,6 +223,26 @@ def test_one_rank_with_unweighted_heads_equals_mtlstep(one_rank_group, wrap, syn
     assert_float32_close(grads, expected_grads, tol=1e-5)
 
 
+class SparseHeadModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Embedding(5, 4, sparse=True)
+
+    def forward(self, inputs, ids):
+        features = self.trunk(inputs)
+        return [features.square().mean(), (features * self.head(ids)).sum()]
+
+
+def test_a_sparse_head_is_refused_by_name_before_anything_is_written(one_rank_group):
+    model = SparseHeadModel()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), **WEIGHTING)
+    with pytest.raises(ValueError, match=r"'module\.head\.weight' gets a sparse gradient"):
+        step.backward(ddp(torch.randn(6, 3), torch.tensor([0, 2, 4, 1, 1, 3])))
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_buckets_cut_at_the_cap_and_pad_to_the_world_size():
     buckets = plan_buckets((5, 3, 7, 2), world_size=3, cap_elements=8)
     assert [b.indices for b in buckets] == [(0, 1), (2,), (3,)]

@@ -169,12 +169,12 @@ class DistributedMTLStep(MTLStep):
         reached, jacobian = self._jacobian_on(per_task, self.shared_params)
         if jacobian is None:
             raise ValueError("every shared parameter the losses reach has no elements: nothing to balance")
-        give_empty_grads([p for p in reached if p.numel() == 0])
         sized = [p for p in reached if p.numel() > 0]
         if self.sync == "exact":
             record = self._exact_replicated(jacobian, sized, loss_vector, heads, per_task)
         else:
             record = self._local_replicated(jacobian, sized, loss_vector, heads, per_task)
+        give_empty_grads([p for p in reached if p.numel() == 0])
         return self._commit(record)
 
     def _check_ranks_agree(self, num_tasks: int) -> None:
@@ -224,10 +224,12 @@ class DistributedMTLStep(MTLStep):
             comm.all_gather(full, shard, async_op=True) for full, shard in zip(gathered, shard_update, strict=True)
         ]:
             work.wait()
-        additions: list[Tensor] = [torch.empty(0)] * len(targets)
-        for bucket, full in zip(buckets, gathered, strict=True):
-            for k, piece in zip(bucket.indices, bucket.pieces(full), strict=True):
-                additions[k] = piece.view_as(targets[k])
+        pieces = {
+            k: piece
+            for bucket, full in zip(buckets, gathered, strict=True)
+            for k, piece in zip(bucket.indices, bucket.pieces(full), strict=True)
+        }
+        additions = [pieces[k].view_as(target) for k, target in enumerate(targets)]
         if reads_written:
             check.require_finite(values_to_check(targets, additions))
         skipped = check.skipped
