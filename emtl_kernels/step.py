@@ -62,7 +62,8 @@ class StepRecord:
 
     #: ``[T]`` the task losses, detached.
     losses: Tensor
-    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``).
+    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``);
+    #: inf where a norm is beyond float32's range (~1.8e19) or a gradient holds inf.
     sq_norms: Tensor
     #: ``[T, T]`` float32 Gram matrix of the task gradients; None in memory mode, which never forms it.
     gram: Tensor | None
