@@ -140,7 +140,7 @@ class MTLStep:
       half the dtype's largest value. So a task gradient whose norm is beyond float32's range
       (~1.8e19) skips the step (reason "sq_norm") for a weighting that reads G;
     - that combination in float16 (largest value 65504), or for a weighting that reads nothing
-      of G (equal weighting: it never skips for finite gradients), by reading the values
+      of G (equal weighting: skipped only when what it writes is not finite), by reading the values
       written, which are put back when the step is skipped (one read of them, one masked write,
       and a copy of ``.grad`` first where it already held values).
 
