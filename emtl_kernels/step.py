@@ -304,7 +304,7 @@ class MTLStep:
         """The ``params`` some loss reaches, and J on those of them with elements (None if none has)."""
         reached = self._reached(per_task, params)
         sized = [k for k in reached if params[k].numel() > 0]
-        _refuse_sparse(per_task, sized, params)
+        _refuse_sparse(per_task, sized, params, self._scope_name(params))
         jacobian = TaskGradients(task_rows(per_task, sized, [params[k] for k in sized])) if sized else None
         return [params[k] for k in reached], jacobian
 
@@ -336,7 +336,7 @@ class MTLStep:
         weighted_loss = sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))
         grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
         num_shared = len(self.shared_params)
-        _refuse_sparse([grads], range(num_shared), self.shared_params)
+        _refuse_sparse([grads], range(num_shared), self.shared_params, "shared parameters")
         params = self.shared_params + heads
         additions = grads[:num_shared] + (head_grads if unweighted else grads[num_shared:])
         check.require_finite(values_to_check(params, additions))
@@ -360,7 +360,7 @@ class MTLStep:
             on_scope = grads[: len(scope)]
             reaches.append([g is not None for g in on_scope])
             present = [g for g in on_scope if g is not None and g.numel() > 0]
-            _refuse_sparse([on_scope], range(len(scope)), scope)
+            _refuse_sparse([on_scope], range(len(scope)), scope, self._scope_name(scope))
             if present:
                 norms_by_task.append(task_sq_norms(TaskGradients([present]), backend=self.backend)[0])
             else:
@@ -470,15 +470,14 @@ class MTLStep:
         return loss_list
 
 
-def _refuse_sparse(per_task, indices: Iterable[int], params: Sequence[Tensor]) -> None:
+def _refuse_sparse(per_task, indices: Iterable[int], params: Sequence[Tensor], what: str) -> None:
     """Raise, before anything is written, where a shared parameter got a sparse gradient: the
     Gram and combine passes read and write dense memory."""
     for k in indices:
         if any(grads[k] is not None and grads[k].is_sparse for grads in per_task):
             raise ValueError(
-                f"shared parameter {k} (shape {tuple(params[k].shape)}) gets a sparse gradient "
-                "(nn.Embedding(sparse=True) or alike): a shared parameter needs dense gradients; "
-                "sparse ones are supported on the task heads"
+                f"{what}[{k}] (shape {tuple(params[k].shape)}) gets a sparse gradient (nn.Embedding(sparse=True) "
+                "or alike): a shared parameter needs dense gradients; sparse ones are supported on the task heads"
             )
 
 
