@@ -150,7 +150,7 @@ def dense(tensor):
     return tensor.to_dense() if tensor.is_sparse else tensor
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_a_step_that_raises_or_skips_leaves_every_grad_as_it_was(scenario):
     model = scenario["model"]
