@@ -22,6 +22,7 @@ from . import _extension  # noqa: F401  (registers torch.ops.emtl_kernels.* when
 from .backends import available_backends
 from .distributed import CommunicationLog, DistributedMTLStep
 from .ops import task_gram, task_sq_norms, weighted_combine
+from .skip_check import SKIP_REASONS
 from .step import MTLStep, StepRecord
 from .task_gradients import SUPPORTED_DTYPES, TaskGradients
 from .weightings import (
@@ -59,6 +60,7 @@ __all__ = [
     "EMTL",
     "IMTLG",
     "MGDA",
+    "SKIP_REASONS",
     "SUPPORTED_DTYPES",
     "WEIGHTINGS",
     "AlignedMTL",

@@ -13,7 +13,12 @@ Where the bytes go in speed mode (P shared elements, T tasks, element size s):
 Memory mode instead reduces each task's gradients to a norm as soon as autograd returns them and
 frees them, then runs one more backward of Σ_i w_i L_i: O(P) extra memory, one extra backward.
 
-Nothing here reads a device value on the host: the weights, the non-finite check and the skip
+The skip check (:mod:`.skip_check`) adds nothing to these passes in float32 and bfloat16: the
+combination is certified finite from G and the weights. Float16 storage, and weightings that
+read nothing of G, check the written values instead: one more read of P·s, one masked write of
+P·s, and a copy of ``.grad`` (P·s read and written) first where it already held values.
+
+Nothing here reads a device value on the host: the weights, the non-finite checks and the skip
 all stay tensors, so the step can be captured in a CUDA graph.
 """
 
@@ -32,11 +37,22 @@ from torch import Tensor
 
 from . import backends
 from .autograd_graph import graph_leaves
+from .grad_writes import (
+    accumulate_grad,
+    backups_of,
+    give_empty_grads,
+    grad_destinations,
+    summed_terms,
+    undo_if,
+    values_to_check,
+)
 from .ops import task_gram, task_sq_norms, weighted_combine
+from .skip_check import SKIP_REASONS, SkipCheck, combination_bounded
 from .task_gradients import SUPPORTED_DTYPES, TaskGradients
 from .weightings import Weighting, make_weighting, relative_contributions
 
 Mode = Literal["speed", "memory"]
+HeadGradients = Literal["weighted", "unweighted"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,8 @@ class StepRecord:
 
     #: ``[T]`` the task losses, detached.
     losses: Tensor
-    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``).
+    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``);
+    #: inf where a norm is beyond float32's range (~1.8e19) or a gradient holds inf.
     sq_norms: Tensor
     #: ``[T, T]`` float32 Gram matrix of the task gradients; None in memory mode, which never forms it.
     gram: Tensor | None
@@ -56,13 +73,21 @@ class StepRecord:
     weights: Tensor
     #: ``[T]`` bool, tasks whose gradient on the shared parameters is zero (weight 1, not balanced).
     zero_gradient: Tensor
-    #: 0-dim bool: a loss, a gradient norm or a weight was not finite; nothing was added to ``.grad``.
+    #: 0-dim bool: the step was skipped (see :class:`MTLStep`); no ``.grad`` changed.
     skipped: Tensor
+    #: ``[4]`` bool: why, by the names of :data:`SKIP_REASONS` ("loss", "sq_norm", "weight",
+    #: "update"); all False when the step was not skipped.
+    skip_reasons: Tensor
 
     @property
     def norms(self) -> Tensor:
         """``[T]`` the gradient norms ‖g_i‖."""
         return self.sq_norms.sqrt()
+
+    def why_skipped(self) -> list[str]:
+        """The names of the :data:`SKIP_REASONS` that held (empty if the step was not skipped).
+        Reads the flags on the host: it waits for the step to finish."""
+        return [name for name, held in zip(SKIP_REASONS, self.skip_reasons.tolist(), strict=True) if held]
 
 
 class MTLStep:
@@ -70,8 +95,9 @@ class MTLStep:
 
     Args:
         shared_params: the parameters θ every task's loss depends on (the trunk). Frozen ones
-            (``requires_grad=False``) are left out; all others must be leaf tensors on one device
-            with one dtype (float32, bfloat16 or float16).
+            (``requires_grad=False``) are left out; all others must be dense leaf tensors on one
+            device with one dtype (float32, bfloat16 or float16). One without elements
+            contributes nothing; it gets an empty ``.grad`` when a loss reaches it.
         weighting: a name from :data:`~emtl_kernels.WEIGHTINGS` ("emtl" (default),
             "gradnorm_scaling", "equal", "imtl_g", "mgda", "pcgrad", "cagrad", "aligned_mtl",
             "upgrad", "dualproj", "nash_mtl") or a :class:`~emtl_kernels.weightings.Weighting`
@@ -86,13 +112,43 @@ class MTLStep:
             shared parameter, by one more backward of Σ_i w_i L_i.
         batched_backward: compute the T task gradients in one vectorised backward
             (``is_grads_batched``) instead of T backward passes; speed mode only. Faster for
-            small models; every op of the model must support ``torch.vmap``.
+            small models; every op of the model must support ``torch.vmap`` (sparse gradients
+            do not).
+        head_gradients: what the parameters outside ``shared_params`` (the task heads) get:
+            "weighted" (default, the specification's): the gradient of Σ_i w_i L_i, so head i
+            learns at the rate w_i; "unweighted": the gradient of Σ_i L_i, each head its task's
+            plain gradient, as LibMTL's gradient methods and TorchJD's ``mtl_backward`` give it.
         **weighting_options: options of a weighting given by name (EMTL: ``lam``, ``eps``,
             ``min_weight``; gradient-norm scaling: ``target``, ``eps``; the others: the keyword
             arguments of their ``*_weights`` function, e.g. CAGrad's ``c``).
 
-    After :meth:`backward`, :attr:`last` holds a :class:`StepRecord`. Every parameter the losses
-    reach that is not shared (the task heads) gets the gradient of Σ_i w_i L_i too.
+    After :meth:`backward`, :attr:`last` holds a :class:`StepRecord`. A head whose gradient is
+    sparse (``nn.Embedding(sparse=True)``) gets it as ``backward()`` gives it; a shared parameter
+    with a sparse gradient is refused.
+
+    **Skipped steps.** A step is skipped, as ``GradScaler`` skips one, when a loss or a weight
+    is not finite, when the weighting reads G and a squared norm G_ii is not finite, or when a
+    value the step would add to a ``.grad`` is not finite. It then adds nothing to any ``.grad``
+    (parameters without one may get zeros), its weights are zero, ``last.skipped`` is True and
+    ``last.skip_reasons`` says why; :meth:`optimizer_step` does not step. How each added value
+    is known to be finite, with no host sync:
+
+    - the heads' gradients, and every gradient of the extra backward of ``mode="memory"`` and
+      ``norm_params``, are checked before anything is written (one read of them);
+    - the fused combination Σ_i w_i g_i on the shared parameters (speed mode), in float32 and
+      bfloat16, by a certificate at no cost: every G_ii finite and Σ_i |w_i|·sqrt(G_ii) at most
+      half the dtype's largest value. So a task gradient whose norm is beyond float32's range
+      (~1.8e19) skips the step (reason "sq_norm") for a weighting that reads G;
+    - that combination in float16 (largest value 65504), or for a weighting that reads nothing
+      of G (equal weighting: skipped only when what it writes is not finite), by reading the values
+      written, which are put back when the step is skipped (one read of them, one masked write,
+      and a copy of ``.grad`` first where it already held values).
+
+    In float16, the check covers the sum a ``.grad`` holds after the addition; in float32 and
+    bfloat16 the value added (their sum with what ``.grad`` held can overflow only beyond
+    ~1.7e38). A call that raises (bad input, a custom weighting's wrong output, a sparse
+    gradient on a shared parameter) raises before anything is written: ``.grad`` and the step's
+    state (T, :attr:`last`) are as before.
     """
 
     #: Whether the step itself reduces the gradients over data-parallel ranks.
@@ -107,6 +163,7 @@ class MTLStep:
         mode: Mode = "speed",
         norm_params: Iterable[Tensor] | None = None,
         batched_backward: bool = False,
+        head_gradients: HeadGradients = "weighted",
         **weighting_options,
     ):
         self.shared_params = _trainable_params(shared_params, "shared_params")
@@ -125,11 +182,14 @@ class MTLStep:
             raise ValueError("batched_backward keeps all T task gradients at once: use it with mode='speed'")
         if backend != "auto" and backend not in backends.backend_names():
             raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(backends.backend_names())}")
+        if head_gradients not in ("weighted", "unweighted"):
+            raise ValueError(f"head_gradients must be 'weighted' or 'unweighted', got {head_gradients!r}")
         if not self.reduces_over_ranks:
             _warn_if_data_parallel()
         self.backend = backend
         self.mode: Mode = mode
         self.batched_backward = batched_backward
+        self.head_gradients: HeadGradients = head_gradients
         self.num_tasks: int | None = None
         self.last: StepRecord | None = None
 
@@ -137,18 +197,18 @@ class MTLStep:
         """Write the gradient of Σ_i w_i L_i into ``.grad`` and return the weights ``[T]``.
 
         ``losses`` is a 1-D tensor of T losses or a sequence of T scalar losses, each with a
-        graph to the shared parameters; T is fixed by the first call. When a loss, a gradient
-        norm or a weight is not finite, nothing is added to any ``.grad`` (parameters without one
-        get zeros), the weights are zero and ``last.skipped`` is True; see :meth:`optimizer_step`.
+        graph to the shared parameters; T is fixed by the first call that succeeds. A step whose
+        values are not finite is skipped (see :class:`MTLStep`); a call that raises changes
+        nothing.
         """
         loss_list = self._checked_losses(losses)
         loss_vector = torch.stack([loss.detach() for loss in loss_list])
         heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
         if self.mode == "speed" and self.norm_params is None:
-            self._combine_task_gradients(loss_list, loss_vector, heads, retain_graph)
+            record = self._combine_task_gradients(loss_list, loss_vector, heads, retain_graph)
         else:
-            self._backward_weighted_sum(loss_list, loss_vector, heads, retain_graph)
-        return self._record_of_last_call().weights
+            record = self._backward_weighted_sum(loss_list, loss_vector, heads, retain_graph)
+        return self._commit(record)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
         """``optimizer.step()`` unless the last backward was skipped; returns whether it stepped.
@@ -166,84 +226,194 @@ class MTLStep:
             raise RuntimeError("no backward() has run on this step yet")
         return self.last
 
+    def _commit(self, record: StepRecord) -> Tensor:
+        """The call succeeded: its T is the step's from now on, its record the last."""
+        self.num_tasks = record.losses.numel()
+        self.last = record
+        return record.weights
+
     # Speed mode: J is kept, the update is one fused combine pass.
-    def _combine_task_gradients(self, losses, loss_vector, heads, retain_graph) -> None:
+    def _combine_task_gradients(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
         per_task = self._task_gradients(losses, self.shared_params + heads, retain_graph)
-        targets, jacobian = self._shared_jacobian(per_task)
-        record = self._record(loss_vector, task_gram(jacobian, backend=self.backend), gram_formed=True)
-        outs, accumulate = grad_destinations(targets)
-        weighted_combine(jacobian, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
-        for head, grad in zip(heads, self._head_gradients(per_task, record.weights), strict=True):
-            accumulate_grad(head, grad, record.skipped)
+        reached, jacobian = self._jacobian_on(per_task, self.shared_params)
+        gram = self._gram(jacobian, loss_vector)
+        weights = self._weights(loss_vector, gram)
+        check = self._skip_check(loss_vector, gram, weights)
+        head_grads = self._head_gradients(per_task, weights)
+        check.require_finite(values_to_check(heads, head_grads))
+        if jacobian is not None:
+            outs, accumulate = grad_destinations([p for p in reached if p.numel() > 0])
+            self._write_combination(jacobian, outs, accumulate, weights, gram.diagonal(), check)
+        skipped = check.skipped
+        give_empty_grads([p for p in reached if p.numel() == 0])
+        for head, grad in zip(heads, head_grads, strict=True):
+            accumulate_grad(head, grad, skipped)
+        return self._record(loss_vector, gram, weights, check, gram_formed=True)
+
+    def _write_combination(self, jacobian, outs, accumulate, weights, sq_norms, check: SkipCheck) -> None:
+        """``outs (+)= Jᵀw``, and its part of the skip check: the certificate before the write, or
+        the values written after it (put back when the step is skipped)."""
+        if not self._reads_written_values(jacobian.dtype):
+            check.require(combination_bounded(weights, sq_norms, jacobian.dtype))
+            self._agree_across_ranks(check)
+            weighted_combine(
+                jacobian,
+                torch.where(check.skipped, 0.0, weights),
+                out=outs,
+                accumulate=accumulate,
+                backend=self.backend,
+            )
+            return
+        backups = backups_of(outs, accumulate)
+        weighted_combine(
+            jacobian, torch.where(check.skipped, 0.0, weights), out=outs, accumulate=accumulate, backend=self.backend
+        )
+        check.require_finite(outs)
+        self._agree_across_ranks(check)
+        undo_if(check.skipped, outs, backups)
+
+    def _reads_written_values(self, dtype: torch.dtype) -> bool:
+        """Whether the combination is checked by its written values rather than the certificate."""
+        return dtype == torch.float16 or not self.weighting.reads_gram
+
+    def _agree_across_ranks(self, check: SkipCheck) -> None:
+        """Make a decision that rests on this process's values the same on every rank (one process here)."""
 
     # The pieces of a speed-mode step, shared with the distributed step. ``per_task[i]`` holds task
     # i's gradients on the shared parameters (in order), then on the heads; None where it has none.
-    def _reached_shared(self, per_task: Sequence[Sequence[Tensor | None]]) -> list[int]:
-        """Indices of the shared parameters some loss reaches; warns for each loss that reaches none."""
-        num_shared = len(self.shared_params)
-        reached = [k for k in range(num_shared) if any(grads[k] is not None for grads in per_task)]
+    def _reached(self, per_task: Sequence[Sequence[Tensor | None]], params: Sequence[Tensor]) -> list[int]:
+        """Indices of ``params`` (the first columns of ``per_task``) some loss reaches; warns for
+        each loss that reaches none, raises when no loss reaches any."""
+        return self._reached_from([[g is not None for g in grads[: len(params)]] for grads in per_task], params)
+
+    def _reached_from(self, reaches: Sequence[Sequence[bool]], params: Sequence[Tensor]) -> list[int]:
+        """``reaches[i][k]``: whether loss i reaches ``params[k]`` (known from the graph, not from values)."""
+        reached = [k for k in range(len(params)) if any(row[k] for row in reaches)]
         if not reached:
-            raise ValueError("no loss reaches any of the shared parameters")
-        for i, grads in enumerate(per_task):
-            _warn_if_disconnected(i, grads[:num_shared])
+            raise ValueError(f"no loss reaches any of the {self._scope_name(params)}")
+        for i, row in enumerate(reaches):
+            if not any(row):
+                warnings.warn(
+                    f"loss {i} has no path to the {self._scope_name(params)}: it keeps weight 1 and is reported "
+                    "in step.last.zero_gradient",
+                    stacklevel=_caller_stacklevel(),
+                )
         return reached
 
-    def _shared_jacobian(self, per_task) -> tuple[list[Tensor], TaskGradients]:
-        """The shared parameters some loss reaches, and J on them (zeros where a task has none)."""
-        reached = self._reached_shared(per_task)
-        targets = [self.shared_params[k] for k in reached]
-        return targets, TaskGradients(task_rows(per_task, reached, targets))
+    def _jacobian_on(self, per_task, params: Sequence[Tensor]) -> tuple[list[Tensor], TaskGradients | None]:
+        """The ``params`` some loss reaches, and J on those of them with elements (None if none has)."""
+        reached = self._reached(per_task, params)
+        sized = [k for k in reached if params[k].numel() > 0]
+        _refuse_sparse(per_task, sized, params, self._scope_name(params))
+        jacobian = TaskGradients(task_rows(per_task, sized, [params[k] for k in sized])) if sized else None
+        return [params[k] for k in reached], jacobian
+
+    def _gram(self, jacobian: TaskGradients | None, loss_vector: Tensor) -> Tensor:
+        if jacobian is None:  # every parameter reached has no elements: no task has a gradient
+            return torch.zeros(loss_vector.numel(), loss_vector.numel(), dtype=torch.float32, device=loss_vector.device)
+        return task_gram(jacobian, backend=self.backend)
 
     def _head_gradients(self, per_task, weights: Tensor) -> list[Tensor | None]:
-        """Σ_i w_i ∇L_i on each input after the shared parameters (the heads); None where no loss
-        reaches one."""
-        return [
-            _weighted_sum([(i, grads[j]) for i, grads in enumerate(per_task) if grads[j] is not None], weights)
-            for j in range(len(self.shared_params), len(per_task[0]))
-        ]
+        """Σ_i w_i ∇L_i (Σ_i ∇L_i with ``head_gradients="unweighted"``) on each input after the
+        shared parameters (the heads); None where no loss reaches one. Nothing is written."""
+        return head_sums(per_task, len(self.shared_params), weights if self.head_gradients == "weighted" else None)
 
     # Memory mode, or norms on a subset: stats from T backward passes, then Σ w_i L_i backward.
-    def _backward_weighted_sum(self, losses, loss_vector, heads, retain_graph) -> None:
+    def _backward_weighted_sum(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
         scope = self.norm_params or self.shared_params
+        # Unweighted heads take their gradients from the T task passes; weighted ones from the last.
+        unweighted = self.head_gradients == "unweighted"
+        task_heads = heads if unweighted else []
         if self.mode == "speed":
-            per_task = self._task_gradients(losses, scope, retain_graph=True)
-            for i, grads in enumerate(per_task):
-                _warn_if_disconnected(i, grads)
-            gram = task_gram(TaskGradients([zeros_for_missing(g, scope) for g in per_task]), backend=self.backend)
-            record = self._record(loss_vector, gram, gram_formed=True)
+            per_task = self._task_gradients(losses, scope + task_heads, retain_graph=True)
+            gram = self._gram(self._jacobian_on(per_task, scope)[1], loss_vector)
+            head_grads = head_sums(per_task, len(scope), None)
         else:
-            record = self._record(loss_vector, self._gram_from_norms(losses, scope), gram_formed=False)
-        targets = self.shared_params + heads
-        weighted_loss = sum(w * loss for w, loss in zip(record.weights.unbind(0), losses, strict=True))
-        grads = torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True)
-        for param, grad in zip(targets, grads, strict=True):
-            accumulate_grad(param, grad, record.skipped)
+            gram, head_grads = self._gram_from_norms(losses, scope, task_heads)
+        weights = self._weights(loss_vector, gram)
+        check = self._skip_check(loss_vector, gram, weights)
+        targets = self.shared_params if unweighted else self.shared_params + heads
+        weighted_loss = sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))
+        grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
+        num_shared = len(self.shared_params)
+        _refuse_sparse([grads], range(num_shared), self.shared_params, "shared parameters")
+        params = self.shared_params + heads
+        additions = grads[:num_shared] + (head_grads if unweighted else grads[num_shared:])
+        check.require_finite(values_to_check(params, additions))
+        skipped = check.skipped
+        for param, grad in zip(params, additions, strict=True):
+            accumulate_grad(param, grad, skipped)
+        return self._record(loss_vector, gram, weights, check, gram_formed=self.mode == "speed")
 
-    def _gram_from_norms(self, losses: list[Tensor], scope: list[Tensor]) -> Tensor:
+    def _gram_from_norms(self, losses, scope, heads) -> tuple[Tensor, list[Tensor | None]]:
         """A T×T matrix with the exact diagonal ‖g_i‖² (and, where the weighting reads it, the
         exact total ‖Σ_i g_i‖² spread over the off-diagonal entries; else NaN there), built one
-        task at a time so that only one task's gradients are alive at once."""
+        task at a time so that only one task's gradients are alive at once; and Σ_i ∇L_i on
+        ``heads``, summed as the passes go."""
         num_tasks = len(losses)
         wants_total = self.weighting.gram_use == "diagonal_and_total"
         summed = [torch.zeros_like(p, dtype=torch.float32) for p in scope] if wants_total else None
-        norms_by_task = []
-        for i, loss in enumerate(losses):
-            grads = torch.autograd.grad(loss, scope, retain_graph=True, allow_unused=True)
-            _warn_if_disconnected(i, grads)
-            present = [g for g in grads if g is not None]
+        summed_heads: list[Tensor | None] = [None] * len(heads)
+        norms_by_task, reaches = [], []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, scope + heads, retain_graph=True, allow_unused=True)
+            on_scope = grads[: len(scope)]
+            reaches.append([g is not None for g in on_scope])
+            present = [g for g in on_scope if g is not None and g.numel() > 0]
+            _refuse_sparse([on_scope], range(len(scope)), scope, self._scope_name(scope))
             if present:
                 norms_by_task.append(task_sq_norms(TaskGradients([present]), backend=self.backend)[0])
             else:
                 norms_by_task.append(torch.zeros((), dtype=torch.float32, device=loss.device))
             if summed is not None:
-                torch._foreach_add_(summed, list(zeros_for_missing(grads, scope)))
+                torch._foreach_add_(summed, list(zeros_for_missing(on_scope, scope)))
+            summed_heads = [_added(total, g) for total, g in zip(summed_heads, grads[len(scope) :], strict=True)]
+        self._reached_from(reaches, scope)
         sq_norms = torch.stack(norms_by_task)
         off_diagonal = torch.full((), math.nan, dtype=torch.float32, device=sq_norms.device)
         if summed is not None and num_tasks > 1:
             total = task_sq_norms(TaskGradients([summed]), backend=self.backend)[0]
             off_diagonal = (total - sq_norms.sum()) / (num_tasks * (num_tasks - 1))
         eye = torch.eye(num_tasks, dtype=torch.bool, device=sq_norms.device)
-        return torch.where(eye, torch.diag(sq_norms), off_diagonal)
+        return torch.where(eye, torch.diag(sq_norms), off_diagonal), summed_heads
+
+    def _weights(self, loss_vector: Tensor, gram: Tensor) -> Tensor:
+        """The weighting's ``[T]`` weights, checked before anything is allocated or written."""
+        weights = self.weighting(loss_vector, gram)
+        name, num_tasks = type(self.weighting).__name__, loss_vector.numel()
+        if not isinstance(weights, Tensor) or weights.shape != (num_tasks,):
+            got = f"shape {tuple(weights.shape)}" if isinstance(weights, Tensor) else f"a {type(weights).__name__}"
+            raise ValueError(f"the weighting {name} returned {got}; a weighting returns a [T] = [{num_tasks}] tensor")
+        if not weights.is_floating_point():
+            raise TypeError(
+                f"the weighting {name} returned weights of dtype {weights.dtype}: they must be floating point"
+            )
+        if weights.device != loss_vector.device:
+            raise ValueError(
+                f"the weighting {name} returned weights on {weights.device}, the losses are on {loss_vector.device}"
+            )
+        return weights.detach()
+
+    def _skip_check(self, loss_vector: Tensor, gram: Tensor, weights: Tensor) -> SkipCheck:
+        return SkipCheck(loss_vector, gram.diagonal(), weights, reads_gram=self.weighting.reads_gram)
+
+    def _record(self, loss_vector, gram, weights, check: SkipCheck, *, gram_formed: bool) -> StepRecord:
+        reasons = check.reasons
+        skipped = reasons.any()
+        sq_norms = gram.diagonal()
+        return StepRecord(
+            losses=loss_vector,
+            sq_norms=sq_norms,
+            gram=gram if gram_formed else None,
+            relative_contributions=relative_contributions(loss_vector, gram, eps=getattr(self.weighting, "eps", 1e-8)),
+            weights=torch.where(skipped, 0.0, weights),
+            zero_gradient=sq_norms == 0,
+            skipped=skipped,
+            skip_reasons=reasons,
+        )
+
+    def _scope_name(self, params: Sequence[Tensor]) -> str:
+        return "norm_params" if params is self.norm_params else "shared parameters"
 
     def _task_gradients(self, losses, inputs, retain_graph) -> list[tuple[Tensor | None, ...]]:
         """Per task, the gradients of its loss on ``inputs`` (None where it does not reach one)."""
@@ -251,36 +421,26 @@ class MTLStep:
         if self.batched_backward:
             stacked = torch.stack(losses)
             eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
-            blocks = torch.autograd.grad(
-                stacked,
-                inputs,
-                grad_outputs=eye,
-                is_grads_batched=True,
-                retain_graph=retain_graph,
-                allow_unused=True,
-            )
+            try:
+                blocks = torch.autograd.grad(
+                    stacked,
+                    inputs,
+                    grad_outputs=eye,
+                    is_grads_batched=True,
+                    retain_graph=retain_graph,
+                    allow_unused=True,
+                )
+            except NotImplementedError as error:
+                raise NotImplementedError(
+                    "batched_backward runs the backward under torch.vmap, and an op of this model has no "
+                    "batched form there (sparse gradients, as of nn.Embedding(sparse=True), have none): "
+                    f"use batched_backward=False ({error})"
+                ) from error
             return [tuple(None if b is None else b[i] for b in blocks) for i in range(num_tasks)]
         return [
             torch.autograd.grad(loss, inputs, retain_graph=retain_graph or i < num_tasks - 1, allow_unused=True)
             for i, loss in enumerate(losses)
         ]
-
-    def _record(self, loss_vector: Tensor, gram: Tensor, *, gram_formed: bool) -> StepRecord:
-        raw_weights = self.weighting(loss_vector, gram)
-        sq_norms = gram.diagonal()
-        finite = torch.isfinite(loss_vector).all() & torch.isfinite(sq_norms).all() & torch.isfinite(raw_weights).all()
-        skipped = ~finite
-        eps = getattr(self.weighting, "eps", 1e-8)
-        self.last = StepRecord(
-            losses=loss_vector,
-            sq_norms=sq_norms,
-            gram=gram if gram_formed else None,
-            relative_contributions=relative_contributions(loss_vector, gram, eps=eps),
-            weights=torch.where(skipped, 0.0, raw_weights),
-            zero_gradient=sq_norms == 0,
-            skipped=skipped,
-        )
-        return self.last
 
     def _checked_losses(self, losses: Tensor | Sequence[Tensor]) -> list[Tensor]:
         if isinstance(losses, Tensor):
@@ -305,21 +465,20 @@ class MTLStep:
                 raise ValueError(f"loss {i} has no autograd graph (it does not require grad)")
             if loss.device != device:
                 raise ValueError(f"loss {i} is on {loss.device}, the shared parameters on {device}")
-        if self.num_tasks is None:
-            self.num_tasks = len(loss_list)
-        elif len(loss_list) != self.num_tasks:
+        if self.num_tasks is not None and len(loss_list) != self.num_tasks:
             raise ValueError(f"this step was first called with T={self.num_tasks} losses, now with {len(loss_list)}")
         return loss_list
 
 
-def _warn_if_disconnected(task: int, grads: Sequence[Tensor | None]) -> None:
-    # Known from the graph's shape, not from values: warning costs no device sync.
-    if all(g is None for g in grads):
-        warnings.warn(
-            f"loss {task} has no path to the shared parameters: it keeps weight 1 and is "
-            "reported in step.last.zero_gradient",
-            stacklevel=_caller_stacklevel(),
-        )
+def _refuse_sparse(per_task, indices: Iterable[int], params: Sequence[Tensor], what: str) -> None:
+    """Raise, before anything is written, where a shared parameter got a sparse gradient: the
+    Gram and combine passes read and write dense memory."""
+    for k in indices:
+        if any(grads[k] is not None and grads[k].is_sparse for grads in per_task):
+            raise ValueError(
+                f"{what}[{k}] (shape {tuple(params[k].shape)}) gets a sparse gradient (nn.Embedding(sparse=True) "
+                "or alike): a shared parameter needs dense gradients; sparse ones are supported on the task heads"
+            )
 
 
 def _warn_if_data_parallel() -> None:
@@ -353,6 +512,8 @@ def _trainable_params(params: Iterable[Tensor], what: str) -> list[Tensor]:
             raise TypeError(f"{what}[{k}] has dtype {p.dtype}: parameters must be floating point")
         if not p.is_leaf:
             raise ValueError(f"{what}[{k}] is not a leaf tensor: give parameters, not results of ops")
+        if p.layout != torch.strided:
+            raise ValueError(f"{what}[{k}] is a {p.layout} tensor: shared parameters must be dense")
         if id(p) in seen:
             raise ValueError(f"{what}[{k}] appears twice")
         seen.add(id(p))
@@ -378,29 +539,16 @@ def zeros_for_missing(grads: Sequence[Tensor | None], params: Sequence[Tensor]) 
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
 
 
-def grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
-    """Each parameter's ``.grad`` to write into, and whether to add to it. Missing gradients are
-    allocated uninitialised when none exists (nothing to add to: no fill pass), zeroed otherwise."""
-    missing = [p.grad is None for p in params]
-    for p, is_missing in zip(params, missing, strict=True):
-        if is_missing:
-            p.grad = torch.empty_like(p) if all(missing) else torch.zeros_like(p)
-    return [p.grad for p in params if p.grad is not None], not all(missing)
+def head_sums(per_task, start: int, weights: Tensor | None) -> list[Tensor | None]:
+    """For each input from column ``start`` on (the heads), Σ_i w_i ∇L_i over the tasks that reach
+    it (Σ_i ∇L_i when ``weights`` is None); None where none does."""
+    return [
+        summed_terms([(i, grads[j]) for i, grads in enumerate(per_task) if grads[j] is not None], weights)
+        for j in range(start, len(per_task[0]))
+    ]
 
 
-def _weighted_sum(terms: list[tuple[int, Tensor]], weights: Tensor) -> Tensor | None:
-    total = None
-    for i, grad in terms:
-        total = grad * weights[i] if total is None else total.addcmul_(grad, weights[i])
-    return total
-
-
-def accumulate_grad(param: Tensor, grad: Tensor | None, skipped: Tensor) -> None:
-    """``param.grad += grad``, or nothing at all (not even NaN) when the step is skipped."""
-    if grad is None:
-        return
-    grad = torch.where(skipped, 0.0, grad).to(param.dtype)
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
+def _added(total: Tensor | None, grad: Tensor | None) -> Tensor | None:
+    if total is None or grad is None:
+        return grad if total is None else total
+    return total + grad

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from multitask_models import ToyMultiTask, toy_batch
+from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -156,6 +157,49 @@ def nan_on_one_rank(rank: int, world_size: int) -> dict:
     return results
 
 
+class SpikedMultiTask(ToyMultiTask):
+    """ToyMultiTask with one more parameter in task 0's loss, sqrt(s + offset) at s = 0: the loss
+    stays finite, and the parameter's gradient is inf where ``offset`` is 0."""
+
+    def __init__(self, offset: float):
+        super().__init__()
+        self.spike = nn.Parameter(torch.zeros(1))
+        self.offset = offset
+
+    def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        losses = super().losses(inputs, targets)
+        losses[0] = losses[0] + torch.sqrt(self.spike + self.offset).sum()
+        return losses
+
+
+def inf_head_gradient_on_one_rank(rank: int, world_size: int) -> dict:
+    """Only rank 1 computes an inf gradient on a non-shared parameter, its losses finite: every
+    rank skips, under exact and local DDP and FSDP2, and no .grad changes (in local mode and under
+    FSDP2 the check reads each rank's own values: the ranks must agree)."""
+    results = {}
+    for wrap in ("exact", "local", "fsdp"):
+        model = SpikedMultiTask(offset=0.0 if rank == 1 else 1.0)
+        if wrap == "fsdp":
+            for layer in model.trunk:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            wrapped: nn.Module = fully_shard(model)
+        else:
+            wrapped = DistributedDataParallel(model)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 7.0)
+        sync = "local" if wrap == "local" else "exact"
+        step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, **WEIGHTING)
+        step.backward(wrapped(*local_batch(rank, world_size)))
+        grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
+        results[wrap] = {
+            "skipped": bool(step.last.skipped),
+            "reasons": step.last.why_skipped(),
+            "grads_unchanged": all(bool((g == 7.0).all()) for g in grads),
+        }
+    return results
+
+
 def ranks_disagree_on_tasks(rank: int, world_size: int) -> dict:
     model = ToyMultiTask()
     ddp = DistributedDataParallel(model)
@@ -200,5 +244,14 @@ def _timed_backward(step, losses) -> dict:
 
 SCENARIOS = {
     f.__name__: f
-    for f in (ddp_exact, ddp_local, fsdp_exact, nan_on_one_rank, ranks_disagree_on_tasks, rank_stalls, rank_raises)
+    for f in (
+        ddp_exact,
+        ddp_local,
+        fsdp_exact,
+        nan_on_one_rank,
+        inf_head_gradient_on_one_rank,
+        ranks_disagree_on_tasks,
+        rank_stalls,
+        rank_raises,
+    )
 }

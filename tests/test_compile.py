@@ -8,6 +8,8 @@ import torch
 from task_gradient_cases import make_task_gradients
 
 from emtl_kernels import TaskGradients, available_backends, emtl_weights, task_gram, weighted_combine
+from emtl_kernels.grad_writes import undo_if
+from emtl_kernels.skip_check import SkipCheck, combination_bounded
 
 
 def post_backward(rows, losses, outs, backend):
@@ -28,4 +30,33 @@ def test_gram_weights_and_combine_trace_in_one_graph(backend):
     compiled = torch.compile(post_backward, fullgraph=True, backend="aot_eager")
     result = compiled(grads.rows, losses, compiled_outs, backend)
     for got, want in zip((*result, *compiled_outs), (*expected, *eager_outs), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def decide_and_write(rows, losses, outs, backups, backend):
+    """The step's skip decision around the combine, both ways: certified, and checked after writing."""
+    grads = TaskGradients(rows)
+    gram = task_gram(grads, backend=backend)
+    weights = emtl_weights(losses, gram, lam=0.5)
+    check = SkipCheck(losses, gram.diagonal(), weights, reads_gram=True)
+    check.require(combination_bounded(weights, gram.diagonal(), torch.float32))
+    weighted_combine(grads, torch.where(check.skipped, 0.0, weights), out=outs, accumulate=True, backend=backend)
+    check.require_finite(outs)
+    undo_if(check.skipped, outs, backups)
+    return check.reasons
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_skip_decision_traces_in_one_graph(backend, finite):
+    grads, _ = make_task_gradients(3, 300, torch.float32, "rows", seed=1)
+    losses = torch.tensor([0.5, 2.0 if finite else float("nan"), 30.0])
+    results = []
+    for function in (decide_and_write, torch.compile(decide_and_write, fullgraph=True, backend="aot_eager")):
+        outs = [torch.ones(size) for size in grads.sizes]
+        backups = [out.clone() for out in outs]
+        results.append((function(grads.rows, losses, outs, backups, backend), outs))
+    (eager_reasons, eager_outs), (compiled_reasons, compiled_outs) = results
+    assert torch.equal(compiled_reasons, eager_reasons) and bool(eager_reasons.any()) != finite
+    for got, want in zip(compiled_outs, eager_outs, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

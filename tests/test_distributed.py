@@ -119,7 +119,8 @@ def test_communication_is_counted_from_the_collectives_issued(ranks):
         "all_gather": 4 * shared,
         "all_reduce": 4 * (heads + scalars),
     }
-    assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * scalars}
+    # Local mode checks each rank's own values: one more all-reduce, of one number, agrees on the skip.
+    assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * (scalars + 1)}
     # The first step adds the check that ranks agree: 3 int64 numbers from each rank.
     assert successful(ranks["ddp_exact"])[0]["payload"]["all_gather"] == 4 * shared + 8 * 3 * WORLD
 
@@ -130,6 +131,14 @@ def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks, sync):
         assert result[sync]["skipped"]
         assert torch.equal(result[sync]["weights"], torch.zeros(3))
         assert result[sync]["grads_unchanged"]
+
+
+@pytest.mark.parametrize("wrap", ["exact", "local", "fsdp"])
+def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank(ranks, wrap):
+    for result in successful(ranks["inf_head_gradient_on_one_rank"]):
+        assert result[wrap]["skipped"]
+        assert result[wrap]["reasons"] == ["update"]
+        assert result[wrap]["grads_unchanged"]
 
 
 def test_ranks_disagreeing_on_the_number_of_tasks_raise_on_every_rank(ranks):
@@ -200,6 +209,38 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     before = [b.full_tensor() if wrap == "fsdp" else b for b in before]
     assert_float32_close([g - b for g, b in zip(grads, before, strict=True)], expected_grads, tol=1e-5)
     assert step.communication.sent_bytes == 0
+
+
+@pytest.mark.parametrize("wrap,sync", [("ddp", "exact"), ("ddp", "local"), ("fsdp", "exact")])
+def test_one_rank_with_unweighted_heads_equals_mtlstep(one_rank_group, wrap, sync):
+    model = fsdp_model() if wrap == "fsdp" else ToyMultiTask()
+    wrapped = model if wrap == "fsdp" else DistributedDataParallel(model)
+    step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, head_gradients="unweighted", **WEIGHTING)
+    weights = step.backward(wrapped(*toy_batch()))
+    expected_weights, expected_grads = single_process_result(head_gradients="unweighted")
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
+    grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
+    assert_float32_close(grads, expected_grads, tol=1e-5)
+
+
+class SparseHeadModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(3, 4)
+        self.head = torch.nn.Embedding(5, 4, sparse=True)
+
+    def forward(self, inputs, ids):
+        features = self.trunk(inputs)
+        return [features.square().mean(), (features * self.head(ids)).sum()]
+
+
+def test_a_sparse_head_is_refused_by_name_before_anything_is_written(one_rank_group):
+    model = SparseHeadModel()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), **WEIGHTING)
+    with pytest.raises(ValueError, match=r"'module\.head\.weight' gets a sparse gradient"):
+        step.backward(ddp(torch.randn(6, 3), torch.tensor([0, 2, 4, 1, 1, 3])))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_buckets_cut_at_the_cap_and_pad_to_the_world_size():

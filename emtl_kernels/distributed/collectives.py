@@ -83,6 +83,13 @@ class Collectives:
         self.log.record("all_gather", output)
         return _all_gather(output, input, group=self.group, async_op=async_op)
 
+    def all_true(self, flag: Tensor) -> Tensor:
+        """0-dim bool tensor: whether the 0-dim bool ``flag`` holds on every rank (one all-reduce of
+        one number; nothing waits on the host)."""
+        failed = (~flag).to(torch.float32).reshape(1)
+        self.all_reduce_sum(failed)
+        return failed[0] == 0
+
     def gathered_rows(self, values: list[int], device: torch.device) -> list[list[int]]:
         """Every rank's ``values`` (small integers), one list a rank. Reads them on the host."""
         mine = torch.tensor(values, dtype=torch.int64, device=device)

@@ -26,12 +26,19 @@ T(T+3)/2 = the T losses and the T(T+1)/2 entries of G's upper triangle):
 
     plain DDP:   all-reduce P + H
     exact DDP:   reduce-scatter T·P, all-gather P, all-reduce H + T(T+3)/2
-    local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2
-    exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2
+    local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2, all-reduce 1 (the skip)
+    exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2,
+                 all-reduce 1 (the skip)
 
 Under ring algorithms each rank sends (W−1)/W of a reduce-scatter's or an all-gather's payload
 and 2(W−1)/W of an all-reduce's: on the shared parameters exact DDP sends (T+1)/2 times what
 plain DDP sends, local mode the same.
+
+A step is skipped on every rank or on none (:class:`~emtl_kernels.MTLStep` says what skips one).
+Exact DDP's checks read values every rank holds alike: the all-reduced losses and G, the
+averaged heads, the gathered update. Local mode and FSDP2 check each rank's own values (its
+combination before DDP averages it, its shards of the heads), and one all-reduce of one number
+makes the decision common.
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 from ..autograd_graph import graph_leaves
+from ..grad_writes import accumulate_grad, give_empty_grads, grad_destinations, values_to_check
 from ..ops import task_gram, weighted_combine
-from ..step import MTLStep, accumulate_grad, grad_destinations, task_rows
+from ..skip_check import SkipCheck, combination_bounded
+from ..step import HeadGradients, MTLStep, StepRecord, task_rows
 from ..task_gradients import TaskGradients
 from ..weightings import Weighting
 from .buckets import Bucket, fill_bucket, plan_buckets
@@ -74,7 +83,7 @@ class DistributedMTLStep(MTLStep):
         shared_params: the shared parameters θ, each one a parameter of ``model`` (for FSDP2, the
             sharded parameters, as ``model.parameters()`` yields them outside forward). Every
             other tensor the losses reach must be a parameter of ``model`` too.
-        weighting, backend, batched_backward, **weighting_options: as for
+        weighting, backend, batched_backward, head_gradients, **weighting_options: as for
             :class:`~emtl_kernels.MTLStep` (``batched_backward`` under DDP only).
         sync: "exact" (default): the weights and update of one process on the global batch.
             "local" (DDP only): weights from the Gram matrices averaged over ranks, zero extra
@@ -103,6 +112,7 @@ class DistributedMTLStep(MTLStep):
         sync: Sync = "exact",
         backend: str = "auto",
         batched_backward: bool = False,
+        head_gradients: HeadGradients = "weighted",
         bucket_cap_mb: float = 25.0,
         **weighting_options,
     ):
@@ -123,7 +133,12 @@ class DistributedMTLStep(MTLStep):
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         super().__init__(
-            shared_params, weighting, backend=backend, batched_backward=batched_backward, **weighting_options
+            shared_params,
+            weighting,
+            backend=backend,
+            batched_backward=batched_backward,
+            head_gradients=head_gradients,
+            **weighting_options,
         )
         self.data_parallel.check_covers(self.shared_params, "shared_params")
         self.sync: Sync = sync
@@ -135,7 +150,9 @@ class DistributedMTLStep(MTLStep):
         """Write the rank-averaged gradient of Σ_i w_i L_i into ``.grad``; return the weights ``[T]``.
 
         ``losses`` are this rank's T losses, as for :meth:`MTLStep.backward`. Every rank must call
-        it, with the same T. A step skipped for a non-finite value is skipped on every rank.
+        it, with the same T. A step is skipped on every rank or on none: the checks read values
+        every rank holds alike (reduced or gathered), or, where they read this rank's own values
+        (local mode, FSDP2), the ranks agree by one all-reduce of one number.
         """
         first_call = self.num_tasks is None
         loss_list = self._checked_losses(losses)
@@ -144,18 +161,21 @@ class DistributedMTLStep(MTLStep):
             self._check_ranks_agree(len(loss_list))
         loss_vector = torch.stack([loss.detach() for loss in loss_list])
         if self.data_parallel.kind == "fsdp":
-            self._exact_sharded(loss_list, loss_vector, retain_graph)
-            return self._record_of_last_call().weights
+            return self._commit(self._exact_sharded(loss_list, loss_vector, retain_graph))
         heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
         self.data_parallel.check_covers(heads, "the task-specific tensors the losses reach")
         per_task = self._task_gradients(loss_list, self.shared_params + heads, retain_graph)
-        targets, jacobian = self._shared_jacobian(per_task)
+        self._refuse_sparse_heads(heads, per_task)
+        reached, jacobian = self._jacobian_on(per_task, self.shared_params)
+        if jacobian is None:
+            raise ValueError("every shared parameter the losses reach has no elements: nothing to balance")
+        sized = [p for p in reached if p.numel() > 0]
         if self.sync == "exact":
-            self._exact_replicated(jacobian, targets, loss_vector)
-            self._average_heads(heads, self._head_gradients(per_task, self._record_of_last_call().weights))
+            record = self._exact_replicated(jacobian, sized, loss_vector, heads, per_task)
         else:
-            self._local_replicated(jacobian, targets, loss_vector, heads, per_task)
-        return self._record_of_last_call().weights
+            record = self._local_replicated(jacobian, sized, loss_vector, heads, per_task)
+        give_empty_grads([p for p in reached if p.numel() == 0])
+        return self._commit(record)
 
     def _check_ranks_agree(self, num_tasks: int) -> None:
         shape = [num_tasks, len(self.shared_params), sum(p.numel() for p in self.shared_params)]
@@ -167,28 +187,63 @@ class DistributedMTLStep(MTLStep):
                 "build the step on the same shared parameters and call backward with the same T losses"
             )
 
+    def _refuse_sparse_heads(self, heads: list[Tensor], per_task) -> None:
+        names = {id(p): name for name, p in self.data_parallel.module.named_parameters()}
+        offset = len(self.shared_params)
+        for j, head in enumerate(heads):
+            if any(grads[offset + j] is not None and grads[offset + j].is_sparse for grads in per_task):
+                raise ValueError(
+                    f"parameter {names.get(id(head), tuple(head.shape))!r} gets a sparse gradient: the distributed "
+                    "step reduces dense gradients only (use nn.Embedding(sparse=False))"
+                )
+
+    def _agree_across_ranks(self, check: SkipCheck) -> None:
+        if self.data_parallel.kind == "fsdp" or self.sync == "local":
+            check.require(self._collectives.all_true(check.update_finite))
+
     # DDP, exact: reduce-scatter J, Gram partials of the shard, all-reduce them, all-gather g.
-    def _exact_replicated(self, jacobian: TaskGradients, targets: list[Tensor], loss_vector: Tensor) -> None:
+    def _exact_replicated(self, jacobian, targets, loss_vector, heads, per_task) -> StepRecord:
         comm, world = self._collectives, self._collectives.world_size
         element_size = torch.finfo(jacobian.dtype).bits // 8
         buckets = plan_buckets(jacobian.sizes, world, max(1, self.bucket_cap_bytes // element_size))
         summed = self._reduce_scatter_buckets(jacobian, buckets)
         loss_sum, gram_sum = comm.sum_losses_and_gram(loss_vector, task_gram(summed, backend=self.backend))
         # The shards hold Σ_r J_r = W·J: the 1/W goes into G and into the weights, not over J.
-        record = self._record(loss_sum / world, gram_sum / world**2, gram_formed=True)
-        shard_update = weighted_combine(summed, record.weights / world, backend=self.backend)
+        losses, gram = loss_sum / world, gram_sum / world**2
+        weights = self._weights(losses, gram)
+        check = self._skip_check(losses, gram, weights)
+        # Every value the checks read here is reduced or gathered: the same on every rank.
+        head_grads = self._averaged_over_ranks(self._head_gradients(per_task, weights))
+        check.require_finite(values_to_check(heads, head_grads))
+        reads_written = self._reads_written_values(jacobian.dtype)
+        if not reads_written:
+            check.require(combination_bounded(weights, gram.diagonal(), jacobian.dtype))
+        shard_update = weighted_combine(summed, torch.where(check.skipped, 0.0, weights) / world, backend=self.backend)
         gathered = [shard.new_empty(bucket.padded) for shard, bucket in zip(shard_update, buckets, strict=True)]
         for work in [
             comm.all_gather(full, shard, async_op=True) for full, shard in zip(gathered, shard_update, strict=True)
         ]:
             work.wait()
+        pieces = {
+            k: piece
+            for bucket, full in zip(buckets, gathered, strict=True)
+            for k, piece in zip(bucket.indices, bucket.pieces(full), strict=True)
+        }
+        additions = [pieces[k].view_as(target) for k, target in enumerate(targets)]
+        if reads_written:
+            check.require_finite(values_to_check(targets, additions))
+        skipped = check.skipped
         outs, accumulate = grad_destinations(targets)
-        for bucket, full in zip(buckets, gathered, strict=True):
-            for k, piece in zip(bucket.indices, bucket.pieces(full), strict=True):
-                if accumulate:
-                    outs[k].add_(piece.view_as(outs[k]))
-                else:
-                    outs[k].copy_(piece.view_as(outs[k]))
+        for out, addition in zip(outs, additions, strict=True):
+            if reads_written:
+                addition.masked_fill_(skipped, 0)
+            if accumulate:
+                out.add_(addition)
+            else:
+                out.copy_(addition)
+        for head, grad in zip(heads, head_grads, strict=True):
+            accumulate_grad(head, grad, skipped)
+        return self._record(losses, gram, weights, check, gram_formed=True)
 
     def _reduce_scatter_buckets(self, jacobian: TaskGradients, buckets: list[Bucket]) -> TaskGradients:
         """Σ_r J_r on this rank's slice of every bucket (one piece a bucket). A bucket is sent as
@@ -203,45 +258,62 @@ class DistributedMTLStep(MTLStep):
             work.wait()
         return TaskGradients([[shard[i] for shard in shards] for i in range(num_tasks)])
 
-    def _average_heads(self, heads: list[Tensor], head_grads: list[Tensor | None]) -> None:
-        """Average the heads' gradients over ranks (one all-reduce a dtype) and add them to .grad."""
-        present = [(head, grad) for head, grad in zip(heads, head_grads, strict=True) if grad is not None]
-        for dtype in {grad.dtype for _, grad in present}:
-            group = [(head, grad) for head, grad in present if grad.dtype == dtype]
+    def _averaged_over_ranks(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """The heads' gradients averaged over ranks, by one all-reduce a dtype (in a fixed order,
+        the same on every rank); nothing is written."""
+        averaged = list(grads)
+        for dtype in sorted({grad.dtype for grad in grads if grad is not None}, key=str):
+            group = [j for j, grad in enumerate(grads) if grad is not None and grad.dtype == dtype]
             # The collective needs one contiguous buffer: the heads' gradients are copied into it.
-            flat = torch.cat([grad.reshape(-1) for _, grad in group])
+            flat = torch.cat([cast(Tensor, grads[j]).reshape(-1) for j in group])
             self._collectives.all_reduce_sum(flat)
             flat /= self._collectives.world_size
-            for (head, _), piece in zip(group, flat.split([grad.numel() for _, grad in group]), strict=True):
-                accumulate_grad(head, piece.view_as(head), self._record_of_last_call().skipped)
+            for j, piece in zip(group, flat.split([cast(Tensor, grads[j]).numel() for j in group]), strict=True):
+                averaged[j] = piece.view_as(cast(Tensor, grads[j]))
+        return averaged
 
     # DDP, local: the mean of the local Gram matrices, then DDP's own reduction of the combination.
-    def _local_replicated(self, jacobian, targets, loss_vector, heads, per_task) -> None:
+    def _local_replicated(self, jacobian, targets, loss_vector, heads, per_task) -> StepRecord:
         world = self._collectives.world_size
         local_gram = task_gram(jacobian, backend=self.backend)
         loss_sum, gram_sum = self._collectives.sum_losses_and_gram(loss_vector, local_gram)
-        record = self._record(loss_sum / world, gram_sum / world, gram_formed=True)
+        losses, gram = loss_sum / world, gram_sum / world
+        weights = self._weights(losses, gram)
+        check = self._skip_check(losses, gram, weights)
+        head_grads = self._head_gradients(per_task, weights)
+        check.require_finite(head_grads)
+        if self._reads_written_values(jacobian.dtype):
+            combined = weighted_combine(jacobian, weights, backend=self.backend)
+            check.require_finite(combined)
+            self._agree_across_ranks(check)
+            for piece in combined:
+                piece.masked_fill_(check.skipped, 0)
+        else:
+            # A rank's G_ii is at most W times their mean, and DDP adds up the W ranks' combinations.
+            sq_norms_bound = gram.diagonal() * world
+            check.require(combination_bounded(weights, sq_norms_bound, jacobian.dtype, copies=world))
+            self._agree_across_ranks(check)
+            combined = weighted_combine(jacobian, torch.where(check.skipped, 0.0, weights), backend=self.backend)
+        skipped = check.skipped
         params = list(targets)
-        grads = [
-            g.view_as(p)
-            for g, p in zip(weighted_combine(jacobian, record.weights, backend=self.backend), targets, strict=True)
-        ]
-        for head, grad in zip(heads, self._head_gradients(per_task, record.weights), strict=True):
+        grads = [g.view_as(p) for g, p in zip(combined, targets, strict=True)]
+        for head, grad in zip(heads, head_grads, strict=True):
             if grad is not None:
                 params.append(head)
-                grads.append(torch.where(record.skipped, 0.0, grad))
+                grads.append(torch.where(skipped, 0.0, grad))
         # DDP reduces in the hooks autograd runs when it accumulates into .grad. A backward through
         # identity views hands it the local combination just as loss.backward() would: DDP averages
         # it in its buckets (with any communication hook) and adds it to .grad.
         with torch.enable_grad():
             torch.autograd.backward([p.view_as(p) for p in params], grads)
+        return self._record(losses, gram, weights, check, gram_formed=True)
 
     # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.
-    def _exact_sharded(self, loss_list: list[Tensor], loss_vector: Tensor, retain_graph: bool) -> None:
+    def _exact_sharded(self, loss_list: list[Tensor], loss_vector: Tensor, retain_graph: bool) -> StepRecord:
         comm = self._collectives
         heads = [p for p in self.data_parallel.params if id(p) not in self._shared_ids]
         per_task = self._sharded_task_gradients(loss_list, self.shared_params + heads, retain_graph)
-        reached = self._reached_shared(per_task)
+        reached = self._reached(per_task, self.shared_params)
         local = [_local(p) for p in self.shared_params]
         held = [k for k in reached if local[k].numel() > 0]  # with few rows, a rank's shard may be empty
         shard = TaskGradients(task_rows(per_task, held, [local[k] for k in held])) if held else None
@@ -251,16 +323,24 @@ class DistributedMTLStep(MTLStep):
             gram_partial = task_gram(shard, backend=self.backend)
         loss_sum, gram = comm.sum_losses_and_gram(loss_vector, gram_partial)
         # FSDP's reduce-scatter already averaged the gradients over ranks: G needs no scaling.
-        record = self._record(loss_sum / comm.world_size, gram, gram_formed=True)
+        losses = loss_sum / comm.world_size
+        weights = self._weights(losses, gram)
+        check = self._skip_check(losses, gram, weights)
+        head_grads = self._head_gradients(per_task, weights)
+        check.require_finite(head_grads)
         grads, accumulate = grad_destinations([self.shared_params[k] for k in reached])
-        if shard is not None:
+        if shard is None:
+            self._agree_across_ranks(check)
+        else:
             outs = [_local(grad) for grad, k in zip(grads, reached, strict=True) if k in held]
-            weighted_combine(shard, record.weights, out=outs, accumulate=accumulate, backend=self.backend)
-        for head, grad in zip(heads, self._head_gradients(per_task, record.weights), strict=True):
+            self._write_combination(shard, outs, accumulate, weights, gram.diagonal(), check)
+        skipped = check.skipped
+        for head, grad in zip(heads, head_grads, strict=True):
             if grad is not None:
                 if head.grad is None:
                     head.grad = torch.zeros_like(head)
-                _local(head.grad).add_(torch.where(record.skipped, 0.0, grad))
+                _local(head.grad).add_(torch.where(skipped, 0.0, grad))
+        return self._record(losses, gram, weights, check, gram_formed=True)
 
     def _sharded_task_gradients(self, loss_list, params, retain_graph) -> list[tuple[Tensor | None, ...]]:
         """Per task, this rank's shard of its gradients on ``params`` as FSDP's own backward leaves

@@ -29,6 +29,10 @@ class Weighting:
     gram_use: GramUse = "full"
     #: Whether the weights depend on the loss values (not only on their device and dtype).
     reads_losses: bool = False
+    #: Whether the weights depend on G at all. A step skips a weighting that does when G holds a
+    #: non-finite value (a gradient norm beyond float32's range among them); one that does not
+    #: (equal weighting) is skipped only when what the step writes is not finite.
+    reads_gram: bool = True
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         raise NotImplementedError

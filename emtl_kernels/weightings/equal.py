@@ -18,6 +18,7 @@ class Equal(Weighting):
     """:func:`equal_weights` as a :class:`Weighting` (reads nothing of G)."""
 
     gram_use = "diagonal"
+    reads_gram = False
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return equal_weights(losses, gram)

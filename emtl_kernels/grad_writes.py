@@ -1,0 +1,103 @@
+"""Writing into ``.grad`` as ``backward()`` does (adding to what is there), or, when the step is
+skipped, leaving every ``.grad`` as it was. The skip flag is a device tensor, so "nothing" is
+written as a masked update, never decided on the host."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
+    """Each parameter's ``.grad`` to write into, and whether to add to it. Missing gradients are
+    allocated uninitialised when none exists (nothing to add to: no fill pass), zeroed otherwise.
+    Raises, before allocating any, where a ``.grad`` is sparse: the combine pass writes dense memory."""
+    for k, p in enumerate(params):
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(
+                f"the shared parameter of shape {tuple(p.shape)} (number {k} the losses reach) holds a sparse "
+                ".grad, which the fused update cannot add to: zero it (optimizer.zero_grad()) first"
+            )
+    missing = [p.grad is None for p in params]
+    for p, is_missing in zip(params, missing, strict=True):
+        if is_missing:
+            p.grad = torch.empty_like(p) if all(missing) else torch.zeros_like(p)
+    return [p.grad for p in params if p.grad is not None], not all(missing)
+
+
+def accumulate_grad(param: Tensor, grad: Tensor | None, skipped: Tensor) -> None:
+    """``param.grad += grad``, or nothing at all (not even NaN) when the step is skipped; a
+    sparse gradient (``nn.Embedding(sparse=True)``) is added as ``backward()`` adds it."""
+    if grad is None:
+        return
+    grad = _unless(skipped, grad).to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    elif param.grad.is_sparse:
+        param.grad = param.grad + grad
+    else:
+        param.grad.add_(grad)
+
+
+def give_empty_grads(params: Sequence[Tensor]) -> None:
+    """A parameter with no elements that a loss reaches gets an empty ``.grad``, as from ``backward()``."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def summed_terms(terms: Sequence[tuple[int, Tensor]], weights: Tensor | None) -> Tensor | None:
+    """Σ_i w_i t_i over the ``(i, t_i)`` terms (Σ_i t_i when ``weights`` is None); None when
+    there are none. Each term is left as it is: autograd may hand out views it shares."""
+    total = None
+    for i, term in terms:
+        if weights is not None and total is not None and not (total.is_sparse or term.is_sparse):
+            total.addcmul_(term, weights[i])
+            continue
+        scaled = term if weights is None else term * weights[i]
+        total = scaled if total is None else total + scaled
+    return total
+
+
+def values_to_check(params: Sequence[Tensor], additions: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """What the skip check reads of each addition: the addition itself, or, for a float16
+    ``.grad`` that already holds values, the sum it would hold (float16 overflows at 65504
+    where float32 and bfloat16 need ~3.4e38)."""
+    return [
+        p.grad + a if a is not None and p.grad is not None and _sums_can_overflow(p.grad, a) else a
+        for p, a in zip(params, additions, strict=True)
+    ]
+
+
+def backups_of(outs: Sequence[Tensor], accumulate: bool) -> list[Tensor] | None:
+    """Copies of the ``.grad`` values a write will add to (None when it adds to nothing), so that
+    a write whose result turns out not finite can be undone."""
+    return [out.clone() for out in outs] if accumulate else None
+
+
+def undo_if(skipped: Tensor, outs: Sequence[Tensor], backups: Sequence[Tensor] | None) -> None:
+    """Put back what ``outs`` held before a write (zeros where they held nothing) when ``skipped``."""
+    for k, out in enumerate(outs):
+        if backups is None:
+            out.masked_fill_(skipped, 0)
+        else:
+            torch.where(skipped, backups[k], out, out=out)
+
+
+def _sums_can_overflow(grad: Tensor, addition: Tensor) -> bool:
+    return grad.dtype == torch.float16 and not (grad.is_sparse or addition.is_sparse)
+
+
+def _unless(skipped: Tensor, grad: Tensor) -> Tensor:
+    """``grad``, or zeros of its shape and layout when ``skipped``."""
+    if not grad.is_sparse:
+        return torch.where(skipped, 0.0, grad)
+    return torch.sparse_coo_tensor(
+        grad._indices(),
+        torch.where(skipped, 0.0, grad._values()),
+        grad.shape,
+        is_coalesced=grad.is_coalesced(),
+        check_invariants=False,
+    )
