@@ -238,6 +238,21 @@ def test_torchjd_weighting_of_emtl_needs_the_losses():
     assert isinstance(weighting, TorchJDWeighting) and isinstance(weighting.weighting, EMTL)
 
 
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_torchjd_aggregator_of_ours_leaves_no_autograd_history(name):
+    """Our weights are held constant, so a graph through Jᵀw would differentiate the aggregation
+    as if they did not depend on J. TorchJD's aggregators whose weights leave autograd (UPGrad
+    among them) run under no_grad; ours too."""
+    jacobian = random_jacobian(3, seed=4).requires_grad_()
+    aggregator = as_torchjd_aggregator(torchjd_for(name)[0])
+    aggregator.gramian_weighting.losses = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    assert not aggregation.UPGrad()(jacobian).requires_grad
+    aggregated = aggregator(jacobian)
+    assert not aggregated.requires_grad and aggregated.grad_fn is None
+    expected_weights = torchjd_for(name)[1](aggregator.gramian_weighting.losses, (jacobian @ jacobian.T).detach())
+    torch.testing.assert_close(aggregated, jacobian.detach().T @ expected_weights, rtol=1e-12, atol=1e-12)
+
+
 def test_torchjd_weighting_returns_the_gramian_dtype():
     jacobian = random_jacobian(4, seed=3)
     gram = (jacobian @ jacobian.T).float()
