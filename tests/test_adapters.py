@@ -404,10 +404,64 @@ def test_libmtl_weighting_without_return_weights_returns_none():
     assert all(p.grad is not None for p in model.trunk.parameters())
 
 
-def test_libmtl_weighting_refuses_rep_grad():
+def test_libmtl_weighting_refuses_rep_grad_and_says_what_it_will_map_to():
     model = libmtl_model(libmtl_weighting("upgrad"), rep_grad=True)
-    with pytest.raises(ValueError, match="rep_grad"):
+    with pytest.raises(ValueError, match=r"rep_grad=True .* not supported yet.*features mode.*rep_grad=False"):
         model.backward(libmtl_training_losses(model))
+
+
+@pytest.mark.parametrize(
+    "name,weight_args,options",
+    [
+        ("cagrad", {"calpha": 0.1, "rescale": 1}, {"c": 0.1, "rescale": "1+c^2"}),
+        ("cagrad", {"calpha": 0.9, "rescale": 0}, {"c": 0.9, "rescale": "none"}),
+        ("cagrad", {"calpha": 0.4, "rescale": 2}, {"c": 0.4, "rescale": "1+c"}),
+        ("upgrad", {"UPGrad_norm_eps": 1e-4, "UPGrad_reg_eps": 1e-2}, {"norm_eps": 1e-4, "reg_eps": 1e-2}),
+        ("nash_mtl", {"max_norm": 0.5, "update_weights_every": 1, "optim_niter": 20}, {"max_norm": 0.5}),
+        ("nash_mtl", {"max_norm": 0.0, "update_weights_every": 1, "optim_niter": 20}, {"max_norm": None}),
+        ("mgda", {"mgda_gn": "none"}, {}),
+    ],
+)
+def test_libmtl_weight_args_become_our_options(name, weight_args, options):
+    """LibMTL's Trainer calls model.backward(losses, **weight_args) with the names of its config:
+    the step they give is MTLStep's with the options they map to."""
+    model = libmtl_model(libmtl_weighting(name))
+    weights = model.backward(libmtl_training_losses(model), **weight_args)
+    reference = ToyMultiTask()
+    expected = MTLStep(reference.trunk.parameters(), name, **options).backward(reference.losses(*toy_batch(3)))
+    np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-6, atol=1e-8)
+    for actual, wanted in zip(model.parameters(), reference.parameters(), strict=True):
+        assert (actual.grad - wanted.grad).norm() <= 1e-5 * wanted.grad.norm() + 1e-9
+
+
+def test_libmtl_calpha_changes_the_weights_and_a_change_between_steps_takes_effect():
+    model = libmtl_model(libmtl_weighting("cagrad"))
+    weights = {c: model.backward(libmtl_training_losses(model), calpha=c, rescale=0) for c in (0.1, 0.9, 0.1)}
+    assert np.abs(weights[0.1] - weights[0.9]).max() > 0.1
+    reference = ToyMultiTask()
+    expected = MTLStep(reference.trunk.parameters(), "cagrad", c=0.1).backward(reference.losses(*toy_batch(3)))
+    np.testing.assert_allclose(weights[0.1], expected.numpy(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "weighting,options,weight_args,error,match",
+    [
+        ("upgrad", {}, {"calpha": 0.5}, TypeError, r"\['calpha'\] are not LibMTL options of 'upgrad'"),
+        ("emtl", {}, {"lam": 0.5}, TypeError, r"\['lam'\].*libmtl_weighting"),
+        ("mgda", {}, {"mgda_gn": "l2"}, ValueError, "mgda_gn='l2' is not supported"),
+        ("nash_mtl", {}, {"update_weights_every": 2}, ValueError, "update_weights_every=2"),
+        ("nash_mtl", {}, {"optim_niter": 5}, ValueError, "optim_niter=5"),
+        ("cagrad", {}, {"calpha": 0.5, "rescale": 3}, ValueError, "rescale 0, 1 or 2"),
+        ("cagrad", {"c": 0.4}, {"calpha": 0.5}, ValueError, r"calpha=0.5 asks for c=0.5.*c=0.4"),
+        (PCGrad(seed=0), {}, {"calpha": 0.5}, TypeError, "weighting given by name"),
+    ],
+)
+def test_libmtl_weight_args_without_a_counterpart_are_refused_by_name(weighting, options, weight_args, error, match):
+    """Before anything is written: the model's gradients are as they were."""
+    model = libmtl_model(libmtl_weighting(weighting, **options))
+    with pytest.raises(error, match=match):
+        model.backward(libmtl_training_losses(model), **weight_args)
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize(
