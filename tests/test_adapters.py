@@ -7,12 +7,14 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from importlib.metadata import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from multitask_models import ToyMultiTask, toy_batch
+from packaging.requirements import Requirement
 from torch import nn
 
 from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad, make_weighting
@@ -477,6 +479,20 @@ def test_libmtl_weighting_checks_its_arguments_when_made(arguments, error, match
     """Before the Trainer builds the model, not at its first training step."""
     with pytest.raises(error, match=match):
         libmtl_weighting(**arguments)
+
+
+# Installing TorchJD ------------------------------------------------------------------------
+
+
+def test_the_extras_asked_of_torchjd_are_spelt_as_its_metadata_provides_them():
+    """pip 23 does not normalise extra names: an extra spelt otherwise than in TorchJD's metadata
+    is dropped with a warning, and with it the solvers the tests compare against."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    provided = set(metadata("torchjd").get_all("Provides-Extra") or [])
+    extras = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    asked = [Requirement(line) for lines in extras.values() for line in lines]
+    torchjd_extras = {extra for requirement in asked if requirement.name == "torchjd" for extra in requirement.extras}
+    assert torchjd_extras and torchjd_extras <= provided
 
 
 # Without TorchJD -----------------------------------------------------------------------------
