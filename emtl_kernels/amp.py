@@ -2,10 +2,12 @@
 
 GradScaler multiplies the losses by a factor S (2¹⁶ to start) so that float16 gradients do not
 underflow, and divides the gradients by S before the optimiser steps. A weighting that is handed
-the scaled losses sees S·L_i and the Gram matrix S²·G. Most weightings do not change under a common
-scale of the gradients, but EMTL does: its weights w_i = 1 + (2λ/T)(r_i − r̄)/‖g_i‖ divide by the
-gradient norms (r_i does not change), so each weight's distance from 1 shrinks by S, and at
-S = 2¹⁶ EMTL is equal weighting in all but name. So::
+the scaled losses sees S·L_i and the Gram matrix S²·G. The weightings that normalise G (MGDA, UPGrad,
+CAGrad…) do not change under a common scale of the gradients; EMTL does: its weights
+w_i = 1 + (2λ/T)(r_i − r̄)/‖g_i‖ divide by the gradient norms (r_i does not change), so each
+weight's distance from 1 shrinks by S, and at S = 2¹⁶ EMTL is equal weighting in all but name.
+An option that is an absolute size (an ``eps``, ``norm_eps``, Nash-MTL's ``max_norm``) would be
+compared with S-scaled quantities too. So::
 
     scaler = torch.amp.GradScaler("cuda")
     step = MTLStep(trunk.parameters(), unscaled("emtl", scaler, lam=0.1))
