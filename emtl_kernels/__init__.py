@@ -16,6 +16,7 @@ written back as the update. This package makes that one fused step:
   :func:`aligned_mtl_weights`, :func:`upgrad_weights`, :func:`dualproj_weights`,
   :func:`nash_mtl_weights`): weightings from (losses, Gram matrix) to task weights, on the device.
 - :mod:`emtl_kernels.adapters`: TorchJD and LibMTL users' way in (optional imports).
+- :mod:`emtl_kernels.amp`: the step under ``torch.amp.GradScaler`` (weights of the unscaled losses).
 """
 
 from . import _extension  # noqa: F401  (registers torch.ops.emtl_kernels.* when the extension is built)

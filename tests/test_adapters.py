@@ -7,12 +7,14 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from importlib.metadata import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from multitask_models import ToyMultiTask, toy_batch
+from packaging.requirements import Requirement
 from torch import nn
 
 from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad, make_weighting
@@ -238,6 +240,21 @@ def test_torchjd_weighting_of_emtl_needs_the_losses():
     assert isinstance(weighting, TorchJDWeighting) and isinstance(weighting.weighting, EMTL)
 
 
+@pytest.mark.parametrize("name", list(WEIGHTINGS))
+def test_torchjd_aggregator_of_ours_leaves_no_autograd_history(name):
+    """Our weights are held constant, so a graph through Jᵀw would differentiate the aggregation
+    as if they did not depend on J. TorchJD's aggregators whose weights leave autograd (UPGrad
+    among them) run under no_grad; ours too."""
+    jacobian = random_jacobian(3, seed=4).requires_grad_()
+    aggregator = as_torchjd_aggregator(torchjd_for(name)[0])
+    aggregator.gramian_weighting.losses = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    assert not aggregation.UPGrad()(jacobian).requires_grad
+    aggregated = aggregator(jacobian)
+    assert not aggregated.requires_grad and aggregated.grad_fn is None
+    expected_weights = torchjd_for(name)[1](aggregator.gramian_weighting.losses, (jacobian @ jacobian.T).detach())
+    torch.testing.assert_close(aggregated, jacobian.detach().T @ expected_weights, rtol=1e-12, atol=1e-12)
+
+
 def test_torchjd_weighting_returns_the_gramian_dtype():
     jacobian = random_jacobian(4, seed=3)
     gram = (jacobian @ jacobian.T).float()
@@ -389,10 +406,64 @@ def test_libmtl_weighting_without_return_weights_returns_none():
     assert all(p.grad is not None for p in model.trunk.parameters())
 
 
-def test_libmtl_weighting_refuses_rep_grad():
+def test_libmtl_weighting_refuses_rep_grad_and_says_what_it_will_map_to():
     model = libmtl_model(libmtl_weighting("upgrad"), rep_grad=True)
-    with pytest.raises(ValueError, match="rep_grad"):
+    with pytest.raises(ValueError, match=r"rep_grad=True .* not supported yet.*features mode.*rep_grad=False"):
         model.backward(libmtl_training_losses(model))
+
+
+@pytest.mark.parametrize(
+    "name,weight_args,options",
+    [
+        ("cagrad", {"calpha": 0.1, "rescale": 1}, {"c": 0.1, "rescale": "1+c^2"}),
+        ("cagrad", {"calpha": 0.9, "rescale": 0}, {"c": 0.9, "rescale": "none"}),
+        ("cagrad", {"calpha": 0.4, "rescale": 2}, {"c": 0.4, "rescale": "1+c"}),
+        ("upgrad", {"UPGrad_norm_eps": 1e-4, "UPGrad_reg_eps": 1e-2}, {"norm_eps": 1e-4, "reg_eps": 1e-2}),
+        ("nash_mtl", {"max_norm": 0.5, "update_weights_every": 1, "optim_niter": 20}, {"max_norm": 0.5}),
+        ("nash_mtl", {"max_norm": 0.0, "update_weights_every": 1, "optim_niter": 20}, {"max_norm": None}),
+        ("mgda", {"mgda_gn": "none"}, {}),
+    ],
+)
+def test_libmtl_weight_args_become_our_options(name, weight_args, options):
+    """LibMTL's Trainer calls model.backward(losses, **weight_args) with the names of its config:
+    the step they give is MTLStep's with the options they map to."""
+    model = libmtl_model(libmtl_weighting(name))
+    weights = model.backward(libmtl_training_losses(model), **weight_args)
+    reference = ToyMultiTask()
+    expected = MTLStep(reference.trunk.parameters(), name, **options).backward(reference.losses(*toy_batch(3)))
+    np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-6, atol=1e-8)
+    for actual, wanted in zip(model.parameters(), reference.parameters(), strict=True):
+        assert (actual.grad - wanted.grad).norm() <= 1e-5 * wanted.grad.norm() + 1e-9
+
+
+def test_libmtl_calpha_changes_the_weights_and_a_change_between_steps_takes_effect():
+    model = libmtl_model(libmtl_weighting("cagrad"))
+    weights = {c: model.backward(libmtl_training_losses(model), calpha=c, rescale=0) for c in (0.1, 0.9, 0.1)}
+    assert np.abs(weights[0.1] - weights[0.9]).max() > 0.1
+    reference = ToyMultiTask()
+    expected = MTLStep(reference.trunk.parameters(), "cagrad", c=0.1).backward(reference.losses(*toy_batch(3)))
+    np.testing.assert_allclose(weights[0.1], expected.numpy(), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "weighting,options,weight_args,error,match",
+    [
+        ("upgrad", {}, {"calpha": 0.5}, TypeError, r"\['calpha'\] are not LibMTL options of 'upgrad'"),
+        ("emtl", {}, {"lam": 0.5}, TypeError, r"\['lam'\].*libmtl_weighting"),
+        ("mgda", {}, {"mgda_gn": "l2"}, ValueError, "mgda_gn='l2' is not supported"),
+        ("nash_mtl", {}, {"update_weights_every": 2}, ValueError, "update_weights_every=2"),
+        ("nash_mtl", {}, {"optim_niter": 5}, ValueError, "optim_niter=5"),
+        ("cagrad", {}, {"calpha": 0.5, "rescale": 3}, ValueError, "rescale 0, 1 or 2"),
+        ("cagrad", {"c": 0.4}, {"calpha": 0.5}, ValueError, r"calpha=0.5 asks for c=0.5.*c=0.4"),
+        (PCGrad(seed=0), {}, {"calpha": 0.5}, TypeError, "weighting given by name"),
+    ],
+)
+def test_libmtl_weight_args_without_a_counterpart_are_refused_by_name(weighting, options, weight_args, error, match):
+    """Before anything is written: the model's gradients are as they were."""
+    model = libmtl_model(libmtl_weighting(weighting, **options))
+    with pytest.raises(error, match=match):
+        model.backward(libmtl_training_losses(model), **weight_args)
+    assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize(
@@ -408,6 +479,20 @@ def test_libmtl_weighting_checks_its_arguments_when_made(arguments, error, match
     """Before the Trainer builds the model, not at its first training step."""
     with pytest.raises(error, match=match):
         libmtl_weighting(**arguments)
+
+
+# Installing TorchJD ------------------------------------------------------------------------
+
+
+def test_the_extras_asked_of_torchjd_are_spelt_as_its_metadata_provides_them():
+    """pip 23 does not normalise extra names: an extra spelt otherwise than in TorchJD's metadata
+    is dropped with a warning, and with it the solvers the tests compare against."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    provided = set(metadata("torchjd").get_all("Provides-Extra") or [])
+    extras = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    asked = [Requirement(line) for lines in extras.values() for line in lines]
+    torchjd_extras = {extra for requirement in asked if requirement.name == "torchjd" for extra in requirement.extras}
+    assert torchjd_extras and torchjd_extras <= provided
 
 
 # Without TorchJD -----------------------------------------------------------------------------

@@ -5,8 +5,9 @@ its ``GramianWeightedAggregator``; ours are :class:`~emtl_kernels.weightings.Wei
 from (losses, Gram matrix) to weights. This module converts both ways:
 
 - :func:`as_torchjd_weighting` / :func:`as_torchjd_aggregator`: one of ours (by name or
-  instance) for ``torchjd.autojac.backward`` / ``mtl_backward`` and anything else that takes a
-  TorchJD weighting or aggregator.
+  instance) for ``torchjd.autojac.jac_to_grad`` (after ``backward`` or ``mtl_backward``, which
+  take no aggregator in TorchJD 0.18) and anything else that takes a TorchJD weighting or
+  aggregator.
 - :func:`from_torchjd`: a TorchJD Gramian weighting (or Gramian-weighted aggregator) for
   ``MTLStep(weighting=from_torchjd(UPGradWeighting()))``. It runs TorchJD's own solver, host round
   trips included: the fast path is our weighting of the same name.
@@ -71,10 +72,27 @@ def as_torchjd_weighting(weighting: str | Weighting, **options) -> TorchJDWeight
     return TorchJDWeighting(make_weighting(weighting, **options))
 
 
-def as_torchjd_aggregator(weighting: str | Weighting, **options) -> _aggregation.GramianWeightedAggregator:
+class TorchJDAggregator(_aggregation.GramianWeightedAggregator):
+    """TorchJD's ``GramianWeightedAggregator`` of one of our weightings, run under ``no_grad``.
+
+    Our weights are detached from J (the step holds them constant), so a graph through Jᵀw would
+    differentiate the aggregation as if w did not depend on J: a wrong gradient. TorchJD's own
+    aggregators whose weights leave autograd (UPGrad, DualProj, IMTL-G, CAGrad…) run under
+    ``no_grad`` for that reason; this one does too, so its result carries no autograd history.
+    """
+
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        with torch.no_grad():
+            return super().__call__(matrix)
+
+
+def as_torchjd_aggregator(weighting: str | Weighting, **options) -> TorchJDAggregator:
     """Our weighting inside TorchJD's ``GramianWeightedAggregator``: the aggregation of a
-    Jacobian J is Jᵀw with w from J Jᵀ. Its weighting is ``aggregator.gramian_weighting``."""
-    return _aggregation.GramianWeightedAggregator(as_torchjd_weighting(weighting, **options))
+    Jacobian J is Jᵀw with w from J Jᵀ, computed without autograd history (see
+    :class:`TorchJDAggregator`). Its weighting is ``aggregator.gramian_weighting``; use it with
+    ``torchjd.autojac.jac_to_grad(shared_params, aggregator)`` after ``backward`` or
+    ``mtl_backward``."""
+    return TorchJDAggregator(as_torchjd_weighting(weighting, **options))
 
 
 class FromTorchJD(Weighting):

@@ -7,10 +7,12 @@ aligned gradients are B J with the balance matrix
 
     B = √σ · V Λ^{-1/2} Vᵀ,      so that (B J)(B J)ᵀ = B G B = σ · V Vᵀ,
 
-σ being the smallest kept eigenvalue ("min", the paper's choice), their median ("median") or
-their mean ("rmse", the authors' code). The update is the mean of the aligned gradients,
-(1/T) Σ_i (B J)_i = Jᵀ (B π) with π = 1/T: the weights are α = B π. The authors' code and TorchJD
-(whose ``AlignedMTLWeighting`` this follows) scale it the same way.
+σ being the smallest kept eigenvalue ("min", the paper's choice and the default of the authors'
+code), their median ("median") or their mean ("rmse"), the three modes of the authors' code. The
+update is the mean of the aligned gradients, (1/T) Σ_i (B J)_i = Jᵀ (B π) with π = 1/T: the
+weights are α = B π, as in TorchJD's ``AlignedMTLWeighting``, which this follows. The authors'
+code (SamsungLabs/MTL) and LibMTL's ``Aligned_MTL`` sum the aligned gradients instead: their
+weights are B·1 = T·α, an update T times as long.
 """
 
 from __future__ import annotations
