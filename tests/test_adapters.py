@@ -376,15 +376,18 @@ def libmtl_training_losses(model) -> torch.Tensor:
     return losses
 
 
+@pytest.mark.parametrize("heads", ["unweighted", "weighted"])
 @pytest.mark.parametrize("name,options", [("upgrad", {}), ("emtl", {"lam": 0.5}), ("cagrad", {"c": 0.4})])
-def test_libmtl_weighting_gives_the_mtl_step_gradients_and_weights(name, options):
-    model = libmtl_model(libmtl_weighting(name, **options))
+def test_libmtl_weighting_gives_the_mtl_step_gradients_and_weights(name, options, heads):
+    # LibMTL's own gradient-based weightings give the heads their plain task gradients: the default.
+    chosen = {} if heads == "unweighted" else {"head_gradients": heads}
+    model = libmtl_model(libmtl_weighting(name, **chosen, **options))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     optimizer.zero_grad(set_to_none=False)  # as LibMTL's Trainer does: .grad holds zeros
     weights = model.backward(libmtl_training_losses(model))
 
     reference = ToyMultiTask()
-    step = MTLStep(reference.trunk.parameters(), name, **options)
+    step = MTLStep(reference.trunk.parameters(), name, head_gradients=heads, **options)
     expected = step.backward(reference.losses(*toy_batch(3)))
     assert isinstance(weights, np.ndarray) and weights.shape == (3,)
     np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-5, atol=1e-7)
@@ -430,7 +433,8 @@ def test_libmtl_weight_args_become_our_options(name, weight_args, options):
     model = libmtl_model(libmtl_weighting(name))
     weights = model.backward(libmtl_training_losses(model), **weight_args)
     reference = ToyMultiTask()
-    expected = MTLStep(reference.trunk.parameters(), name, **options).backward(reference.losses(*toy_batch(3)))
+    step = MTLStep(reference.trunk.parameters(), name, head_gradients="unweighted", **options)
+    expected = step.backward(reference.losses(*toy_batch(3)))
     np.testing.assert_allclose(weights, expected.numpy(), rtol=1e-6, atol=1e-8)
     for actual, wanted in zip(model.parameters(), reference.parameters(), strict=True):
         assert (actual.grad - wanted.grad).norm() <= 1e-5 * wanted.grad.norm() + 1e-9

@@ -26,10 +26,11 @@ MGDA, Nash_MTL and UPGrad are mapped onto the options of our weighting of the sa
 :data:`LIBMTL_OPTIONS`); any other is refused by name, as is a value that asks for something our
 weighting does not do. Options of ours go to :func:`libmtl_weighting`.
 
-Differences from LibMTL's own weightings: the task heads receive w_i ∇_φi L_i (LibMTL's gradient-
-based weightings give them the unweighted Σ_i ∇_φi L_i); ``rep_grad=True`` (gradients with respect
-to the shared representation) is not supported yet. The weights returned are those of the update
-(LibMTL's CAGrad returns the simplex weights of its dual problem instead).
+Differences from LibMTL's own weightings: none in the heads by default (they receive the
+unweighted Σ_i ∇_φi L_i, as LibMTL's gradient-based weightings give them; ``head_gradients=
+"weighted"`` gives them w_i ∇_φi L_i, :class:`~emtl_kernels.MTLStep`'s default); ``rep_grad=True``
+(gradients with respect to the shared representation) is not supported yet. The weights returned
+are those of the update (LibMTL's CAGrad returns the simplex weights of its dual problem instead).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..step import Mode, MTLStep
+from ..step import HeadGradients, Mode, MTLStep
 from ..weightings import Weighting, make_weighting
 
 
@@ -141,6 +142,7 @@ def libmtl_weighting(
     *,
     backend: str = "auto",
     mode: Mode = "speed",
+    head_gradients: HeadGradients = "unweighted",
     return_weights: bool = True,
     **options,
 ) -> type[torch.nn.Module]:
@@ -151,6 +153,8 @@ def libmtl_weighting(
         weighting: a name from :data:`~emtl_kernels.WEIGHTINGS` (with ``options``), or an
             instance (shared by every model made from the class).
         backend, mode: passed to :class:`~emtl_kernels.MTLStep`.
+        head_gradients: passed to :class:`~emtl_kernels.MTLStep`; "unweighted" (default here) gives
+            each task head its plain task gradient, as LibMTL's own gradient-based weightings do.
         return_weights: return the weights as a NumPy array, as LibMTL's weightings do (the
             Trainer records them; reading them waits for the step to finish). False returns
             None: no host sync.
@@ -162,7 +166,13 @@ def libmtl_weighting(
     """
     # A step on a stand-in parameter checks the weighting, its options, the backend and the mode
     # together, so that a bad combination fails here, not at the first training step.
-    MTLStep([torch.zeros(1, requires_grad=True)], make_weighting(weighting, **options), backend=backend, mode=mode)
+    MTLStep(
+        [torch.zeros(1, requires_grad=True)],
+        make_weighting(weighting, **options),
+        backend=backend,
+        mode=mode,
+        head_gradients=head_gradients,
+    )
 
     class EMTLKernelsWeighting(torch.nn.Module):
         """LibMTL weighting running :class:`~emtl_kernels.MTLStep` (see :func:`libmtl_weighting`)."""
@@ -188,6 +198,7 @@ def libmtl_weighting(
                     make_weighting(weighting, **weighting_options(weighting, options, weight_args)),
                     backend=backend,
                     mode=mode,
+                    head_gradients=head_gradients,
                 )
                 self._weight_args = dict(weight_args)
             weights = step.backward(losses)
