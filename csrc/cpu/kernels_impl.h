@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernels.h"
@@ -130,7 +131,7 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // memory are spread over the block's arithmetic, and the strips do not read rows of J, which lie
 // a power of two apart and would compete for the same L1 sets. 16-bit rows are first widened, 4
 // rows side by side, into the buffer, where the triangle reads them: each element is converted
-// once.
+// once (up to 3 tasks, a single triangle converts them in registers).
 
 #define EMTL_UNROLL _Pragma("GCC unroll 16")
 
@@ -146,10 +147,10 @@ inline int64_t gram_block(int64_t num_tasks) {
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
 // of kVec) into acc (slot i(i+1)/2 + j); with kCopy, also stores the rows into copies[row0 + i].
 // The loops over i and j are unrolled so that the accumulators stay in registers.
-template <int NI, bool kCopy>
-void gram_triangle(const float* const* rows, float* const* copies, int64_t row0, int64_t n, float* acc) {
+template <int NI, bool kCopy, typename scalar_t = float>
+void gram_triangle(const scalar_t* const* rows, float* const* copies, int64_t row0, int64_t n, float* acc) {
   constexpr int kCount = NI * (NI + 1) / 2;
-  const float* a[NI];
+  const scalar_t* a[NI];
   float* copy[NI];
   EMTL_UNROLL
   for (int i = 0; i < NI; ++i) {
@@ -163,7 +164,7 @@ void gram_triangle(const float* const* rows, float* const* copies, int64_t row0,
     Vec x[NI];
     EMTL_UNROLL
     for (int i = 0; i < NI; ++i) {
-      x[i] = Vec::loadu(a[i] + e);
+      x[i] = load(a[i] + e);
       EMTL_UNROLL
       for (int j = 0; j <= i; ++j) sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x[i], x[j], sum[i * (i + 1) / 2 + j]);
     }
@@ -258,6 +259,9 @@ TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool copy) {
   }
   if constexpr (std::is_same_v<scalar_t, float>) {
     return copy ? gram_triangle<NI, true> : gram_triangle<NI, false>;
+  } else if constexpr (NI < kRowBlock) {
+    // Up to 3 tasks: one triangle, nothing to copy, and few enough accumulators to convert in place.
+    return copy ? widened_triangle<NI, scalar_t> : gram_triangle<NI, false, scalar_t>;
   } else {
     return widened_triangle<NI, scalar_t>;
   }
@@ -320,9 +324,9 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   const GramTiles<scalar_t> tiling(num_tasks);
   std::vector<float> accumulators(tiling.accumulators * kVec, 0.f);
   float* const acc = accumulators.data();
-  std::vector<float> buffer(num_tasks * block);
+  const std::unique_ptr<float[]> buffer(new float[num_tasks * block]);  // written before it is read
   std::vector<float*> copies(num_tasks);
-  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer.data() + i * block;
+  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer.get() + i * block;
   std::vector<const scalar_t*> rows(num_tasks);
 
   auto run_strips = [&](size_t row_block, int64_t n) {
