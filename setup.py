@@ -68,6 +68,12 @@ def _extension_build():
         sources = [source for source in sources if not source.endswith(AVX2_SOURCE_SUFFIX)]
     # Strict IEEE float arithmetic (no -ffast-math): inf and NaN must reach the Gram diagonal.
     compile_args = {"cxx": ["-O3", "-fno-fast-math", "-Wall", "-Wno-unknown-pragmas"]}
+    link_args = []
+    if torch.backends.openmp.is_available():
+        # ATen's parallel_for is an inline template over OpenMP where torch uses OpenMP: without
+        # -fopenmp it compiles to a serial loop. libgomp is then torch's own copy (same soname).
+        compile_args["cxx"].append("-fopenmp")
+        link_args.append("-fopenmp")
     extension_type = CppExtension
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
@@ -79,6 +85,7 @@ def _extension_build():
         sources,
         define_macros=macros,
         extra_compile_args=compile_args,
+        extra_link_args=link_args,
         include_dirs=[os.path.join(ROOT, "csrc")],
         py_limited_api=True,
     )

@@ -46,11 +46,13 @@ BASELINES = {"gram": (MATMUL_GRAM, FOREACH_NORM, SQUARE_SUM), "combine": (MATMUL
 @dataclass(frozen=True)
 class Candidate:
     """What is timed: the ``copy``, or a ``gram`` or ``combine`` pass of an emtl-kernels
-    ``backend`` or of a torch ``baseline``."""
+    ``backend`` or of a torch ``baseline``; ``dtype`` where it runs on a copy of J in another
+    dtype than the case's (the limits of :mod:`bench.kernel_limits`)."""
 
     kernel_pass: str
     backend: str | None = None
     baseline: str | None = None
+    dtype: str | None = None
 
     @property
     def label(self) -> str:

@@ -16,7 +16,8 @@ the candidates of a pass like their times. GB/s = bytes / median time (10⁹ byt
 ``copy_ratio`` = a candidate's GB/s over the copy's, both measured in the same job. A case is
 measured only where its working set (:func:`working_set_bytes`) fits in ``memory_fraction`` of
 the free memory; a candidate that fails (out of memory, say) is reported so and the others
-measured.
+measured. On a CPU, a matrix job also times the limits of :mod:`bench.kernel_limits` (the FMA
+roofline, the float32 twin of a 16-bit J) interleaved with the passes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernel_limits, roofline
 from .kernel_cases import DTYPES, Candidate, KernelCase
 from .plan import Job
 from .presets import Preset
@@ -69,7 +71,8 @@ def measure_case(
 ) -> list[dict]:
     """Time every candidate of ``case`` interleaved; one row per candidate."""
     clock = Clock(device, flush_cache=True)
-    samplers = {candidate: timed(call, clock) for candidate, call in case.calls(backends).items()}
+    calls = case.calls(backends) | kernel_limits.limit_calls(case, layout == MATRIX, backends, device)
+    samplers = {candidate: timed(call, clock) for candidate, call in calls.items()}
     errors = {candidate: first_run(sample)[1] for candidate, sample in samplers.items()}
     if device.type == "cuda":
         torch.cuda.empty_cache()  # what a failed candidate left in the allocator's cache
@@ -80,25 +83,53 @@ def measure_case(
     copy_gbps = _gbps(timings.get(Candidate("copy")), pass_bytes("copy", num_tasks, numel, element_size))
     rows = []
     for candidate, error in errors.items():
-        moved = pass_bytes(candidate.kernel_pass, num_tasks, numel, element_size)
+        if candidate == kernel_limits.FMA_ROOFLINE:
+            rows.append(_roofline_row(case, layout, timings.get(candidate), error))
+            continue
+        size = DTYPES[candidate.dtype].itemsize if candidate.dtype else element_size
+        moved = pass_bytes(candidate.kernel_pass, num_tasks, numel, size)
         row = {
             "pass": candidate.kernel_pass,
             "backend": candidate.backend,
             "baseline": candidate.baseline,
             "layout": layout,
             "tensors": len(case.blocks),
-            "dtype": str(case.blocks[0].dtype).removeprefix("torch."),
+            "dtype": candidate.dtype or str(case.blocks[0].dtype).removeprefix("torch."),
             "tasks": num_tasks,
             "numel": numel,
-            "element_size": element_size,
+            "element_size": size,
             "bytes": moved,
             "error": error,
         }
+        if candidate.dtype:
+            row.update(reference=kernel_limits.TWIN_REFERENCE, twin_of=str(case.blocks[0].dtype).removeprefix("torch."))
         if error is None:
             gbps = _gbps(timings[candidate], moved)
             row.update(times=timings[candidate]["time"].as_dict(), gbps=gbps, copy_ratio=gbps / copy_gbps)
         rows.append(row)
     return rows
+
+
+def _roofline_row(case: KernelCase, layout: str, timing, error: str | None) -> dict:
+    """The FMA probe's row: scalar FMAs per second on the run's threads."""
+    threads = torch.get_num_threads()
+    row = {
+        "pass": "fma",
+        "backend": None,
+        "baseline": None,
+        "reference": kernel_limits.ROOFLINE_REFERENCE,
+        "layout": layout,
+        "tensors": len(case.blocks),
+        "dtype": str(case.blocks[0].dtype).removeprefix("torch."),
+        "tasks": case.num_tasks,
+        "numel": case.numel,
+        "threads": threads,
+        "fmas": roofline.fmas_per_sample(threads),
+        "error": error,
+    }
+    if error is None and timing is not None:
+        row.update(times=timing["time"].as_dict(), fma_per_s=row["fmas"] / timing["time"].median)
+    return row
 
 
 def _gbps(timing, moved: int) -> float:
@@ -143,8 +174,10 @@ def plan(preset: Preset, device: torch.device, backends: Sequence[str]) -> tuple
     ]
     jobs, left_out = [], []
     for dtype_name, num_tasks, sizes, layout in cases:
-        element_size = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
-        needed = working_set_bytes(num_tasks, sum(sizes), element_size)
+        dtype = DTYPES[dtype_name]
+        needed = working_set_bytes(num_tasks, sum(sizes), dtype.itemsize)
+        if kernel_limits.measured_here(device, layout == MATRIX, backends):
+            needed += kernel_limits.twin_bytes(dtype, num_tasks, sum(sizes))
         if needed > budget:
             left_out.append(f"{dtype_name}, T={num_tasks}, {_case_name(sizes, layout)}: needs {needed / 1e9:.1f} GB")
             continue

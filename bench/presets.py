@@ -126,9 +126,9 @@ QUICK = Preset(
     name="quick",
     description="CPU in minutes: trunks of a few million parameters, kernel passes up to P = 2^22",
     kernels=KernelPlan(
-        tasks=(2, 4, 8, 16),
+        tasks=(2, 4, 8, 16, 32),
         log2_sizes=(16, 18, 20, 22),
-        dtypes=("float32", "bfloat16"),
+        dtypes=("float32", "bfloat16", "float16"),
         multi_tensor=TransformerShapes(
             "GPT-2 shapes, width 256, 4 layers", width=256, layers=4, vocab=8192, context=256
         ),

@@ -20,7 +20,17 @@ import matplotlib.pyplot as plt
 
 from .environment import caption
 from .scaling import loglog_slope
-from .targets import baseline, evaluate, extra_memory_units, floor_peak, measured, median, torch_baselines
+from .targets import (
+    baseline,
+    distance_table,
+    evaluate,
+    extra_memory_units,
+    floor_peak,
+    measured,
+    median,
+    pass_rows,
+    torch_baselines,
+)
 
 REPORT_FILE = "report.md"
 HEADLINE_PLOT = "steps_overhead.png"
@@ -132,7 +142,39 @@ def _targets_section(results: dict, exhibits: _Exhibits) -> str:
     if not judged:
         return ""
     rows = [[t["target"], t["threshold"], t["measured"], t["verdict"]] for t in judged]
-    return "## Targets\n\n" + exhibits.table(["target", "threshold", "measured", "verdict"], rows) + "\n"
+    table = exhibits.table(["target", "threshold", "measured", "verdict"], rows)
+    return "## Targets\n\n" + table + "\n" + _distance_section(results, exhibits)
+
+
+GPU_REPORTS = ("bench/results/nvidia-h200/report.md", "bench/results/nvidia-h100/report.md")
+
+
+def _distance_section(results: dict, exhibits: _Exhibits) -> str:
+    """Each native CPU pass's GB/s over its limit's, one row per pass, dtype and T, one column per P."""
+    entries = distance_table(results)
+    if not entries:
+        return ""
+    sizes = sorted({entry["numel"] for entry in entries})
+    cells: dict[tuple, dict[int, str]] = defaultdict(dict)
+    for entry in entries:
+        bound = "FMA" if entry["bound"] == "FMA" else "mem"
+        cells[(entry["pass"], entry["dtype"], entry["tasks"])][entry["numel"]] = (
+            f"{entry['distance']:.2f}× ({entry['gbps']:.1f} / {entry['limit_gbps']:.1f}, {bound})"
+        )
+    rows = [[*key, *(found.get(size, "—") for size in sizes)] for key, found in sorted(cells.items())]
+    header = ["pass", "dtype", "T", *(f"P = {_log2(size)}" for size in sizes)]
+    return (
+        "\n### Distance to the limit (native CPU passes)\n\n"
+        "Each cell: the pass's GB/s over its limit's (GB/s of the pass / of the limit, which limit). The memory "
+        "limit (mem) is `torch.mv(J.T, w, out=g)` on float32 J in the same job, in bytes a second (over the "
+        "combine's bytes for the combine, over J for the Gram pass: its read rate), the same bytes a second for "
+        "16-bit J; the Gram pass's compute limit (FMA) is the FMA roofline measured in the same job, "
+        "F / (T(T+1)/2) columns a second, where it is the lower. GPU: the copy-bandwidth ratios of "
+        + " and ".join(f"`{path}`" for path in GPU_REPORTS)
+        + ".\n\n"
+        + exhibits.table(header, rows)
+        + "\n"
+    )
 
 
 # ---------------------------------------------------------------- steps
@@ -345,7 +387,7 @@ def _kernels_section(results: dict, exhibits: _Exhibits) -> str:
     rows = results.get("kernels", [])
     if not rows:
         return ""
-    good = measured(rows)
+    good = pass_rows(rows)
     matrix = [row for row in good if row["layout"] == "matrix"]
     parts = [
         "## Kernels",

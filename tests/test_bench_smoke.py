@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import bench_weightings
+from bench import bench_weightings, roofline
 from bench.backends import measured_backends
 from bench.environment import caption
 from bench.extras import SUITES
@@ -24,6 +24,7 @@ from bench.kernel_cases import (
     Candidate,
     KernelCase,
 )
+from bench.kernel_limits import ROOFLINE_REFERENCE, TWIN_REFERENCE
 from bench.kernels import MATRIX, pass_bytes
 from bench.library_path import LibraryStyleStep
 from bench.memory import cpu_peak_increase, peak_bytes
@@ -31,7 +32,7 @@ from bench.presets import TINY
 from bench.run import main, run, save
 from bench.scaling import loglog_slope
 from bench.steps import torchjd_installed
-from bench.targets import evaluate
+from bench.targets import distance_table, evaluate
 from bench.trunks import build_model
 from emtl_kernels import WEIGHTINGS, available_backends, emtl_weights
 
@@ -72,6 +73,8 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
         | {(kernel_pass, backend, None) for kernel_pass in ("gram", "combine") for backend in meta["backends"]}
         | {(kernel_pass, None, name) for kernel_pass, names in BASELINES.items() for name in names}
     )
+    limit_rows = [row for row in kernel_rows if row.get("reference")]
+    kernel_rows = [row for row in kernel_rows if not row.get("reference")]
     for layout, tensors, dtype, tasks, numel in expected_cases:
         case_rows = [
             row
@@ -88,6 +91,18 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
             assert row["copy_ratio"] == pytest.approx(row["gbps"] / copy["gbps"])
             assert row["gbps"] > 0 and row["times"]["samples"] == kernels.repeats
     assert len(kernel_rows) == len(expected_cases) * len(candidates)
+    # beside each native CPU matrix job: the FMA probe, and the float32 twin of a 16-bit J
+    matrix_cases = [case for case in expected_cases if case[0] == MATRIX]
+    probes = [row for row in limit_rows if row["reference"] == ROOFLINE_REFERENCE]
+    twins = [row for row in limit_rows if row["reference"] == TWIN_REFERENCE]
+    if roofline.unavailable_reason() is None:
+        assert len(probes) == len(matrix_cases)
+        assert all(row["fma_per_s"] > 0 and row["fmas"] == roofline.fmas_per_sample(row["threads"]) for row in probes)
+    half_cases = [case for case in matrix_cases if case[2] != "float32"]
+    assert len(twins) == 3 * len(half_cases)
+    for row in twins:
+        assert row["dtype"] == "float32" and row["twin_of"] == "bfloat16" and row["layout"] == MATRIX
+        assert row["bytes"] == pass_bytes(row["pass"], row["tasks"], row["numel"], 4) and row["gbps"] > 0
 
     step_rows = saved["steps"]
     backends = available_backends("cpu")
@@ -360,3 +375,64 @@ def test_kernel_sizes_replace_the_presets(tmp_path, one_thread):
     for bad in ("20,x", "0", ""):
         with pytest.raises(SystemExit):
             main(["--kernel-sizes", bad])
+
+
+def _timed_row(kernel_pass, seconds, *, dtype="float32", tasks=8, numel=2**22, backend=None, baseline=None, **extra):
+    """A kernel row of a CPU matrix job timed at ``seconds`` (quartiles ±10 %)."""
+    element_size = 4 if dtype == "float32" else 2
+    moved = pass_bytes(kernel_pass, tasks, numel, element_size)
+    row = _kernel_row(kernel_pass, moved / seconds / 1e9, backend=backend, baseline=baseline, dtype=dtype, tasks=tasks)
+    row.update(numel=numel, element_size=element_size, bytes=moved, **extra)
+    row["times"] = {"median": seconds, "p25": 0.9 * seconds, "p75": 1.1 * seconds}
+    return row
+
+
+def _job_rows(dtype, tasks, *, gram, combine, mv, fma_per_s=50e9, twin_gram=None, twin_combine=None):
+    probe = {"pass": "fma", "backend": None, "baseline": None, "reference": ROOFLINE_REFERENCE, "layout": "matrix"}
+    probe.update(dtype=dtype, tasks=tasks, numel=2**22, fma_per_s=fma_per_s, times={"median": 0.01})
+    rows = [
+        _timed_row("gram", gram, dtype=dtype, tasks=tasks, backend="native"),
+        _timed_row("combine", combine, dtype=dtype, tasks=tasks, backend="native"),
+        probe,
+    ]
+    if dtype == "float32":
+        return [*rows, _timed_row("combine", mv, tasks=tasks, baseline=MV_INTO_OUT)]
+    twin = {"reference": TWIN_REFERENCE, "twin_of": dtype}
+    return [
+        *rows,
+        _timed_row("combine", mv, tasks=tasks, baseline=MV_INTO_OUT, **twin),
+        _timed_row("gram", twin_gram, tasks=tasks, backend="native", **twin),
+        _timed_row("combine", twin_combine, tasks=tasks, backend="native", **twin),
+    ]
+
+
+def test_cpu_limit_targets_hold_each_pass_to_its_limit_in_its_own_job():
+    rows = _job_rows("float32", 8, gram=0.012, combine=0.009, mv=0.010)
+    # T = 32: torch.mv reads 2^29 bytes in 40 ms; the roofline is the FMA units' (50e9 / 528 columns/s)
+    rows += _job_rows("float32", 32, gram=0.060, combine=0.030, mv=0.040)
+    rows += _job_rows("bfloat16", 8, gram=0.0049, combine=0.006, mv=0.010, twin_gram=0.009, twin_combine=0.009)
+    results = {"meta": {"device_type": "cpu", "backends": ["native"]}, "kernels": rows}
+    verdicts = {t["target"]: (t["measured"], t["verdict"]) for t in evaluate(results)}
+    combine = verdicts["native combine vs torch.mv(J.T, w, out=g) (CPU, float32)"]
+    assert combine == ("worst 1.11× (quartiles 0.91–1.36) at float32, T=8, P=2^22; 2 of 2 cases met", "met")
+    gram = verdicts["native Gram pass vs torch.mv's read rate, T < 16 (CPU, float32)"]
+    assert gram == ("worst 0.83× (quartiles 0.68–1.02) at float32, T=8, P=2^22; 0 of 1 cases met", "missed")
+    roof = (2**22 / 0.060) / (50e9 / 528)
+    assert verdicts["native Gram pass vs its roofline, T ≥ 16 (CPU, float32)"][0].startswith(f"worst {roof:.2f}×")
+    assert verdicts["native Gram pass vs its roofline, T ≥ 16 (CPU, float32)"][1] == "met"
+    half_gram = verdicts["16-bit native Gram pass, T < 16: bytes/s vs float32 (CPU, bfloat16)"]
+    assert half_gram[0].startswith(f"worst {0.009 / 0.0049 / 2:.2f}×") and half_gram[1] == "met"
+    half_combine = verdicts["16-bit native combine: bytes/s vs float32 (CPU, bfloat16)"]
+    assert half_combine[0].startswith("worst 0.75×") and half_combine[1] == "missed"
+    assert verdicts["native Gram pass vs its roofline, T ≥ 16 (CPU, float16)"][1] == "not judged"
+
+    distances = {(d["pass"], d["dtype"], d["tasks"]): d for d in distance_table(results)}
+    assert distances[("combine", "float32", 8)]["distance"] == pytest.approx(0.010 / 0.009)
+    assert distances[("gram", "float32", 8)]["bound"] == "memory"
+    assert distances[("gram", "float32", 32)]["bound"] == "FMA"
+    assert distances[("gram", "float32", 32)]["distance"] == pytest.approx(roof)
+    # a 16-bit pass is held to the float32 torch.mv's bytes a second
+    assert distances[("gram", "bfloat16", 8)]["distance"] == pytest.approx(0.010 / 0.0049 / 2)
+    gpu = {"meta": {"device_type": "cuda", "backends": ["native"]}, "kernels": rows}
+    assert not distance_table(gpu)
+    assert all(t["verdict"] == "not judged" for t in evaluate(gpu) if "(CPU," in t["target"])

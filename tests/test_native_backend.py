@@ -117,14 +117,17 @@ def test_ops_compile_with_fullgraph():
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_one_and_two_threads_agree_bit_for_bit(dtype):
-    # 5 × 200k elements in three tensors: several fixed chunks, split between the threads.
-    grads, exact = make_task_gradients(5, 200_003, dtype, "blocks", seed=11)
-    weights = torch.tensor([0.5, -1.0, 0.0, 2.0, 1e-3])
+@pytest.mark.parametrize("num_tasks", [5, 33])
+def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
+    # T × 200k elements in three tensors: several fixed chunks, split between the threads. T = 5:
+    # a triangle and strips of 2 columns; T = 33: every tile shape, and the combine's task groups.
+    grads, exact = make_task_gradients(num_tasks, 200_003, dtype, "blocks", seed=11)
+    weights = torch.linspace(-1.0, 2.0, num_tasks)
+    weights[2] = 0.0
     previous_threads = torch.get_num_threads()
     results = {}
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             runs = [
                 (
@@ -139,8 +142,9 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype):
             results[threads] = runs[0]
     finally:
         torch.set_num_threads(previous_threads)
-    for one, two in zip(results[1], results[2], strict=True):
-        assert torch.equal(one, two)
+    for threads in (2, 3):
+        for one, more in zip(results[1], results[threads], strict=True):
+            assert torch.equal(one, more), f"1 and {threads} threads differ"
     assert_gram_close(results[1][0], exact)
 
 

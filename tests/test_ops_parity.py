@@ -11,7 +11,7 @@ from emtl_kernels import TaskGradients, available_backends, task_gram, task_sq_n
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKEND_DEVICES = [(b, d) for d in DEVICES for b in available_backends(d)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-NUM_TASKS = [1, 2, 3, 8, 17]
+NUM_TASKS = [1, 2, 3, 6, 8, 17, 32]
 NUMELS = [1, 7, 1000, 4099]
 # Triton on a CPU runs in its interpreter, which is slow: there the matrix keeps every layout and
 # size but fewer T and dtypes; test_triton_backend.py runs Triton's full T × P × dtype matrix.

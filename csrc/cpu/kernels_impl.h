@@ -18,7 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <tuple>
+#include <memory>
 #include <vector>
 
 #include "kernels.h"
@@ -28,7 +28,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVec = Vec::size();  // floats in a vector
-constexpr int64_t kPair = 2 * kVec;    // elements loaded at once: one 16-bit vector, two float ones
 
 template <typename F>
 void with_storage(Storage storage, F&& body) {
@@ -42,48 +41,45 @@ void with_storage(Storage storage, F&& body) {
   }
 }
 
-// ---- kPair elements as two float vectors; the counted forms read or write `count` < kPair
-// elements and load zeros past them.
+// ---- kVec elements as one float vector. Every helper is forced inline: a call would pass the
+// vectors through memory. The counted forms read `count` < kVec elements and load zeros past them.
 
-inline void load_pair(const float* p, Vec& lo, Vec& hi) {
-  lo = Vec::loadu(p);
-  hi = Vec::loadu(p + kVec);
+C10_ALWAYS_INLINE Vec load(const float* p) { return Vec::loadu(p); }
+C10_ALWAYS_INLINE Vec load(const c10::BFloat16* p) {
+  Vec x;
+  at::vec::load_fp32_from_bf16(p, x);
+  return x;
+}
+C10_ALWAYS_INLINE Vec load(const c10::Half* p) {
+  Vec x;
+  at::vec::load_fp32_from_fp16(p, x);
+  return x;
 }
 
-inline void load_pair(const float* p, int64_t count, Vec& lo, Vec& hi) {
-  lo = Vec::loadu(p, std::min(count, kVec));
-  hi = count > kVec ? Vec::loadu(p + kVec, count - kVec) : Vec(0.f);
-}
-
+C10_ALWAYS_INLINE Vec load(const float* p, int64_t count) { return Vec::loadu(p, count); }
 template <typename Half16>
-void load_pair(const Half16* p, Vec& lo, Vec& hi) {
-  std::tie(lo, hi) = at::vec::convert_to_float<Half16>(at::vec::Vectorized<Half16>::loadu(p));
+Vec load(const Half16* p, int64_t count) {
+  float widened[kVec] = {};
+  for (int64_t e = 0; e < count; ++e) widened[e] = static_cast<float>(p[e]);
+  return Vec::loadu(widened);
 }
 
+// Two vectors stored at once (one conversion of 2·kVec elements to a 16-bit type).
+C10_ALWAYS_INLINE void store_pair(float* p, const Vec& lo, const Vec& hi) {
+  lo.store(p);
+  hi.store(p + kVec);
+}
 template <typename Half16>
-void load_pair(const Half16* p, int64_t count, Vec& lo, Vec& hi) {
-  std::tie(lo, hi) =
-      at::vec::convert_to_float<Half16>(at::vec::Vectorized<Half16>::loadu(p, count));
+C10_ALWAYS_INLINE void store_pair(Half16* p, const Vec& lo, const Vec& hi) {
+  at::vec::convert_from_float<Half16>(lo, hi).store(p);
 }
-
 inline void store_pair(float* p, int64_t count, const Vec& lo, const Vec& hi) {
-  if (count == kPair) {
-    lo.store(p);
-    hi.store(p + kVec);
-    return;
-  }
   lo.store(p, std::min(count, kVec));
   if (count > kVec) hi.store(p + kVec, count - kVec);
 }
-
 template <typename Half16>
 void store_pair(Half16* p, int64_t count, const Vec& lo, const Vec& hi) {
-  const auto packed = at::vec::convert_from_float<Half16>(lo, hi);
-  if (count == kPair) {
-    packed.store(p);
-  } else {
-    packed.store(p, count);
-  }
+  at::vec::convert_from_float<Half16>(lo, hi).store(p, count);
 }
 
 // Lanes summed in double, in lane order: a fixed order, and no float rounding of the total.
@@ -127,170 +123,276 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 
 // ---- Gram matrix
 //
-// The T×T products are register-blocked: the lower triangle is cut into tiles, a triangle of
-// up to kBlock tasks on the diagonal, and kBlock×kRectCols rectangles below it. A tile keeps its
-// accumulators and operands in vector registers (10 + 4 or 8 + 6 of AVX2's 16) and walks a
-// micro-chunk of the rows that stays in cache between tiles. T = 8 takes four tiles and exactly
-// its 36 products per element; larger T repeats the pattern.
+// The lower triangle of the T×T products is computed in register tiles, column block by column
+// block: per block of 4 rows, a triangle on the diagonal (10 accumulators), then strips of those
+// 4 rows by 3 columns below it (12 accumulators, 7 loads for 12 FMAs; 2 columns where 4 or 2
+// remain). The triangle is the first tile to read its 4 rows in a block. It reads them from J,
+// side by side, and leaves a float32 copy in an L1 buffer, which the strips read: the loads from
+// memory are spread over the block's arithmetic, and the strips do not read rows of J, which lie
+// a power of two apart and would compete for the same L1 sets. 16-bit rows are first widened, 4
+// rows side by side, into the buffer, where the triangle reads them: each element is converted
+// once (up to 3 tasks, a single triangle converts them in registers).
 
-constexpr int kBlock = 4;
-constexpr int kRectCols = 2;
+#define EMTL_UNROLL _Pragma("GCC unroll 16")
 
-struct Tile {
-  int64_t row0, rows, col0, cols;
-  bool triangle;
-  int64_t acc;  // first of its rows*cols accumulators
-};
+constexpr int kRowBlock = 4;
+constexpr int64_t kGramBlockBytes = 32 * 1024;  // the float32 buffer: T rows of a block, in L1
 
-template <typename F>
-void for_each_tile(int64_t num_tasks, F&& body) {
-  int64_t acc = 0;
-  for (int64_t row0 = 0; row0 < num_tasks; row0 += kBlock) {
-    const int64_t rows = std::min<int64_t>(kBlock, num_tasks - row0);
-    body(Tile{row0, rows, row0, rows, true, acc});
-    acc += rows * rows;
-    for (int64_t col0 = 0; col0 < row0; col0 += kRectCols) {  // row0 is a multiple of kRectCols
-      body(Tile{row0, rows, col0, kRectCols, false, acc});
-      acc += rows * kRectCols;
+// Elements of a row per block: a multiple of 2 kVec, at least 8 vectors.
+inline int64_t gram_block(int64_t num_tasks) {
+  const int64_t length = kGramBlockBytes / (num_tasks * static_cast<int64_t>(sizeof(float)));
+  return std::clamp<int64_t>(length / (2 * kVec) * (2 * kVec), 8 * kVec, 256 * kVec);
+}
+
+// Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
+// of kVec) into acc (slot i(i+1)/2 + j); with kCopy, also stores the rows into copies[row0 + i].
+// The loops over i and j are unrolled so that the accumulators stay in registers.
+template <int NI, bool kCopy, typename scalar_t = float>
+void gram_triangle(const scalar_t* const* rows, float* const* copies, int64_t row0, int64_t n, float* acc) {
+  constexpr int kCount = NI * (NI + 1) / 2;
+  const scalar_t* a[NI];
+  float* copy[NI];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) {
+    a[i] = rows[row0 + i];
+    copy[i] = kCopy ? copies[row0 + i] : nullptr;
+  }
+  Vec sum[kCount];
+  EMTL_UNROLL
+  for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
+  for (int64_t e = 0; e < n; e += kVec) {
+    Vec x[NI];
+    EMTL_UNROLL
+    for (int i = 0; i < NI; ++i) {
+      x[i] = load(a[i] + e);
+      EMTL_UNROLL
+      for (int j = 0; j <= i; ++j) sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x[i], x[j], sum[i * (i + 1) / 2 + j]);
+    }
+    if constexpr (kCopy) {
+      EMTL_UNROLL
+      for (int i = 0; i < NI; ++i) x[i].store(copy[i] + e);
     }
   }
+  EMTL_UNROLL
+  for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
 }
 
-inline int64_t num_accumulators(int64_t num_tasks) {
-  int64_t count = 0;
-  for_each_tile(num_tasks, [&](const Tile& tile) { count += tile.rows * tile.cols; });
-  return count;
+// Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
+// (row-major NI × NJ).
+template <int NI, int NJ>
+void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n, float* acc) {
+  const float* a[NI];
+  const float* b[NJ];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
+  EMTL_UNROLL
+  for (int j = 0; j < NJ; ++j) b[j] = rows[col0 + j];
+  Vec sum[NI * NJ];
+  EMTL_UNROLL
+  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
+  for (int64_t e = 0; e < n; e += kVec) {
+    Vec y[NJ];
+    EMTL_UNROLL
+    for (int j = 0; j < NJ; ++j) y[j] = Vec::loadu(b[j] + e);
+    EMTL_UNROLL
+    for (int i = 0; i < NI; ++i) {
+      const Vec x = Vec::loadu(a[i] + e);
+      EMTL_UNROLL
+      for (int j = 0; j < NJ; ++j) sum[i * NJ + j] = at::vec::fmadd(x, y[j], sum[i * NJ + j]);
+    }
+  }
+  EMTL_UNROLL
+  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot].store(acc + slot * kVec);
 }
 
-// One vector of kVec elements as floats; the counted form loads zeros past `count`.
-inline Vec load_vec(const float* p) { return Vec::loadu(p); }
-inline Vec load_vec(const float* p, int64_t count) { return Vec::loadu(p, count); }
-inline Vec load_vec(const c10::BFloat16* p) {
-  Vec x;
-  at::vec::load_fp32_from_bf16(p, x);
-  return x;
-}
-inline Vec load_vec(const c10::Half* p) {
-  Vec x;
-  at::vec::load_fp32_from_fp16(p, x);
-  return x;
-}
-template <typename Half16>
-Vec load_vec(const Half16* p, int64_t count) {
-  Vec lo, hi;
-  load_pair(p, count, lo, hi);
-  return lo;
-}
+// Widens rows[row0 + i] into copies[row0 + i] and accumulates their triangle, over n elements
+// (a multiple of kVec), kWidenRun elements at a time: the widening of one run reads memory while
+// the arithmetic of the previous one is still under way. (Widening and multiplying in one loop
+// leaves GCC storing the accumulators to the stack every step.)
+constexpr int64_t kWidenRun = 16 * kVec;
 
-// Accumulates rows[row0 + i] · rows[col0 + j] over n elements into acc (NI*NJ vectors, stored
-// unaligned). A triangle tile has col0 == row0 and reads only the pairs j <= i.
-template <int NI, int NJ, bool kTriangle, typename scalar_t>
-void gram_tile(const scalar_t* const* rows, const Tile& tile, int64_t n, float* acc) {
-  const scalar_t* a[NI];
-  const scalar_t* b[NJ];
-  for (int i = 0; i < NI; ++i) a[i] = rows[tile.row0 + i];
-  for (int j = 0; j < NJ; ++j) b[j] = rows[tile.col0 + j];
-  Vec sum[NI][NJ];
-  for (int i = 0; i < NI; ++i)
-    for (int j = 0; j < NJ; ++j) sum[i][j] = Vec::loadu(acc + (i * NJ + j) * kVec);
-
-  auto step = [&](int64_t e, int64_t count) {
-    Vec x[NI], y[NJ];
-    for (int i = 0; i < NI; ++i) x[i] = count == kVec ? load_vec(a[i] + e) : load_vec(a[i] + e, count);
-    for (int j = 0; j < NJ; ++j) {
-      if constexpr (kTriangle) {
-        y[j] = x[j];
-      } else {
-        y[j] = count == kVec ? load_vec(b[j] + e) : load_vec(b[j] + e, count);
+template <int NI, typename Half16>
+void widened_triangle(const Half16* const* rows, float* const* copies, int64_t row0, int64_t n, float* acc) {
+  constexpr int kCount = NI * (NI + 1) / 2;
+  const Half16* a[NI];
+  float* copy[NI];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) {
+    a[i] = rows[row0 + i];
+    copy[i] = copies[row0 + i];
+  }
+  Vec sum[kCount];
+  EMTL_UNROLL
+  for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
+  for (int64_t run = 0; run < n; run += kWidenRun) {
+    const int64_t stop = std::min(n, run + kWidenRun);
+    for (int64_t e = run; e < stop; e += kVec) {
+      EMTL_UNROLL
+      for (int i = 0; i < NI; ++i) load(a[i] + e).store(copy[i] + e);
+    }
+    for (int64_t e = run; e < stop; e += kVec) {
+      EMTL_UNROLL
+      for (int i = 0; i < NI; ++i) {
+        const Vec x = Vec::loadu(copy[i] + e);
+        EMTL_UNROLL
+        for (int j = 0; j <= i; ++j) {
+          const Vec y = j == i ? x : Vec::loadu(copy[j] + e);
+          sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x, y, sum[i * (i + 1) / 2 + j]);
+        }
       }
     }
-    for (int i = 0; i < NI; ++i)
-      for (int j = 0; j < NJ; ++j)
-        if (!kTriangle || j <= i) sum[i][j] = at::vec::fmadd(x[i], y[j], sum[i][j]);
-  };
-  int64_t e = 0;
-  for (; e + kVec <= n; e += kVec) step(e, kVec);
-  if (e < n) step(e, n - e);
-
-  for (int i = 0; i < NI; ++i)
-    for (int j = 0; j < NJ; ++j) sum[i][j].store(acc + (i * NJ + j) * kVec);
+  }
+  EMTL_UNROLL
+  for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
 }
+
+// The triangle of rows row0.. of J: float32 rows read in place (copied where strips read them),
+// 16-bit rows widened first.
+template <typename scalar_t>
+using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, int64_t, float*);
+using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, float*);
 
 template <int NI, typename scalar_t>
-void gram_tile_rows(const scalar_t* const* rows, const Tile& tile, int64_t n, float* acc) {
-  if (tile.triangle) {
-    gram_tile<NI, NI, true>(rows, tile, n, acc);
+TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool copy) {
+  if constexpr (NI > 1) {
+    if (rows < NI) return triangle_kernel<NI - 1, scalar_t>(rows, copy);
+  }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return copy ? gram_triangle<NI, true> : gram_triangle<NI, false>;
+  } else if constexpr (NI < kRowBlock) {
+    // Up to 3 tasks: one triangle, nothing to copy, and few enough accumulators to convert in place.
+    return copy ? widened_triangle<NI, scalar_t> : gram_triangle<NI, false, scalar_t>;
   } else {
-    gram_tile<NI, kRectCols, false>(rows, tile, n, acc);
+    return widened_triangle<NI, scalar_t>;
   }
 }
+
+template <int NI>
+StripKernel strip_kernel(int64_t rows, int64_t cols) {
+  if constexpr (NI > 1) {
+    if (rows < NI) return strip_kernel<NI - 1>(rows, cols);
+  }
+  return cols == 3 ? gram_strip<NI, 3> : gram_strip<NI, 2>;
+}
+
+// The tiles, row block by row block: its triangle, then strips of 3 columns (2 where 4 or 2
+// columns remain; row0 is a multiple of 4, so 1 never remains); and where each of G's lower
+// entries accumulates.
+template <typename scalar_t>
+struct GramTiles {
+  struct Triangle {
+    int64_t row0, acc;
+    TriangleKernel<scalar_t> from_j;
+    TriangleKernel<float> from_copies;
+  };
+  struct Strip {
+    int64_t row0, col0, acc;
+    StripKernel run;
+  };
+  std::vector<Triangle> triangles;         // one a row block
+  std::vector<std::vector<Strip>> strips;  // those of each row block
+  int64_t accumulators = 0;                // vectors
+  std::vector<int64_t> entry;              // lower_pair_index(i, j) -> its accumulator
+
+  explicit GramTiles(int64_t num_tasks) : entry(num_lower_pairs(num_tasks)) {
+    const bool copy = num_tasks > kRowBlock;  // a single triangle has no strips to copy for
+    for (int64_t row0 = 0; row0 < num_tasks; row0 += kRowBlock) {
+      const int64_t rows = std::min<int64_t>(kRowBlock, num_tasks - row0);
+      triangles.push_back(Triangle{row0, accumulators, triangle_kernel<kRowBlock, scalar_t>(rows, copy),
+                                   triangle_kernel<kRowBlock, float>(rows, false)});
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j <= i; ++j) entry[lower_pair_index(row0 + i, row0 + j)] = accumulators++;
+      }
+      strips.emplace_back();
+      for (int64_t col0 = 0; col0 < row0;) {
+        const int64_t left = row0 - col0;
+        const int64_t cols = left == 4 || left == 2 ? 2 : 3;
+        strips.back().push_back(Strip{row0, col0, accumulators, strip_kernel<kRowBlock>(rows, cols)});
+        for (int64_t i = 0; i < rows; ++i) {
+          for (int64_t j = 0; j < cols; ++j) entry[lower_pair_index(row0 + i, col0 + j)] = accumulators++;
+        }
+        col0 += cols;
+      }
+    }
+  }
+};
 
 template <typename scalar_t>
-void run_tile(const scalar_t* const* rows, const Tile& tile, int64_t n, float* accumulators) {
-  float* acc = accumulators + tile.acc * kVec;
-  switch (tile.rows) {
-    case 1: return gram_tile_rows<1>(rows, tile, n, acc);
-    case 2: return gram_tile_rows<2>(rows, tile, n, acc);
-    case 3: return gram_tile_rows<3>(rows, tile, n, acc);
-    default: return gram_tile_rows<kBlock>(rows, tile, n, acc);
-  }
-}
+void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* lower) {
+  const int64_t num_tasks = grads.num_tasks;
+  const int64_t block = gram_block(num_tasks);
+  const GramTiles<scalar_t> tiling(num_tasks);
+  std::vector<float> accumulators(tiling.accumulators * kVec, 0.f);
+  float* const acc = accumulators.data();
+  const std::unique_ptr<float[]> buffer(new float[num_tasks * block]);  // written before it is read
+  std::vector<float*> copies(num_tasks);
+  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer.get() + i * block;
+  std::vector<const scalar_t*> rows(num_tasks);
 
-// Elements of a row per micro-chunk: the T rows of one (up to 256 KiB of float32) stay in L2
-// while the tiles walk them, and each row is read in runs of several pages, long enough for the
-// hardware prefetchers.
-inline int64_t micro_chunk(int64_t num_tasks) {
-  const int64_t length = (int64_t{1} << 16) / num_tasks;
-  return std::clamp<int64_t>(length / kPair * kPair, 16 * kPair, 1024 * kPair);
+  auto run_strips = [&](size_t row_block, int64_t n) {
+    for (const auto& strip : tiling.strips[row_block]) {
+      strip.run(copies.data(), strip.row0, strip.col0, n, acc + strip.acc * kVec);
+    }
+  };
+  // n elements (a multiple of kVec) of tensor k from position start.
+  auto run_block = [&](int64_t k, int64_t start, int64_t n) {
+    for (int64_t i = 0; i < num_tasks; ++i) rows[i] = piece<scalar_t>(grads, i, k) + start;
+    for (size_t r = 0; r < tiling.triangles.size(); ++r) {
+      const auto& triangle = tiling.triangles[r];
+      triangle.from_j(rows.data(), copies.data(), triangle.row0, n, acc + triangle.acc * kVec);
+      run_strips(r, n);
+    }
+  };
+  // The last n < kVec elements of a segment, widened into the buffer with zeros after them.
+  auto run_tail = [&](int64_t k, int64_t start, int64_t n) {
+    for (int64_t i = 0; i < num_tasks; ++i) load(piece<scalar_t>(grads, i, k) + start, n).store(copies[i]);
+    for (size_t r = 0; r < tiling.triangles.size(); ++r) {
+      const auto& triangle = tiling.triangles[r];
+      triangle.from_copies(copies.data(), nullptr, triangle.row0, kVec, acc + triangle.acc * kVec);
+      run_strips(r, kVec);
+    }
+  };
+  for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
+    const int64_t whole_end = first + (last - first) / kVec * kVec;
+    for (int64_t start = first; start < whole_end; start += block) {
+      run_block(k, start, std::min(block, whole_end - start));
+    }
+    if (whole_end < last) run_tail(k, whole_end, last - whole_end);
+  });
+
+  for (int64_t index = 0; index < num_lower_pairs(num_tasks); ++index) {
+    lower[index] = lane_sum(Vec::loadu(acc + tiling.entry[index] * kVec));
+  }
 }
 
 void gram_range(const TaskTable& grads, int64_t begin, int64_t end, double* lower) {
-  const int64_t num_tasks = grads.num_tasks;
-  const int64_t span = micro_chunk(num_tasks);
-  std::vector<float> accumulators(num_accumulators(num_tasks) * kVec, 0.f);
-
-  with_storage(grads.storage, [&](auto tag) {
-    using scalar_t = decltype(tag);
-    std::vector<const scalar_t*> rows(num_tasks);
-    for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
-      for (int64_t start = first; start < last; start += span) {
-        const int64_t n = std::min(span, last - start);
-        for (int64_t i = 0; i < num_tasks; ++i) rows[i] = piece<scalar_t>(grads, i, k) + start;
-        for_each_tile(num_tasks, [&](const Tile& tile) { run_tile(rows.data(), tile, n, accumulators.data()); });
-      }
-    });
-  });
-
-  for_each_tile(num_tasks, [&](const Tile& tile) {
-    for (int64_t i = 0; i < tile.rows; ++i) {
-      for (int64_t j = 0; j < tile.cols; ++j) {
-        if (tile.triangle && j > i) continue;
-        const Vec sum = Vec::loadu(accumulators.data() + (tile.acc + i * tile.cols + j) * kVec);
-        lower[lower_pair_index(tile.row0 + i, tile.col0 + j)] = lane_sum(sum);
-      }
-    }
-  });
+  with_storage(grads.storage, [&](auto tag) { gram_range_of<decltype(tag)>(grads, begin, end, lower); });
 }
 
-// ---- squared norms: each row alone, four accumulators deep to hide the FMA latency
+// ---- squared norms: up to 4 rows side by side, one accumulator each (a step's FMAs on the 4
+// rows are independent; more accumulators leave GCC storing them to the stack every step)
 
-template <typename scalar_t>
-double sum_of_squares(const scalar_t* row, int64_t n) {
-  Vec acc[4] = {Vec(0.f), Vec(0.f), Vec(0.f), Vec(0.f)};
+template <int NI, typename scalar_t>
+void sum_of_squares(const scalar_t* const* rows, int64_t n, double* sq_norms) {
+  Vec acc[NI];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) acc[i] = Vec(0.f);
   int64_t e = 0;
-  for (; e + 2 * kPair <= n; e += 2 * kPair) {
-    Vec x[4];
-    load_pair(row + e, x[0], x[1]);
-    load_pair(row + e + kPair, x[2], x[3]);
-    for (int q = 0; q < 4; ++q) acc[q] = at::vec::fmadd(x[q], x[q], acc[q]);
+  for (; e + kVec <= n; e += kVec) {
+    EMTL_UNROLL
+    for (int i = 0; i < NI; ++i) {
+      const Vec x = load(rows[i] + e);
+      acc[i] = at::vec::fmadd(x, x, acc[i]);
+    }
   }
-  for (; e < n; e += kPair) {
-    Vec lo, hi;
-    load_pair(row + e, std::min(kPair, n - e), lo, hi);
-    acc[0] = at::vec::fmadd(lo, lo, acc[0]);
-    acc[1] = at::vec::fmadd(hi, hi, acc[1]);
+  if (e < n) {
+    EMTL_UNROLL
+    for (int i = 0; i < NI; ++i) {
+      const Vec x = load(rows[i] + e, n - e);
+      acc[i] = at::vec::fmadd(x, x, acc[i]);
+    }
   }
-  return lane_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (int i = 0; i < NI; ++i) sq_norms[i] += lane_sum(acc[i]);
 }
 
 void sq_norms_range(const TaskTable& grads, int64_t begin, int64_t end, double* sq_norms) {
@@ -298,8 +400,17 @@ void sq_norms_range(const TaskTable& grads, int64_t begin, int64_t end, double* 
   with_storage(grads.storage, [&](auto tag) {
     using scalar_t = decltype(tag);
     for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
-      for (int64_t i = 0; i < grads.num_tasks; ++i) {
-        sq_norms[i] += sum_of_squares(piece<scalar_t>(grads, i, k) + first, last - first);
+      for (int64_t i0 = 0; i0 < grads.num_tasks; i0 += kRowBlock) {
+        const scalar_t* rows[kRowBlock];
+        const int64_t count = std::min<int64_t>(kRowBlock, grads.num_tasks - i0);
+        for (int64_t i = 0; i < count; ++i) rows[i] = piece<scalar_t>(grads, i0 + i, k) + first;
+        double* out = sq_norms + i0;
+        switch (count) {
+          case 1: sum_of_squares<1>(rows, last - first, out); break;
+          case 2: sum_of_squares<2>(rows, last - first, out); break;
+          case 3: sum_of_squares<3>(rows, last - first, out); break;
+          default: sum_of_squares<kRowBlock>(rows, last - first, out); break;
+        }
       }
     });
   });
@@ -307,72 +418,111 @@ void sq_norms_range(const TaskTable& grads, int64_t begin, int64_t end, double* 
 
 // ---- weighted combination
 //
-// Per micro-chunk, the active tasks go in groups of kTaskGroup rows read side by side (few
-// enough streams for the prefetchers whatever T is); a float32 buffer in L1 carries the sum
-// between groups. Every element sees the same sequence of FMAs in task order, whatever the
-// grouping.
+// Per span of kCombineSpan elements, the active tasks go in groups of kTaskGroup rows read side
+// by side (few enough streams for the prefetchers whatever T is); a float32 buffer in L1 carries
+// the sum between groups. Every element sees the same sequence of FMAs in task order, whatever
+// the grouping.
 
-constexpr int64_t kCombineSpan = 1024;  // elements per micro-chunk, a multiple of kStep
-constexpr int64_t kStep = 2 * kPair;    // elements per inner step: four accumulators
+constexpr int64_t kCombineSpan = 1024;  // elements per span, a multiple of kStep
+constexpr int64_t kStep = 4 * kVec;     // elements per inner step: four accumulators
 constexpr int64_t kTaskGroup = 8;
 
 template <typename scalar_t>
+C10_ALWAYS_INLINE void load_step(const scalar_t* p, Vec (&x)[4]) {
+  for (int q = 0; q < 4; ++q) x[q] = load(p + q * kVec);
+}
+
+template <typename scalar_t>
 void load_step(const scalar_t* p, int64_t count, Vec (&x)[4]) {
-  if (count == kStep) {
-    load_pair(p, x[0], x[1]);
-    load_pair(p + kPair, x[2], x[3]);
-  } else {
-    load_pair(p, std::min(count, kPair), x[0], x[1]);
-    load_pair(p + kPair, std::max<int64_t>(count - kPair, 0), x[2], x[3]);
+  for (int q = 0; q < 4; ++q) {
+    const int64_t left = count - q * kVec;
+    x[q] = left >= kVec ? load(p + q * kVec) : left > 0 ? load(p + q * kVec, left) : Vec(0.f);
   }
 }
 
 template <typename scalar_t>
-void store_step(scalar_t* p, int64_t count, const Vec (&x)[4]) {
-  store_pair(p, std::min(count, kPair), x[0], x[1]);
-  if (count > kPair) store_pair(p + kPair, count - kPair, x[2], x[3]);
+C10_ALWAYS_INLINE void store_step(scalar_t* p, const Vec (&x)[4]) {
+  store_pair(p, x[0], x[1]);
+  store_pair(p + 2 * kVec, x[2], x[3]);
 }
 
 template <typename scalar_t>
-void combine_span(const TaskTable& grads, const ActiveTasks& active, scalar_t* out, bool accumulate,
-                  int64_t k, int64_t start, int64_t n, float* carry) {
-  for (int64_t g0 = 0; g0 < active.count; g0 += kTaskGroup) {
-    const int64_t g1 = std::min(active.count, g0 + kTaskGroup);
-    const bool first = g0 == 0, last = g1 == active.count;
-    for (int64_t e = 0; e < n; e += kStep) {
-      const int64_t count = std::min(kStep, n - e);
-      Vec acc[4];
-      for (int q = 0; q < 4; ++q) acc[q] = first ? Vec(0.f) : Vec::loadu(carry + e + q * kVec);
-      for (int64_t a = g0; a < g1; ++a) {
-        const Vec weight(active.weights[a]);
-        Vec x[4];
-        load_step(piece<scalar_t>(grads, active.tasks[a], k) + start + e, count, x);
-        for (int q = 0; q < 4; ++q) acc[q] = at::vec::fmadd(weight, x[q], acc[q]);
+void store_step(scalar_t* p, int64_t count, const Vec (&x)[4]) {
+  store_pair(p, std::min(count, 2 * kVec), x[0], x[1]);
+  if (count > 2 * kVec) store_pair(p + 2 * kVec, count - 2 * kVec, x[2], x[3]);
+}
+
+// One step of `count` elements (kStep, or fewer at the end of a segment) at offset e of the
+// rows: acc = carry (or 0) + Σ_a weights[a] · rows[a][e:], then to the carry or to out.
+template <bool kFull, typename scalar_t>
+C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* weights, int64_t group, int64_t e,
+                                    int64_t count, bool first, bool last, bool accumulate, float* carry,
+                                    scalar_t* out) {
+  Vec acc[4];
+  for (int q = 0; q < 4; ++q) acc[q] = first ? Vec(0.f) : Vec::loadu(carry + q * kVec);
+  for (int64_t a = 0; a < group; ++a) {
+    const Vec weight(weights[a]);
+    Vec x[4];
+    if constexpr (kFull) {
+      load_step(rows[a] + e, x);
+    } else {
+      load_step(rows[a] + e, count, x);
+    }
+    for (int q = 0; q < 4; ++q) acc[q] = at::vec::fmadd(weight, x[q], acc[q]);
+  }
+  if (!last) {
+    for (int q = 0; q < 4; ++q) acc[q].store(carry + q * kVec);
+    return;
+  }
+  if (accumulate) {
+    Vec before[4];
+    if constexpr (kFull) {
+      load_step(out + e, before);
+    } else {
+      load_step(out + e, count, before);
+    }
+    for (int q = 0; q < 4; ++q) acc[q] = before[q] + acc[q];
+  }
+  if constexpr (kFull) {
+    store_step(out + e, acc);
+  } else {
+    store_step(out + e, count, acc);
+  }
+}
+
+// rows: the active tasks' rows at this segment's first position; n elements of out.
+template <typename scalar_t>
+void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, scalar_t* out, bool accumulate,
+                     int64_t n, float* carry) {
+  for (int64_t start = 0; start < n; start += kCombineSpan) {
+    const int64_t span = std::min(kCombineSpan, n - start);
+    for (int64_t g0 = 0; g0 < active.count; g0 += kTaskGroup) {
+      const int64_t group = std::min(active.count - g0, kTaskGroup);
+      const bool first = g0 == 0, last = g0 + group == active.count;
+      const scalar_t* const* group_rows = rows + g0;
+      const float* weights = active.weights + g0;
+      int64_t e = 0;
+      for (; e + kStep <= span; e += kStep) {
+        combine_step<true>(group_rows, weights, group, start + e, kStep, first, last, accumulate, carry + e, out);
       }
-      if (!last) {
-        for (int q = 0; q < 4; ++q) acc[q].store(carry + e + q * kVec);
-        continue;
+      if (e < span) {
+        combine_step<false>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
+                            out);
       }
-      if (accumulate) {
-        Vec before[4];
-        load_step(out + start + e, count, before);
-        for (int q = 0; q < 4; ++q) acc[q] = before[q] + acc[q];
-      }
-      store_step(out + start + e, count, acc);
     }
   }
 }
 
 void combine_range(const TaskTable& grads, const ActiveTasks& active, void* const* outs, bool accumulate,
                    int64_t begin, int64_t end) {
-  float carry[kCombineSpan] = {};
+  float carry[kCombineSpan];
   with_storage(grads.storage, [&](auto tag) {
     using scalar_t = decltype(tag);
+    std::vector<const scalar_t*> rows(active.count);
     for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
-      auto* out = static_cast<scalar_t*>(outs[k]);
-      for (int64_t start = first; start < last; start += kCombineSpan) {
-        combine_span(grads, active, out, accumulate, k, start, std::min(kCombineSpan, last - start), carry);
-      }
+      for (int64_t a = 0; a < active.count; ++a) rows[a] = piece<scalar_t>(grads, active.tasks[a], k) + first;
+      auto* out = static_cast<scalar_t*>(outs[k]) + first;
+      combine_segment(rows.data(), active, out, accumulate, last - first, carry);
     });
   });
 }

@@ -1,0 +1,79 @@
+"""The FMA roofline of a CPU, measured beside the kernels.
+
+A Gram pass does T(T+1)/2 fused multiply-adds per column of J, so from some T on the FMA units
+bound it rather than memory. :file:`fma_peak.c` is a loop of independent 256-bit FMAs, the
+instructions of the native AVX2 kernels. It is compiled once per process with the system C
+compiler and run through ctypes (which releases the GIL) on as many threads at once as torch
+uses, so one sample times :func:`fmas_per_sample` FMAs at the machine's peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from emtl_kernels import _extension
+
+SOURCE = Path(__file__).with_name("fma_peak.c")
+COMPILE_FLAGS = ("-O2", "-mavx2", "-mfma", "-shared", "-fPIC")
+#: Rounds of the loop a thread runs in one sample: about 15 ms at 5 G vector FMAs per second.
+ROUNDS_PER_THREAD = 6_000_000
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the compiled probe, None), or (None, why there is none)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"the probe is x86-64 code, this is {platform.machine()}"
+    if _extension.CPU_ISA != "avx2":
+        return None, f"the native kernels run {_extension.CPU_ISA or 'nowhere'} here, not AVX2"
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return None, f"no C compiler ({compiler})"
+    library = Path(tempfile.mkdtemp(prefix="emtl-fma-peak-")) / "fma_peak.so"
+    done = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(library)], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[:200]}"
+    probe = ctypes.CDLL(str(library))
+    probe.fma_rounds.argtypes = [ctypes.c_longlong]
+    probe.fma_rounds.restype = ctypes.c_float
+    probe.fma_per_round.restype = ctypes.c_int
+    return probe, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the probe cannot run here, or None."""
+    return _library()[1]
+
+
+def fmas_per_sample(threads: int) -> int:
+    """Scalar FMAs one call of :func:`probe` performs."""
+    probe, reason = _library()
+    if probe is None:
+        raise RuntimeError(f"no FMA probe: {reason}")
+    return threads * ROUNDS_PER_THREAD * probe.fma_per_round()
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fma-peak")
+
+
+def probe(threads: int):
+    """A call that runs the FMA loop on ``threads`` threads at once and returns when all are done."""
+    library, reason = _library()
+    if library is None:
+        raise RuntimeError(f"no FMA probe: {reason}")
+    pool = _pool(threads)
+
+    def run() -> None:
+        list(pool.map(library.fma_rounds, [ROUNDS_PER_THREAD] * threads))
+
+    return run
