@@ -48,8 +48,14 @@ class TaskGradients:
         self.dtype: torch.dtype = rows[0][0].dtype
         self.device: torch.device = rows[0][0].device
         self.sizes: tuple[int, ...] = tuple(piece.numel() for piece in rows[0])
+        self._set_pieces([self._flat_piece(piece, i, k) for i, row in enumerate(rows) for k, piece in enumerate(row)])
+
+    def _set_pieces(self, pieces: Sequence[Tensor]) -> None:
+        """Hold the checked, flat pieces (task-major) and the rows they make."""
+        self._pieces: tuple[Tensor, ...] = tuple(pieces)
+        per_task = len(self.sizes)
         self.rows: tuple[tuple[Tensor, ...], ...] = tuple(
-            tuple(self._flat_piece(piece, i, k) for k, piece in enumerate(row)) for i, row in enumerate(rows)
+            self._pieces[start : start + per_task] for start in range(0, len(self._pieces), per_task)
         )
 
     def _flat_piece(self, piece: Tensor, task: int, index: int) -> Tensor:
@@ -81,14 +87,13 @@ class TaskGradients:
 
     @classmethod
     def from_checked_pieces(cls, pieces: Sequence[Tensor], num_tasks: int) -> TaskGradients:
-        """Regroup the task-major pieces of an existing TaskGradients (``[p for row in
-        grads.rows for p in row]``, as a custom op's ``Tensor[]`` argument carries them) without
-        checking them again: a kernel call then costs no per-piece Python work."""
+        """Regroup the task-major pieces of an existing TaskGradients (its :meth:`flat_pieces`,
+        as a custom op's ``Tensor[]`` argument carries them) without checking them again: a
+        kernel call then costs no per-piece Python work."""
         grads = cls.__new__(cls)
-        per_task = len(pieces) // num_tasks
-        grads.rows = tuple(tuple(pieces[i * per_task : (i + 1) * per_task]) for i in range(num_tasks))
         grads.dtype, grads.device = pieces[0].dtype, pieces[0].device
-        grads.sizes = tuple(piece.numel() for piece in grads.rows[0])
+        grads.sizes = tuple(piece.numel() for piece in pieces[: len(pieces) // num_tasks])
+        grads._set_pieces(pieces)
         return grads
 
     @classmethod
@@ -124,6 +129,11 @@ class TaskGradients:
     def numel(self) -> int:
         """P, the number of shared-parameter elements (columns of J)."""
         return sum(self.sizes)
+
+    def flat_pieces(self) -> list[Tensor]:
+        """The T×K pieces in one task-major list, ``pieces[i * K + k] = rows[i][k]``: the form of
+        the ops' ``Tensor[] pieces`` argument."""
+        return list(self._pieces)
 
     def column(self, k: int) -> list[Tensor]:
         """The T task gradients on shared tensor k."""

@@ -38,10 +38,6 @@ def many_tensors(num_tasks: int, dtype: torch.dtype, *, count: int = 300, device
     return TaskGradients(rows), exact
 
 
-def flat_pieces(grads: TaskGradients) -> list[torch.Tensor]:
-    return [piece for row in grads.rows for piece in row]
-
-
 def test_unavailable_reasons_say_how_to_build(monkeypatch):
     monkeypatch.setattr(_extension, "LOAD_ERROR", "No module named 'emtl_kernels._C'")
     assert "pip install --no-build-isolation -e ." in native.unavailable_reason(torch.device("cpu"))
@@ -70,7 +66,7 @@ def opcheck_cases(device="cpu"):
 
 def run_opchecks(device):
     for grads in opcheck_cases(device):
-        pieces, num_tasks = flat_pieces(grads), grads.num_tasks
+        pieces, num_tasks = grads.flat_pieces(), grads.num_tasks
         torch.library.opcheck(ops.task_gram.default, (pieces, num_tasks))
         torch.library.opcheck(ops.task_sq_norms.default, (pieces, num_tasks))
         weights = torch.linspace(-1.0, 2.0, num_tasks, device=device)
@@ -100,7 +96,7 @@ def balanced_step(pieces: list[torch.Tensor], num_tasks: int, outs: list[torch.T
 @needs_extension
 def test_ops_compile_with_fullgraph():
     grads, _ = make_task_gradients(3, 500, torch.float32, "blocks")
-    pieces = flat_pieces(grads)
+    pieces = grads.flat_pieces()
     start = [torch.randn(size) for size in grads.sizes]
     eager_outs = [s.clone() for s in start]
     compiled_outs = [s.clone() for s in start]

@@ -28,21 +28,17 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def _pieces(grads: TaskGradients) -> list[Tensor]:
-    return [piece for row in grads.rows for piece in row]
-
-
 def gram(grads: TaskGradients) -> Tensor:
     """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric."""
-    return torch.ops.emtl_kernels.task_gram(_pieces(grads), grads.num_tasks)
+    return torch.ops.emtl_kernels.task_gram(grads.flat_pieces(), grads.num_tasks)
 
 
 def sq_norms(grads: TaskGradients) -> Tensor:
     """The squared row norms of J in float32, ``[T]``."""
-    return torch.ops.emtl_kernels.task_sq_norms(_pieces(grads), grads.num_tasks)
+    return torch.ops.emtl_kernels.task_sq_norms(grads.flat_pieces(), grads.num_tasks)
 
 
 def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulate: bool) -> None:
     """``outs[k] (+)= Σ_i weights[i] · rows[i][k]``, float32 accumulation, one rounding; tasks
     whose weight is exactly zero are not read."""
-    torch.ops.emtl_kernels.weighted_combine_(_pieces(grads), grads.num_tasks, weights, outs, accumulate)
+    torch.ops.emtl_kernels.weighted_combine_(grads.flat_pieces(), grads.num_tasks, weights, outs, accumulate)

@@ -53,14 +53,14 @@ def unavailable_reason(device: torch.device) -> str | None:
 def gram(grads: TaskGradients) -> Tensor:
     """G = J Jᵀ in float32, ``[T, T]``, exactly symmetric; one read of J per 8 tasks."""
     if torch.compiler.is_compiling():
-        return _reduce(_flat_pieces(grads), grads.num_tasks, False)
+        return _reduce(grads.flat_pieces(), grads.num_tasks, False)
     return _passes().gram(grads)
 
 
 def sq_norms(grads: TaskGradients) -> Tensor:
     """The squared row norms of J in float32, ``[T]``; one read of J per 32 tasks."""
     if torch.compiler.is_compiling():
-        return _reduce(_flat_pieces(grads), grads.num_tasks, True)
+        return _reduce(grads.flat_pieces(), grads.num_tasks, True)
     return _passes().sq_norms(grads)
 
 
@@ -68,14 +68,9 @@ def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulat
     """``outs[k] (+)= Σ_i weights[i] · rows[i][k]``, float32 accumulation, one rounding; rows
     whose weight is exactly zero contribute nothing, even where they hold non-finite values."""
     if torch.compiler.is_compiling():
-        _combine(_flat_pieces(grads), grads.num_tasks, weights, outs, accumulate)
+        _combine(grads.flat_pieces(), grads.num_tasks, weights, outs, accumulate)
     else:
         _passes().combine(grads, weights, outs, accumulate)
-
-
-def _flat_pieces(grads: TaskGradients) -> list[Tensor]:
-    """The T×K pieces task-major, the form a custom op's ``Tensor[]`` argument takes."""
-    return [piece for row in grads.rows for piece in row]
 
 
 def _passes():
