@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
 from task_gradient_cases import make_task_gradients
-from test_ops_parity import assert_combine_close, assert_gram_close, combine64
 
 from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq_norms, weighted_combine
 from emtl_kernels.backends import native
@@ -149,9 +149,7 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype):
 def test_hundreds_of_small_tensors(dtype, num_tasks):
     grads, exact = many_tensors(num_tasks, dtype, seed=num_tasks)
     assert_gram_close(task_gram(grads, backend="native"), exact)
-    torch.testing.assert_close(
-        task_sq_norms(grads, backend="native").double(), exact.square().sum(dim=1), rtol=1e-5, atol=1e-30
-    )
+    assert_sq_norms_close(task_sq_norms(grads, backend="native"), exact)
     weights = torch.randn(num_tasks, generator=torch.Generator().manual_seed(3))
     before = [torch.randn(size).to(dtype) for size in grads.sizes]
     outs = [b.clone() for b in before]
@@ -220,8 +218,8 @@ def test_device_mix_raises_on_cuda():
 BASELINE_CHECK = """
 import torch
 from emtl_kernels import _extension, task_gram, weighted_combine
+from _asserts import assert_combine_close, assert_gram_close, combine64
 from task_gradient_cases import make_task_gradients
-from test_ops_parity import assert_combine_close, assert_gram_close, combine64
 assert _extension.CPU_ISA == "baseline", _extension.CPU_ISA
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     grads, exact = make_task_gradients(9, 40_001, dtype, "blocks", seed=2)

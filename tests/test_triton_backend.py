@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
 from task_gradient_cases import make_task_gradients
-from test_ops_parity import GRAM_RTOL, assert_combine_close, assert_gram_close, combine64
 
 from emtl_kernels import TaskGradients, task_gram, task_sq_norms, weighted_combine
 from emtl_kernels.backends import resolve, unavailable_reason
@@ -44,8 +44,7 @@ def check_all_passes(grads, exact: torch.Tensor, dtype: torch.dtype, seed: int) 
     gram = task_gram(grads, backend="triton")
     assert_gram_close(gram, exact)
     assert torch.equal(gram, gram.T)
-    sq_norms = task_sq_norms(grads, backend="triton")
-    torch.testing.assert_close(sq_norms.double().cpu(), exact.square().sum(dim=1), rtol=GRAM_RTOL, atol=1e-30)
+    assert_sq_norms_close(task_sq_norms(grads, backend="triton"), exact)
     weights = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     expected, scale = combine64(exact, weights)
     assert_combine_close(weighted_combine(grads, weights, backend="triton"), expected, scale, dtype)
