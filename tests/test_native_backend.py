@@ -1,8 +1,9 @@
-"""The compiled backend: its custom ops' registration (opcheck, torch.compile), determinism
-across thread counts, many-tensor inputs, errors raised from C++, and the ISA variants.
+"""The compiled backend: its custom ops under torch.compile, determinism across thread counts,
+many-tensor inputs, errors raised from C++, and the ISA variants.
 
 Parity with float64 over the full matrix of T, P, dtypes and layouts is in test_ops_parity.py,
-which runs every available backend, this one included."""
+which runs every available backend, this one included; the ops' schemas and opcheck are in
+test_ops_contract.py, with the Triton backend's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq
 from emtl_kernels.backends import native
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CUDA = torch.cuda.is_available() and native.unavailable_reason(torch.device("cuda")) is None
+CUDA = torch.cuda.is_available() and backends.unavailable_reason("native", "cuda") is None
 
 needs_extension = pytest.mark.skipif(
     _extension.LOAD_ERROR is not None, reason=f"native extension not built: {_extension.LOAD_ERROR}"
@@ -40,49 +41,23 @@ def many_tensors(num_tasks: int, dtype: torch.dtype, *, count: int = 300, device
 
 def test_unavailable_reasons_say_how_to_build(monkeypatch):
     monkeypatch.setattr(_extension, "LOAD_ERROR", "No module named 'emtl_kernels._C'")
-    assert "pip install --no-build-isolation -e ." in native.unavailable_reason(torch.device("cpu"))
+    assert "pip install --no-build-isolation -e ." in native.BACKEND.unavailable_reason(torch.device("cpu"))
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "WITH_CUDA", False)
-    assert "without CUDA" in native.unavailable_reason(torch.device("cuda"))
-    assert native.unavailable_reason(torch.device("meta")) is not None
+    assert "without CUDA" in native.BACKEND.unavailable_reason(torch.device("cuda"))
+    assert native.BACKEND.unavailable_reason(torch.device("meta")) is not None
 
 
 @needs_extension
 def test_auto_picks_native_on_cpu():
-    assert backends.resolve("auto", torch.device("cpu")) is native
+    grads = TaskGradients.from_matrix(torch.randn(3, 10))
+    for kernel_pass in ("gram", "sq_norms", "combine"):
+        assert backends.AUTO.choose(kernel_pass, grads, run=None) is native.BACKEND
     assert "native" in backends.available_backends("cpu")
     assert _extension.CPU_ISA in ("avx2", "baseline")
 
 
-# ---- registration: opcheck and torch.compile
-
-
-def opcheck_cases(device="cpu"):
-    matrix, _ = make_task_gradients(3, 1000, torch.float32, "matrix", device=device)
-    blocks, _ = make_task_gradients(4, 777, torch.bfloat16, "blocks", device=device, seed=1)
-    rows, _ = make_task_gradients(2, 99, torch.float16, "rows", device=device, seed=2)
-    return [TaskGradients.from_matrix(matrix), blocks, rows]
-
-
-def run_opchecks(device):
-    for grads in opcheck_cases(device):
-        pieces, num_tasks = grads.flat_pieces(), grads.num_tasks
-        torch.library.opcheck(ops.task_gram.default, (pieces, num_tasks))
-        torch.library.opcheck(ops.task_sq_norms.default, (pieces, num_tasks))
-        weights = torch.linspace(-1.0, 2.0, num_tasks, device=device)
-        for accumulate in (False, True):
-            outs = [torch.randn(size, device=device).to(grads.dtype) for size in grads.sizes]
-            torch.library.opcheck(ops.weighted_combine_.default, (pieces, num_tasks, weights, outs, accumulate))
-
-
-@needs_extension
-def test_opcheck_cpu():
-    run_opchecks("cpu")
-
-
-@needs_cuda_extension
-def test_opcheck_cuda():
-    run_opchecks("cuda")
+# ---- registration: torch.compile (opcheck: test_ops_contract.py)
 
 
 def balanced_step(pieces: list[torch.Tensor], num_tasks: int, outs: list[torch.Tensor]) -> torch.Tensor:

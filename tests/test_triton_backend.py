@@ -18,7 +18,7 @@ from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_cl
 from task_gradient_cases import make_task_gradients
 
 from emtl_kernels import TaskGradients, task_gram, task_sq_norms, weighted_combine
-from emtl_kernels.backends import resolve, unavailable_reason
+from emtl_kernels.backends import auto_candidates, resolve, unavailable_reason
 
 DEVICE = next((d for d in ("cuda", "cpu") if unavailable_reason("triton", d) is None), None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=f"Triton cannot run here: {unavailable_reason('triton', 'cpu')}")
@@ -260,33 +260,14 @@ def test_alignment_is_claimed_only_where_it_holds():
 
 
 def test_where_the_backend_runs():
-    assert resolve("auto", torch.device("cpu")).NAME != "triton"  # the interpreter is never the fast choice
+    triton_backend = resolve("triton", torch.device(DEVICE))
+    # The interpreter is never the fast choice.
+    assert triton_backend not in auto_candidates(torch.device("cpu"), "gram")
     assert unavailable_reason("triton", "meta") is not None
     if DEVICE == "cpu":
         assert "TRITON_INTERPRET" in unavailable_reason("triton", "cuda")
     else:
-        assert resolve("auto", torch.device("cuda")).NAME == "triton"
-
-
-def test_tuner_keeps_the_fastest_configuration(monkeypatch):
-    candidates = [tuning.LaunchConfig(256), tuning.LaunchConfig(512), tuning.LaunchConfig(1024)]
-    timings = {256: 3.0, 512: 1.0, 1024: 2.0}
-    timed = []
-    monkeypatch.setattr(tuning, "_milliseconds", lambda run, config: timed.append(config) or timings[config.block])
-    tuner = tuning.Tuner()
-    # A call that may not run twice gets the first candidate, and nothing is kept.
-    assert tuner.choose("key", candidates, run=None, may_time=False) == candidates[0]
-    assert timed == []
-    assert tuner.choose("key", candidates, run=None, may_time=True) == candidates[1]
-    assert timed == candidates
-    assert tuner.choose("key", candidates, run=None, may_time=False) == candidates[1]
-    assert len(timed) == 3
-    assert tuner.choose("single", candidates[2:], run=None, may_time=True) == candidates[2]
-    assert len(timed) == 3
-
-
-def test_size_classes():
-    assert [tuning.size_class(n) for n in (1, 2**18 - 1, 2**18, 2**22, 2**26, 2**40)] == [0, 0, 1, 2, 3, 3]
+        assert auto_candidates(torch.device("cuda"), "gram")[0] is triton_backend
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the compile check stands in for a GPU")

@@ -11,6 +11,7 @@ import torch
 import triton.language as tl
 from torch import Tensor
 
+from ..backends.fastest import Fastest, call_key
 from ..task_gradients import TaskGradients
 from . import tables, tuning
 from .combine import combine_t_block, launch_combine
@@ -19,7 +20,8 @@ from .gram import gram_t_block, launch_gram
 #: Triton's name for each storage dtype.
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-TUNER = tuning.Tuner()
+#: The launch configuration kept per pass and input (:func:`call_key`).
+TUNER: Fastest[tuning.LaunchConfig] = Fastest()
 
 
 def gram(grads: TaskGradients) -> Tensor:
@@ -44,12 +46,20 @@ def combine(grads: TaskGradients, weights: Tensor, outs: list[Tensor], accumulat
             row_tables, grads.num_tasks, dtype, weights, output_table, outputs_aligned, config, accumulate=accumulate
         )
 
-    with _on(grads.device):
-        candidates = tuning.elementwise_candidates(
+    def candidates() -> list[tuning.LaunchConfig]:
+        # Registers per element: the tile's rows and the sum.
+        return tuning.elementwise_candidates(
             combine_t_block(grads.num_tasks) + 1, _element_bytes(grads), persistent=False
         )
+
+    with _on(grads.device):
         # Timing runs the pass several times: harmless when it overwrites, wrong when it adds.
-        config = TUNER.choose(_key("combine", grads), candidates, run, may_time=_may_time(grads) and not accumulate)
+        config = TUNER.choose(
+            call_key("combine", grads),
+            candidates,
+            lambda config: tuning.milliseconds(run, config),
+            may_time=_may_time(grads) and not accumulate,
+        )
         run(config)
 
 
@@ -61,25 +71,25 @@ def _reduction(grads: TaskGradients, *, norms_only: bool) -> Tensor:
     def run(config: tuning.LaunchConfig) -> Tensor:
         return launch_gram(row_tables, grads.num_tasks, dtype, config, slots, norms_only=norms_only)
 
-    t_block = gram_t_block(grads.num_tasks, norms_only)
-    # Registers per element column: the tile, and the squares.
-    if norms_only:
-        candidates = tuning.elementwise_candidates(2 * t_block, _element_bytes(grads), persistent=True)
-    else:
-        candidates = tuning.outer_product_candidates(t_block, _element_bytes(grads))
+    def candidates() -> list[tuning.LaunchConfig]:
+        t_block = gram_t_block(grads.num_tasks, norms_only)
+        if norms_only:
+            # Registers per element: the tile's rows, and their squares.
+            return tuning.elementwise_candidates(2 * t_block, _element_bytes(grads), persistent=True)
+        return tuning.outer_product_candidates(t_block, _element_bytes(grads))
+
     with _on(grads.device):
         config = TUNER.choose(
-            _key("norms" if norms_only else "gram", grads), candidates, run, may_time=_may_time(grads)
+            call_key("norms" if norms_only else "gram", grads),
+            candidates,
+            lambda config: tuning.milliseconds(run, config),
+            may_time=_may_time(grads),
         )
         return run(config)
 
 
 def _element_bytes(grads: TaskGradients) -> int:
     return grads.rows[0][0].element_size()
-
-
-def _key(kind: str, grads: TaskGradients) -> tuple:
-    return kind, grads.num_tasks, grads.dtype, tuning.size_class(grads.numel), grads.device
 
 
 def _may_time(grads: TaskGradients) -> bool:

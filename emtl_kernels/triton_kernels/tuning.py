@@ -1,17 +1,17 @@
-"""Launch configurations of the Triton kernels and the choice among them.
+"""Launch configurations of the Triton kernels, the candidates of a pass's tuning.
 
-A pass is tuned once per (pass, T, dtype, size class, device): on the first call that may be
-timed, every candidate runs on the call's own data and the fastest is kept for the process.
-Triton's autotuner is not used because it times a kernel by running it on the call's arguments:
-a combine pass that adds into ``.grad`` would add several times. Here a call that may not run
-twice (an accumulating combine, a CUDA graph capture) takes the kept choice, or the first
-candidate without keeping it. Under the interpreter there is one small candidate: timing it would
-measure Python.
+A pass is tuned once per (pass, T, dtype, size class, device) by
+:class:`~emtl_kernels.backends.fastest.Fastest`: on the first call that may be timed, every
+candidate runs on the call's own data and the fastest is kept for the process. Triton's autotuner
+is not used because it times a kernel by running it on the call's arguments: a combine pass that
+adds into ``.grad`` would add several times. Here a call that may not run twice (an accumulating
+combine, a CUDA graph capture) takes the kept choice, or the first candidate without keeping it.
+Under the interpreter there is one small candidate: timing it would measure Python.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -51,11 +51,6 @@ _MAX_BLOCK = 4096
 def interpreting() -> bool:
     """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return bool(triton.knobs.runtime.interpret)
-
-
-def size_class(numel: int) -> int:
-    """0 to 3 for P below 2¹⁸, 2²², 2²⁶ and above: the bucket a tuned choice is kept for."""
-    return min(3, max(0, (numel.bit_length() - 15) // 4))
 
 
 @cache
@@ -108,41 +103,9 @@ def outer_product_candidates(t_block: int, element_bytes: int) -> list[LaunchCon
     return configs
 
 
-class Tuner:
-    """The launch configuration kept per key."""
-
-    def __init__(self) -> None:
-        self._chosen: dict[Hashable, LaunchConfig] = {}
-
-    def choose(
-        self,
-        key: Hashable,
-        candidates: list[LaunchConfig],
-        run: Callable[[LaunchConfig], object],
-        *,
-        may_time: bool,
-    ) -> LaunchConfig:
-        """The kept configuration for ``key``; on the first call that ``may_time``, the fastest
-        candidate of ``run`` (a launch with that configuration, safe to repeat)."""
-        chosen = self._chosen.get(key)
-        if chosen is not None:
-            return chosen
-        if len(candidates) == 1:
-            self._chosen[key] = candidates[0]
-            return candidates[0]
-        if not may_time:
-            return candidates[0]
-        timings = {config: _milliseconds(run, config) for config in candidates}
-        chosen = min(timings, key=timings.__getitem__)
-        self._chosen[key] = chosen
-        return chosen
-
-    def clear(self) -> None:
-        """Forget every choice."""
-        self._chosen.clear()
-
-
-def _milliseconds(run: Callable[[LaunchConfig], object], config: LaunchConfig) -> float:
+def milliseconds(run: Callable[[LaunchConfig], object], config: LaunchConfig) -> float:
+    """Milliseconds ``run(config)`` takes on the device (infinite where the configuration does
+    not fit the device's resources)."""
     try:
         return triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
     except OutOfResources:
