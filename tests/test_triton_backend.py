@@ -189,13 +189,13 @@ def test_chunk_table_covers_every_element_with_int64_offsets():
     sizes = (3, 2 * chunk + 5, 2**31 + 7, chunk)
     spans = tables.chunk_spans(sizes)
     assert spans.dtype == torch.int64
-    column, start, length = spans
+    tensor, start, length = spans
     assert bool((length > 0).all()) and bool((length <= chunk).all())
     for k, size in enumerate(sizes):
-        mine = column == k
+        mine = tensor == k
         assert start[mine].tolist() == list(range(0, size, chunk))
         assert int(length[mine].sum()) == size
-    last = int(torch.nonzero(column == 2)[-1])
+    last = int(torch.nonzero(tensor == 2)[-1])
     assert (int(start[last]), int(length[last])) == (2**31, 7)
 
 
@@ -238,9 +238,9 @@ def test_kernels_reach_offsets_past_two_to_the_31():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("vec", [1, 2, 8])
 @pytest.mark.parametrize("num_tasks", [3, 8])
-def test_gram_products_of_every_column_grouping(num_tasks, vec, dtype):
-    """The GPU candidates let a thread sum the products of ``vec`` adjacent columns into one
-    accumulator column; every grouping gives G within the bound, partial tiles included (the
+def test_gram_products_of_every_element_grouping(num_tasks, vec, dtype):
+    """The GPU candidates let a thread sum the products of ``vec`` adjacent elements into one
+    accumulator slot; every grouping gives G within the bound, partial tiles included (the
     interpreter's own configuration takes vec = 4)."""
     grads, exact = make_task_gradients(num_tasks, 3 * 1024 + 29, dtype, "rows", device=DEVICE, seed=vec)
     config = tuning.LaunchConfig(block=256 * vec, vec=vec)

@@ -30,42 +30,6 @@ def combine_t_block(num_tasks: int) -> int:
 
 
 @triton.jit
-def _combine_tile(
-    pointer_table,
-    weights,
-    column,
-    start,
-    destination,
-    num_tasks,
-    offset,
-    length,
-    columns,
-    MASK_COLUMNS: tl.constexpr,
-    DTYPE: tl.constexpr,
-    T_BLOCK: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for first in range(0, num_tasks, T_BLOCK):
-        rows = first + tl.arange(0, T_BLOCK)
-        row_mask = rows < num_tasks
-        weight = tl.load(weights + rows, mask=row_mask, other=0.0)
-        pointers = row_pointers(pointer_table, column, rows, row_mask, num_tasks, start, DTYPE, ALIGNED)
-        tile = load_tile(pointers, row_mask, offset, length, columns, MASK_COLUMNS)
-        total += tl.sum(tl.where((weight != 0.0)[:, None], tile * weight[:, None], 0.0), axis=0)
-    positions = offset + columns
-    if MASK_COLUMNS:
-        mask = positions < length
-    else:
-        mask = None
-    if ACCUMULATE:
-        total += tl.load(destination + positions, mask=mask).to(tl.float32)
-    tl.store(destination + positions, to_storage(total, DTYPE), mask=mask)
-
-
-@triton.jit
 def combine_kernel(
     pointer_table,
     output_table,
@@ -81,46 +45,28 @@ def combine_kernel(
 ):
     """Write (or add) the combination over chunk ``program_id(0)``."""
     chunk = tl.program_id(0)
-    column, start, length = chunk_span(chunk_table, chunk, num_chunks)
-    destination = typed_pointer(tl.load(output_table + column), start, DTYPE, ALIGNED)
-    columns = tl.arange(0, BLOCK)
+    tensor, start, length = chunk_span(chunk_table, chunk, num_chunks)
+    destination = typed_pointer(tl.load(output_table + tensor), start, DTYPE=DTYPE, ALIGNED=ALIGNED)
+    elements = tl.arange(0, BLOCK)
     full = length - length % BLOCK
-    for offset in range(0, full, BLOCK):
-        _combine_tile(
-            pointer_table,
-            weights,
-            column,
-            start,
-            destination,
-            num_tasks,
-            offset,
-            length,
-            columns,
-            False,
-            DTYPE,
-            T_BLOCK,
-            ACCUMULATE,
-            ALIGNED,
-            BLOCK,
-        )
-    if full < length:
-        _combine_tile(
-            pointer_table,
-            weights,
-            column,
-            start,
-            destination,
-            num_tasks,
-            full,
-            length,
-            columns,
-            True,
-            DTYPE,
-            T_BLOCK,
-            ACCUMULATE,
-            ALIGNED,
-            BLOCK,
-        )
+    # The full tiles (tail = 0), then the chunk's partial last tile if it has one (tail = 1).
+    for tail in tl.static_range(2):
+        for offset in range(full if tail else 0, length if tail else full, BLOCK):
+            total = tl.zeros([BLOCK], dtype=tl.float32)
+            for first in range(0, num_tasks, T_BLOCK):
+                rows = first + tl.arange(0, T_BLOCK)
+                row_mask = rows < num_tasks
+                weight = tl.load(weights + rows, mask=row_mask, other=0.0)
+                pointers = row_pointers(
+                    pointer_table, tensor, rows, row_mask, num_tasks, start, DTYPE=DTYPE, ALIGNED=ALIGNED
+                )
+                tile = load_tile(pointers, row_mask, offset, length, elements, PARTIAL_TILE=tail)
+                total += tl.sum(tl.where((weight != 0.0)[:, None], tile * weight[:, None], 0.0), axis=0)
+            positions = offset + elements
+            mask = positions < length if tail else None
+            if ACCUMULATE:
+                total += tl.load(destination + positions, mask=mask).to(tl.float32)
+            tl.store(destination + positions, to_storage(total, DTYPE=DTYPE), mask=mask)
 
 
 def launch_combine(

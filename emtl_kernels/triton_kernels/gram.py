@@ -8,8 +8,8 @@ triangle mirrored, so G is exactly symmetric and a repeat run is bit-identical (
 same chunks go to the same programs in the same order).
 
 Products: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK // VEC]`` accumulator, reduced once at the
-end, with T_BLOCK at most 8. A thread sums the products of VEC adjacent columns into one
-accumulator column, so that 8 rows can be read with 16-byte loads within the register budget.
+end, with T_BLOCK at most 8. A thread sums the products of VEC adjacent elements into one
+accumulator slot, so that 8 rows can be read with 16-byte loads within the register budget.
 More tasks take a second grid axis over the pairs of 8-row blocks, each pair reading its two
 blocks: J is read ⌈T/8⌉ times. That beats the alternatives measured on an H200 (P = 2²⁴ and 2²⁷,
 T = 16): ``tl.dot`` in IEEE float32 runs on the FMA units and reached 0.05–0.10× the copy
@@ -46,45 +46,16 @@ def gram_t_block(num_tasks: int, norms_only: bool) -> int:
 
 @triton.jit
 def _add_outer_products(acc, tile_a, tile_b, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """``acc[i, j, c] += Σ_v tile_a[i, VEC·c + v] · tile_b[j, VEC·c + v]``: a thread holds VEC
-    adjacent columns (one wide load per row) but only one column of accumulators. tl.split keeps
-    the halves it makes in the thread that held them."""
+    """``acc[i, j, s] += Σ_v tile_a[i, VEC·s + v] · tile_b[j, VEC·s + v]``: a thread holds VEC
+    adjacent elements (one wide load per row) but only one accumulator slot per pair of rows.
+    tl.split keeps the halves it makes in the thread that held them."""
     if VEC == 1:
         acc += tile_a[:, None, :] * tile_b[None, :, :]
     else:
         a_even, a_odd = tl.split(tl.reshape(tile_a, (T_BLOCK, BLOCK // 2, 2)))
         b_even, b_odd = tl.split(tl.reshape(tile_b, (T_BLOCK, BLOCK // 2, 2)))
-        acc = _add_outer_products(acc, a_even, b_even, T_BLOCK, BLOCK // 2, VEC // 2)
-        acc = _add_outer_products(acc, a_odd, b_odd, T_BLOCK, BLOCK // 2, VEC // 2)
-    return acc
-
-
-@triton.jit
-def _accumulate(
-    acc,
-    pointers_a,
-    mask_a,
-    pointers_b,
-    mask_b,
-    offset,
-    length,
-    columns,
-    MASK_COLUMNS: tl.constexpr,
-    NORMS_ONLY: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
-    T_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr,
-    VEC: tl.constexpr,
-):
-    tile_a = load_tile(pointers_a, mask_a, offset, length, columns, MASK_COLUMNS)
-    if NORMS_ONLY:
-        acc += tile_a * tile_a
-    else:
-        if SINGLE_BLOCK:
-            tile_b = tile_a
-        else:
-            tile_b = load_tile(pointers_b, mask_b, offset, length, columns, MASK_COLUMNS)
-        acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK, BLOCK, VEC)
+        acc = _add_outer_products(acc, a_even, b_even, T_BLOCK=T_BLOCK, BLOCK=BLOCK // 2, VEC=VEC // 2)
+        acc = _add_outer_products(acc, a_odd, b_odd, T_BLOCK=T_BLOCK, BLOCK=BLOCK // 2, VEC=VEC // 2)
     return acc
 
 
@@ -114,53 +85,32 @@ def gram_partials_kernel(
     rows_b = tl.load(block_pairs + 2 * pair + 1).to(tl.int32) + tl.arange(0, T_BLOCK)
     mask_a = rows_a < num_tasks
     mask_b = rows_b < num_tasks
-    columns = tl.arange(0, BLOCK)
+    elements = tl.arange(0, BLOCK)
     if NORMS_ONLY:
         acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
     else:
         acc = tl.zeros([T_BLOCK, T_BLOCK, BLOCK // VEC], dtype=tl.float32)
     for chunk in range(program, num_chunks, num_programs):
-        column, start, length = chunk_span(chunk_table, chunk, num_chunks)
-        pointers_a = row_pointers(pointer_table, column, rows_a, mask_a, num_tasks, start, DTYPE, ALIGNED)
+        tensor, start, length = chunk_span(chunk_table, chunk, num_chunks)
+        pointers_a = row_pointers(pointer_table, tensor, rows_a, mask_a, num_tasks, start, DTYPE=DTYPE, ALIGNED=ALIGNED)
         if SINGLE_BLOCK or NORMS_ONLY:
             pointers_b = pointers_a
         else:
-            pointers_b = row_pointers(pointer_table, column, rows_b, mask_b, num_tasks, start, DTYPE, ALIGNED)
+            pointers_b = row_pointers(
+                pointer_table, tensor, rows_b, mask_b, num_tasks, start, DTYPE=DTYPE, ALIGNED=ALIGNED
+            )
         full = length - length % BLOCK
-        for offset in range(0, full, BLOCK):
-            acc = _accumulate(
-                acc,
-                pointers_a,
-                mask_a,
-                pointers_b,
-                mask_b,
-                offset,
-                length,
-                columns,
-                False,
-                NORMS_ONLY,
-                SINGLE_BLOCK,
-                T_BLOCK,
-                BLOCK,
-                VEC,
-            )
-        if full < length:
-            acc = _accumulate(
-                acc,
-                pointers_a,
-                mask_a,
-                pointers_b,
-                mask_b,
-                full,
-                length,
-                columns,
-                True,
-                NORMS_ONLY,
-                SINGLE_BLOCK,
-                T_BLOCK,
-                BLOCK,
-                VEC,
-            )
+        # The full tiles (tail = 0), then the chunk's partial last tile if it has one (tail = 1).
+        for tail in tl.static_range(2):
+            for offset in range(full if tail else 0, length if tail else full, BLOCK):
+                tile_a = load_tile(pointers_a, mask_a, offset, length, elements, PARTIAL_TILE=tail)
+                if NORMS_ONLY:
+                    acc += tile_a * tile_a
+                elif SINGLE_BLOCK:
+                    acc = _add_outer_products(acc, tile_a, tile_a, T_BLOCK=T_BLOCK, BLOCK=BLOCK, VEC=VEC)
+                else:
+                    tile_b = load_tile(pointers_b, mask_b, offset, length, elements, PARTIAL_TILE=tail)
+                    acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK=T_BLOCK, BLOCK=BLOCK, VEC=VEC)
     if NORMS_ONLY:
         partial = tl.sum(acc, axis=1)
         entries = tl.arange(0, T_BLOCK)

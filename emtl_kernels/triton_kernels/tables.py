@@ -5,7 +5,7 @@ launch reads them through three small int64 tables:
 
 - the chunk table ``[3, C]`` (task-independent): each shared tensor k is cut into chunks of at most
   :data:`CHUNK_ELEMENTS`; chunk c covers elements ``start[c] : start[c] + length[c]`` of tensor
-  ``column[c]``. Programs of a launch take chunks, so thousands of parameter tensors cost one
+  ``tensor[c]``. Programs of a launch take chunks, so thousands of parameter tensors cost one
   launch, and a chunk's ``start`` is int64 (P may exceed 2³¹ elements).
 - the row-pointer table ``[K, T]``: the address of ``rows[i][k]`` at ``k * T + i``.
 - the output table ``[K]``: the address of the combine pass's destination for tensor k.
@@ -44,7 +44,7 @@ VECTOR_BYTES = 16
 class RowTables:
     """The tables of one :class:`TaskGradients`: what both passes over it read."""
 
-    #: int64 ``[3, C]``: column, start and length of each chunk.
+    #: int64 ``[3, C]``: tensor, start and length of each chunk.
     chunks: Tensor
     num_chunks: int
     #: int64 ``[K, T]``: the address of ``rows[i][k]`` at ``[k, i]``.
@@ -161,15 +161,15 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def chunk_spans(sizes: tuple[int, ...]) -> Tensor:
-    """The chunk table ``[3, C]`` (column, start, length) for shared tensors of ``sizes``, on the
+    """The chunk table ``[3, C]`` (tensor, start, length) for shared tensors of ``sizes``, on the
     host. Every chunk but a tensor's last has :data:`CHUNK_ELEMENTS` elements."""
     sizes_t = torch.tensor(sizes, dtype=torch.int64)
     counts = (sizes_t + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
-    column = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
+    tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
     first_chunk = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(column.numel(), dtype=torch.int64) - first_chunk[column]) * CHUNK_ELEMENTS
-    length = torch.clamp(sizes_t[column] - start, max=CHUNK_ELEMENTS)
-    return torch.stack([column, start, length])
+    start = (torch.arange(tensor.numel(), dtype=torch.int64) - first_chunk[tensor]) * CHUNK_ELEMENTS
+    length = torch.clamp(sizes_t[tensor] - start, max=CHUNK_ELEMENTS)
+    return torch.stack([tensor, start, length])
 
 
 def row_tables(grads: TaskGradients) -> RowTables:
@@ -177,7 +177,7 @@ def row_tables(grads: TaskGradients) -> RowTables:
     tables = _ROW_TABLES.get(grads)
     # Under capture the lookups must go through the device cache, which pins what a graph reads.
     if tables is None or _is_capturing(grads.device):
-        addresses = tuple([piece.data_ptr() for column in zip(*grads.rows, strict=True) for piece in column])
+        addresses = tuple([piece.data_ptr() for pieces in zip(*grads.rows, strict=True) for piece in pieces])
         chunks = DEVICE_TABLES.get(("chunks", grads.sizes), grads.device, lambda: chunk_spans(grads.sizes))
         tables = RowTables(
             chunks=chunks,

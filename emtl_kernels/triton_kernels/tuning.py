@@ -23,7 +23,7 @@ from triton.runtime.errors import OutOfResources
 @dataclass(frozen=True)
 class LaunchConfig:
     """Elements per tile, warps per program, (for persistent grids) programs per SM, and (for the
-    Gram products) adjacent columns a thread sums into one accumulator column."""
+    Gram products) adjacent elements a thread sums into one accumulator slot."""
 
     block: int
     num_warps: int = 4
@@ -61,9 +61,9 @@ def program_slots(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def elementwise_candidates(values_per_column: int, element_bytes: int, *, persistent: bool) -> list[LaunchConfig]:
-    """Tiles for kernels that hold ``values_per_column`` float32 registers per element column
-    (tile rows and elementwise accumulators): per warp count, the two largest blocks within the
+def elementwise_candidates(values_per_element: int, element_bytes: int, *, persistent: bool) -> list[LaunchConfig]:
+    """Tiles for kernels that hold ``values_per_element`` float32 registers per element of a tile
+    row (the tile's rows and elementwise accumulators): per warp count, the two largest blocks within the
     register budget (more bytes in flight per iteration), the block that gives every thread one
     16-byte load a row where the budget stops short of it, and for a persistent grid two
     occupancies."""
@@ -75,7 +75,7 @@ def elementwise_candidates(values_per_column: int, element_bytes: int, *, persis
         fitting = [
             b
             for b in (256, 512, 1024, 2048, _MAX_BLOCK)
-            if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads
+            if b >= threads and values_per_element * b <= _REGISTER_BUDGET * threads
         ]
         blocks = fitting[-2:] or [threads]
         wide = min(_MAX_BLOCK, threads * _LOAD_BYTES // element_bytes)
@@ -88,9 +88,9 @@ def elementwise_candidates(values_per_column: int, element_bytes: int, *, persis
 
 def outer_product_candidates(t_block: int, element_bytes: int) -> list[LaunchConfig]:
     """Tiles for the elementwise Gram products of ``t_block`` rows. A thread keeps t_block²
-    accumulators per group of ``vec`` adjacent columns and the group's t_block·vec tile values;
+    accumulators per group of ``vec`` adjacent elements and the group's t_block·vec tile values;
     vec is 1, or one 16-byte load's worth of elements (without it, 8 rows of accumulators leave
-    room for one column a thread: 4-byte loads, 2-byte ones for 16-bit storage). Per warp count and
+    room for one element a thread: 4-byte loads, 2-byte ones for 16-bit storage). Per warp count and
     vec, as many groups as the register budget allows (at least one), and two occupancies."""
     if interpreting():
         return [INTERPRETER_CONFIG]
