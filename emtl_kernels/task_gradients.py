@@ -9,13 +9,16 @@ gradient on shared tensor k, and the kernels walk the T×K pieces directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 #: Storage dtypes every backend accepts; all of them accumulate in float32.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+Derived = TypeVar("Derived")
 
 
 class TaskGradients:
@@ -57,6 +60,8 @@ class TaskGradients:
         self.rows: tuple[tuple[Tensor, ...], ...] = tuple(
             self._pieces[start : start + per_task] for start in range(0, len(self._pieces), per_task)
         )
+        self._numel = sum(self.sizes)
+        self._derived: dict[str, Any] = {}
 
     def _flat_piece(self, piece: Tensor, task: int, index: int) -> Tensor:
         # A step builds T·K pieces: the checks stay cheap and the messages are made only on failure.
@@ -128,12 +133,20 @@ class TaskGradients:
     @property
     def numel(self) -> int:
         """P, the number of shared-parameter elements (columns of J)."""
-        return sum(self.sizes)
+        return self._numel
 
     def flat_pieces(self) -> list[Tensor]:
         """The T×K pieces in one task-major list, ``pieces[i * K + k] = rows[i][k]``: the form of
         the ops' ``Tensor[] pieces`` argument."""
         return list(self._pieces)
+
+    def derived(self, key: str, make: Callable[[], Derived]) -> Derived:
+        """``make()``, computed on first use and kept with this object under ``key``: what a
+        backend derives from the pieces once for all its passes over them (the Triton backend's
+        device tables, say)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def column(self, k: int) -> list[Tensor]:
         """The T task gradients on shared tensor k."""

@@ -84,13 +84,20 @@ def auto_candidates(device: torch.device, kernel_pass: str) -> list[Backend]:
 AUTO = Auto(auto_candidates, _BACKENDS[_FALLBACK])
 
 
+# (name, device) -> backend, for those found able to run: every op call resolves its backend.
+_RUNNABLE: dict[tuple[str, torch.device], Backend] = {}
+
+
 def resolve(name: str, device: torch.device) -> Backend:
     """The backend for ``name`` ("auto" or a backend name) on ``device``; a backend that cannot
     run there raises with the reason."""
     if name == "auto":
         return AUTO
-    backend = _load(name)
-    reason = backend.unavailable_reason(device)
-    if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    backend = _RUNNABLE.get((name, device))
+    if backend is None:
+        backend = _load(name)
+        reason = backend.unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+        _RUNNABLE[(name, device)] = backend
     return backend

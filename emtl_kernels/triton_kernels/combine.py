@@ -12,13 +12,15 @@ gradient may hold inf or NaN (a skipped step zeroes every weight).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
-from .tables import RowTables
+from .tables import DeviceTable, RowTables
 from .tiles import chunk_span, load_tile, row_pointers, to_storage, typed_pointer
-from .tuning import NUM_STAGES, LaunchConfig
+from .tuning import NUM_STAGES, LaunchConfig, next_power_of_2
 
 #: Task rows a program holds at once; more tasks loop over row blocks.
 MAX_T_BLOCK = 16
@@ -26,7 +28,7 @@ MAX_T_BLOCK = 16
 
 def combine_t_block(num_tasks: int) -> int:
     """Rows of J a program holds at once for ``num_tasks`` tasks."""
-    return min(triton.next_power_of_2(num_tasks), MAX_T_BLOCK)
+    return min(next_power_of_2(num_tasks), MAX_T_BLOCK)
 
 
 @triton.jit
@@ -69,31 +71,33 @@ def combine_kernel(
             tl.store(destination + positions, to_storage(total, DTYPE=DTYPE), mask=mask)
 
 
-def launch_combine(
+def combine_launcher(
     tables: RowTables,
     num_tasks: int,
     dtype: tl.dtype,
-    weights: torch.Tensor,
-    output_table: torch.Tensor,
-    outputs_aligned: bool,
+    outputs: DeviceTable,
     config: LaunchConfig,
     *,
     accumulate: bool,
-) -> None:
-    """One launch over every chunk; ``weights`` is float32 ``[T]`` on the device."""
-    combine_kernel[(tables.num_chunks,)](
-        tables.row_pointers,
-        output_table,
-        tables.chunks,
-        weights,
-        num_tasks,
-        tables.num_chunks,
+) -> Callable[[torch.Tensor], None]:
+    """The combine pass over ``tables`` into the destinations of ``outputs``, ready to launch:
+    each call makes one launch over every chunk with its ``weights``, float32 ``[T]`` on the
+    device."""
+    launch_kernel = combine_kernel[(tables.num_chunks,)]
+    options = dict(
         DTYPE=dtype,
         T_BLOCK=combine_t_block(num_tasks),
         ACCUMULATE=accumulate,
-        ALIGNED=tables.aligned and outputs_aligned,
+        ALIGNED=tables.aligned and outputs.aligned,
         BLOCK=config.block,
         num_warps=config.num_warps,
         num_stages=NUM_STAGES,
         enable_fp_fusion=True,
     )
+
+    def launch(weights: torch.Tensor) -> None:
+        launch_kernel(
+            tables.row_pointers, outputs.values, tables.chunks, weights, num_tasks, tables.num_chunks, **options
+        )
+
+    return launch

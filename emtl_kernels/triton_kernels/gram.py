@@ -23,13 +23,16 @@ on the way drops a non-finite value.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from .tables import RowTables, index_table
 from .tiles import chunk_span, load_tile, row_pointers
-from .tuning import NUM_STAGES, LaunchConfig
+from .tuning import NUM_STAGES, LaunchConfig, next_power_of_2
 
 #: Largest task block a program holds: its products, or its squares alone. More tasks tile
 #: over (pairs of) blocks.
@@ -41,7 +44,17 @@ _REDUCE_VALUES = 4096
 
 def gram_t_block(num_tasks: int, norms_only: bool) -> int:
     """Rows of J a program holds at once for ``num_tasks`` tasks."""
-    return min(triton.next_power_of_2(num_tasks), MAX_NORMS_T_BLOCK if norms_only else MAX_PRODUCTS_T_BLOCK)
+    return min(next_power_of_2(num_tasks), MAX_NORMS_T_BLOCK if norms_only else MAX_PRODUCTS_T_BLOCK)
+
+
+@functools.cache
+def block_pair_starts(num_tasks: int, norms_only: bool) -> tuple[int, ...]:
+    """The first rows of the pairs of task blocks the programs take, flat: (a, a) for each block
+    of the norms, (a, b) with a <= b for the products."""
+    t_block = gram_t_block(num_tasks, norms_only)
+    starts = range(0, num_tasks, t_block)
+    pairs = [(a, a) for a in starts] if norms_only else [(a, b) for a in starts for b in starts if a <= b]
+    return tuple(index for pair in pairs for index in pair)
 
 
 @triton.jit
@@ -157,7 +170,7 @@ def reduce_partials_kernel(
         tl.store(out + cols * num_tasks + rows, total, mask=upper)
 
 
-def launch_gram(
+def gram_launcher(
     tables: RowTables,
     num_tasks: int,
     dtype: tl.dtype,
@@ -165,30 +178,24 @@ def launch_gram(
     program_slots: int,
     *,
     norms_only: bool,
-) -> torch.Tensor:
-    """G ``[T, T]`` (or the squared norms ``[T]`` when ``norms_only``) in float32, by two launches.
+) -> Callable[[], torch.Tensor]:
+    """The Gram pass over ``tables``, ready to launch: each call allocates G ``[T, T]`` (or the
+    squared norms ``[T]`` when ``norms_only``) in float32, makes the two launches and returns it.
 
     ``program_slots`` is the number of programs that run at once per ``config.programs_per_slot``
     (the SM count on a GPU); the persistent grid never exceeds the chunk count.
     """
     device = tables.chunks.device
     t_block = gram_t_block(num_tasks, norms_only)
-    starts = range(0, num_tasks, t_block)
-    if norms_only:
-        pairs = [(a, a) for a in starts]
-    else:
-        pairs = [(a, b) for a in starts for b in starts if a <= b]
-    block_pairs = index_table(tuple(index for pair in pairs for index in pair), device)
+    pair_starts = block_pair_starts(num_tasks, norms_only)
+    num_pairs = len(pair_starts) // 2
+    pair_table = index_table(pair_starts, device)
     num_programs = min(tables.num_chunks, program_slots * config.programs_per_slot)
     width = t_block if norms_only else t_block * t_block
-    partials = torch.empty(len(pairs), num_programs, width, dtype=torch.float32, device=device)
-    gram_partials_kernel[(num_programs, len(pairs))](
-        tables.row_pointers,
-        tables.chunks,
-        block_pairs,
-        partials,
-        num_tasks,
-        tables.num_chunks,
+    partials_shape = (num_pairs, num_programs, width)
+    shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
+    launch_partials = gram_partials_kernel[(num_programs, num_pairs)]
+    partials_options = dict(
         DTYPE=dtype,
         T_BLOCK=t_block,
         NORMS_ONLY=norms_only,
@@ -201,14 +208,8 @@ def launch_gram(
         num_stages=NUM_STAGES,
         enable_fp_fusion=True,
     )
-    shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    reduce_partials_kernel[(len(pairs),)](
-        partials,
-        out,
-        block_pairs,
-        num_tasks,
-        num_programs,
+    launch_reduce = reduce_partials_kernel[(num_pairs,)]
+    reduce_options = dict(
         T_BLOCK=t_block,
         NORMS_ONLY=norms_only,
         WIDTH=width,
@@ -216,4 +217,14 @@ def launch_gram(
         num_warps=4,
         enable_fp_fusion=True,
     )
-    return out
+
+    def launch() -> torch.Tensor:
+        partials = torch.empty(partials_shape, dtype=torch.float32, device=device)
+        launch_partials(
+            tables.row_pointers, tables.chunks, pair_table, partials, num_tasks, tables.num_chunks, **partials_options
+        )
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+        launch_reduce(partials, out, pair_table, num_tasks, num_programs, **reduce_options)
+        return out
+
+    return launch

@@ -48,6 +48,12 @@ _LOAD_BYTES = 16
 _MAX_BLOCK = 4096
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (>= 1), in plain Python: Triton's own is a constexpr
+    function, costly to call on the host."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return bool(triton.knobs.runtime.interpret)
