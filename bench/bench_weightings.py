@@ -98,10 +98,11 @@ def measure_tasks(num_tasks: int, plan: WeightingPlan, device: torch.device) -> 
         captured, capture_errors = _graph_samplers({n: c for n, c in calls.items() if errors[n] is None}, solver_clock)
         samplers.update(captured)
         errors.update(capture_errors)
-    gram_backend = emtl_backends.resolve("auto", device).NAME
     matrix = torch.randn(num_tasks, 2**plan.gram_log2_numel, device=device)
+    grads = TaskGradients.from_matrix(matrix)
+    gram_backend = emtl_backends.AUTO.choose("gram", grads, lambda backend: backend.gram(grads)).name
     samplers[GRAM_PASS] = timed(
-        functools.partial(task_gram, TaskGradients.from_matrix(matrix), backend=gram_backend),
+        functools.partial(task_gram, grads, backend=gram_backend),
         Clock(device, flush_cache=True),
     )
     working = {name: sample for name, sample in samplers.items() if errors.get(name) is None}

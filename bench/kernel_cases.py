@@ -108,7 +108,7 @@ class KernelCase:
     def calls(self, backends: Sequence[str]) -> dict[Candidate, Callable[[], object]]:
         """The copy, each backend's two passes and the torch baselines."""
         grads, blocks, outs, weights_like = self.grads, self.blocks, self.outs, self.weights_like
-        rows = [piece for row in grads.rows for piece in row]
+        rows = grads.flat_pieces()
         calls: dict[Candidate, Callable[[], object]] = {
             Candidate("copy"): functools.partial(self.destination.copy_, self.storage)
         }

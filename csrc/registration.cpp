@@ -1,9 +1,11 @@
 // The ops' schemas, and the Python module `emtl_kernels._C` whose import loads them.
 //
-// The ops are plain torch.library custom ops: torch.ops.emtl_kernels.<name>. Their CPU and CUDA
-// kernels are registered by cpu/ops_cpu.cpp and cuda/ops_cuda.cpp, their fake (meta) kernels in
-// Python (emtl_kernels/_extension.py). The pieces of J come as one flat list, task-major:
-// pieces[i*K + k] is task i's gradient on shared tensor k.
+// The ops are plain torch.library custom ops: torch.ops.emtl_kernels.<name>, with the names and
+// schemas of the op contract both op backends share (OPS in emtl_kernels/backends/contract.py; a
+// test holds these to it). Their CPU and CUDA kernels are registered by cpu/ops_cpu.cpp and
+// cuda/ops_cuda.cpp, their fake (meta) kernels in Python (emtl_kernels/backends/native.py). The
+// pieces of J come as one flat list, task-major: pieces[i*K + k] is task i's gradient on shared
+// tensor k.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -12,6 +12,7 @@ dtypes and devices, never at values, so no op waits on the device.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,9 @@ from . import backends
 from .task_gradients import TaskGradients
 
 GradsLike = Tensor | TaskGradients
+
+_DTYPE_OF = operator.attrgetter("dtype")
+_DEVICE_OF = operator.attrgetter("device")
 
 
 def as_task_gradients(grads: GradsLike) -> TaskGradients:
@@ -82,11 +86,15 @@ def weighted_combine(
         _check_outs(outs, grads)
     # The kernels write contiguous memory; a strided destination gets a contiguous stand-in
     # (holding its values when accumulating) that is copied back.
-    dense = [target if target.is_contiguous() else target.contiguous() for target in outs]
+    # (torch.compile cannot trace the C-level passes of the eager checks: it takes the
+    # element-by-element paths, which do the same.)
+    eager = not torch.compiler.is_compiling()
+    dense = outs if eager and all(map(Tensor.is_contiguous, outs)) else [target.contiguous() for target in outs]
     backends.resolve(backend, grads.device).combine(grads, weights, dense, accumulate)
-    for target, written in zip(outs, dense, strict=True):
-        if written is not target:
-            target.copy_(written)
+    if dense is not outs:
+        for target, written in zip(outs, dense, strict=True):
+            if written is not target:
+                target.copy_(written)
     return outs[0] if matrix_input else outs
 
 
@@ -98,12 +106,18 @@ def _checked_weights(weights: Tensor, grads: TaskGradients) -> Tensor:
         raise TypeError(f"weights must be floating point, got {weights.dtype}")
     if weights.device != grads.device:
         raise ValueError(f"weights are on {weights.device}, the task gradients on {grads.device}")
-    return weights.detach().to(torch.float32).contiguous()
+    if weights.requires_grad:
+        weights = weights.detach()
+    return weights.to(torch.float32).contiguous()
 
 
 def _check_outs(outs: list[Tensor], grads: TaskGradients) -> None:
     if len(outs) != len(grads.sizes):
         raise ValueError(f"out needs one tensor per shared tensor ({len(grads.sizes)}), got {len(outs)}")
+    # A step passes hundreds of destinations: one C-level pass per property when all is well,
+    # the destination-by-destination search for the message only when it is not.
+    if not torch.compiler.is_compiling() and _all_like(outs, grads):
+        return
     for k, target in enumerate(outs):
         if target.numel() != grads.sizes[k]:
             raise ValueError(f"out[{k}] has {target.numel()} elements, the gradients {grads.sizes[k]}")
@@ -111,3 +125,15 @@ def _check_outs(outs: list[Tensor], grads: TaskGradients) -> None:
             raise TypeError(f"out[{k}] has dtype {target.dtype}, the gradients {grads.dtype}")
         if target.device != grads.device:
             raise ValueError(f"out[{k}] is on {target.device}, the gradients on {grads.device}")
+
+
+def _all_like(outs: list[Tensor], grads: TaskGradients) -> bool:
+    """Whether every destination has its shared tensor's size and the gradients' dtype and device."""
+    try:
+        return (
+            tuple(map(Tensor.numel, outs)) == grads.sizes
+            and set(map(_DTYPE_OF, outs)) == {grads.dtype}
+            and set(map(_DEVICE_OF, outs)) == {grads.device}
+        )
+    except TypeError:  # not all tensors: the element-by-element checks say which
+        return False

@@ -9,13 +9,16 @@ gradient on shared tensor k, and the kernels walk the T×K pieces directly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 #: Storage dtypes every backend accepts; all of them accumulate in float32.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+Derived = TypeVar("Derived")
 
 
 class TaskGradients:
@@ -48,9 +51,17 @@ class TaskGradients:
         self.dtype: torch.dtype = rows[0][0].dtype
         self.device: torch.device = rows[0][0].device
         self.sizes: tuple[int, ...] = tuple(piece.numel() for piece in rows[0])
+        self._set_pieces([self._flat_piece(piece, i, k) for i, row in enumerate(rows) for k, piece in enumerate(row)])
+
+    def _set_pieces(self, pieces: Sequence[Tensor]) -> None:
+        """Hold the checked, flat pieces (task-major) and the rows they make."""
+        self._pieces: tuple[Tensor, ...] = tuple(pieces)
+        per_task = len(self.sizes)
         self.rows: tuple[tuple[Tensor, ...], ...] = tuple(
-            tuple(self._flat_piece(piece, i, k) for k, piece in enumerate(row)) for i, row in enumerate(rows)
+            self._pieces[start : start + per_task] for start in range(0, len(self._pieces), per_task)
         )
+        self._numel = sum(self.sizes)
+        self._derived: dict[str, Any] = {}
 
     def _flat_piece(self, piece: Tensor, task: int, index: int) -> Tensor:
         # A step builds T·K pieces: the checks stay cheap and the messages are made only on failure.
@@ -81,14 +92,13 @@ class TaskGradients:
 
     @classmethod
     def from_checked_pieces(cls, pieces: Sequence[Tensor], num_tasks: int) -> TaskGradients:
-        """Regroup the task-major pieces of an existing TaskGradients (``[p for row in
-        grads.rows for p in row]``, as a custom op's ``Tensor[]`` argument carries them) without
-        checking them again: a kernel call then costs no per-piece Python work."""
+        """Regroup the task-major pieces of an existing TaskGradients (its :meth:`flat_pieces`,
+        as a custom op's ``Tensor[]`` argument carries them) without checking them again: a
+        kernel call then costs no per-piece Python work."""
         grads = cls.__new__(cls)
-        per_task = len(pieces) // num_tasks
-        grads.rows = tuple(tuple(pieces[i * per_task : (i + 1) * per_task]) for i in range(num_tasks))
         grads.dtype, grads.device = pieces[0].dtype, pieces[0].device
-        grads.sizes = tuple(piece.numel() for piece in grads.rows[0])
+        grads.sizes = tuple(piece.numel() for piece in pieces[: len(pieces) // num_tasks])
+        grads._set_pieces(pieces)
         return grads
 
     @classmethod
@@ -123,7 +133,20 @@ class TaskGradients:
     @property
     def numel(self) -> int:
         """P, the number of shared-parameter elements (columns of J)."""
-        return sum(self.sizes)
+        return self._numel
+
+    def flat_pieces(self) -> list[Tensor]:
+        """The T×K pieces in one task-major list, ``pieces[i * K + k] = rows[i][k]``: the form of
+        the ops' ``Tensor[] pieces`` argument."""
+        return list(self._pieces)
+
+    def derived(self, key: str, make: Callable[[], Derived]) -> Derived:
+        """``make()``, computed on first use and kept with this object under ``key``: what a
+        backend derives from the pieces once for all its passes over them (the Triton backend's
+        device tables, say)."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
     def column(self, k: int) -> list[Tensor]:
         """The T task gradients on shared tensor k."""

@@ -1,8 +1,9 @@
-"""The compiled backend: its custom ops' registration (opcheck, torch.compile), determinism
-across thread counts, many-tensor inputs, errors raised from C++, and the ISA variants.
+"""The compiled backend: its custom ops under torch.compile, determinism across thread counts,
+many-tensor inputs, errors raised from C++, and the ISA variants.
 
 Parity with float64 over the full matrix of T, P, dtypes and layouts is in test_ops_parity.py,
-which runs every available backend, this one included."""
+which runs every available backend, this one included; the ops' schemas and opcheck are in
+test_ops_contract.py, with the Triton backend's."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import sys
 
 import pytest
 import torch
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
 from task_gradient_cases import make_task_gradients
-from test_ops_parity import assert_combine_close, assert_gram_close, combine64
 
 from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq_norms, weighted_combine
 from emtl_kernels.backends import native
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CUDA = torch.cuda.is_available() and native.unavailable_reason(torch.device("cuda")) is None
+CUDA = torch.cuda.is_available() and backends.unavailable_reason("native", "cuda") is None
 
 needs_extension = pytest.mark.skipif(
     _extension.LOAD_ERROR is not None, reason=f"native extension not built: {_extension.LOAD_ERROR}"
@@ -38,55 +39,25 @@ def many_tensors(num_tasks: int, dtype: torch.dtype, *, count: int = 300, device
     return TaskGradients(rows), exact
 
 
-def flat_pieces(grads: TaskGradients) -> list[torch.Tensor]:
-    return [piece for row in grads.rows for piece in row]
-
-
 def test_unavailable_reasons_say_how_to_build(monkeypatch):
     monkeypatch.setattr(_extension, "LOAD_ERROR", "No module named 'emtl_kernels._C'")
-    assert "pip install --no-build-isolation -e ." in native.unavailable_reason(torch.device("cpu"))
+    assert "pip install --no-build-isolation -e ." in native.BACKEND.unavailable_reason(torch.device("cpu"))
     monkeypatch.setattr(_extension, "LOAD_ERROR", None)
     monkeypatch.setattr(_extension, "WITH_CUDA", False)
-    assert "without CUDA" in native.unavailable_reason(torch.device("cuda"))
-    assert native.unavailable_reason(torch.device("meta")) is not None
+    assert "without CUDA" in native.BACKEND.unavailable_reason(torch.device("cuda"))
+    assert native.BACKEND.unavailable_reason(torch.device("meta")) is not None
 
 
 @needs_extension
 def test_auto_picks_native_on_cpu():
-    assert backends.resolve("auto", torch.device("cpu")) is native
+    grads = TaskGradients.from_matrix(torch.randn(3, 10))
+    for kernel_pass in ("gram", "sq_norms", "combine"):
+        assert backends.AUTO.choose(kernel_pass, grads, run=None) is native.BACKEND
     assert "native" in backends.available_backends("cpu")
     assert _extension.CPU_ISA in ("avx2", "baseline")
 
 
-# ---- registration: opcheck and torch.compile
-
-
-def opcheck_cases(device="cpu"):
-    matrix, _ = make_task_gradients(3, 1000, torch.float32, "matrix", device=device)
-    blocks, _ = make_task_gradients(4, 777, torch.bfloat16, "blocks", device=device, seed=1)
-    rows, _ = make_task_gradients(2, 99, torch.float16, "rows", device=device, seed=2)
-    return [TaskGradients.from_matrix(matrix), blocks, rows]
-
-
-def run_opchecks(device):
-    for grads in opcheck_cases(device):
-        pieces, num_tasks = flat_pieces(grads), grads.num_tasks
-        torch.library.opcheck(ops.task_gram.default, (pieces, num_tasks))
-        torch.library.opcheck(ops.task_sq_norms.default, (pieces, num_tasks))
-        weights = torch.linspace(-1.0, 2.0, num_tasks, device=device)
-        for accumulate in (False, True):
-            outs = [torch.randn(size, device=device).to(grads.dtype) for size in grads.sizes]
-            torch.library.opcheck(ops.weighted_combine_.default, (pieces, num_tasks, weights, outs, accumulate))
-
-
-@needs_extension
-def test_opcheck_cpu():
-    run_opchecks("cpu")
-
-
-@needs_cuda_extension
-def test_opcheck_cuda():
-    run_opchecks("cuda")
+# ---- registration: torch.compile (opcheck: test_ops_contract.py)
 
 
 def balanced_step(pieces: list[torch.Tensor], num_tasks: int, outs: list[torch.Tensor]) -> torch.Tensor:
@@ -100,7 +71,7 @@ def balanced_step(pieces: list[torch.Tensor], num_tasks: int, outs: list[torch.T
 @needs_extension
 def test_ops_compile_with_fullgraph():
     grads, _ = make_task_gradients(3, 500, torch.float32, "blocks")
-    pieces = flat_pieces(grads)
+    pieces = grads.flat_pieces()
     start = [torch.randn(size) for size in grads.sizes]
     eager_outs = [s.clone() for s in start]
     compiled_outs = [s.clone() for s in start]
@@ -157,9 +128,7 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
 def test_hundreds_of_small_tensors(dtype, num_tasks):
     grads, exact = many_tensors(num_tasks, dtype, seed=num_tasks)
     assert_gram_close(task_gram(grads, backend="native"), exact)
-    torch.testing.assert_close(
-        task_sq_norms(grads, backend="native").double(), exact.square().sum(dim=1), rtol=1e-5, atol=1e-30
-    )
+    assert_sq_norms_close(task_sq_norms(grads, backend="native"), exact)
     weights = torch.randn(num_tasks, generator=torch.Generator().manual_seed(3))
     before = [torch.randn(size).to(dtype) for size in grads.sizes]
     outs = [b.clone() for b in before]
@@ -228,8 +197,8 @@ def test_device_mix_raises_on_cuda():
 BASELINE_CHECK = """
 import torch
 from emtl_kernels import _extension, task_gram, weighted_combine
+from _asserts import assert_combine_close, assert_gram_close, combine64
 from task_gradient_cases import make_task_gradients
-from test_ops_parity import assert_combine_close, assert_gram_close, combine64
 assert _extension.CPU_ISA == "baseline", _extension.CPU_ISA
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     grads, exact = make_task_gradients(9, 40_001, dtype, "blocks", seed=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64, flat_output
 from task_gradient_cases import LAYOUTS, make_task_gradients
 
 from emtl_kernels import TaskGradients, available_backends, task_gram, task_sq_norms, weighted_combine
@@ -30,30 +31,6 @@ MATRIX = [
     for num_tasks in (INTERPRETED_NUM_TASKS if interpreted(backend, device) else NUM_TASKS)
 ]
 
-# Gram entries: the inputs are exact in float64, so only float32 accumulation errs; it is bounded
-# relative to sqrt(G_ii G_jj), the scale of entry (i, j) by Cauchy-Schwarz.
-GRAM_RTOL = 1e-5
-# Combined gradient: float32 accumulation, then one rounding to the storage dtype (relative, and
-# absolute below the smallest normal number, where float16's spacing is fixed at 2**-24).
-COMBINE_RTOL = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
-
-
-def subnormal_spacing(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
-
-
-def gram64(exact: torch.Tensor) -> torch.Tensor:
-    return exact @ exact.T
-
-
-def assert_gram_close(gram: torch.Tensor, exact: torch.Tensor) -> None:
-    expected = gram64(exact)
-    scale = expected.diagonal().sqrt()
-    bound = GRAM_RTOL * torch.outer(scale, scale) + 1e-30
-    error = (gram.double().cpu() - expected).abs()
-    assert gram.dtype == torch.float32
-    assert torch.all(error <= bound), f"max error / bound = {(error / bound).max():.3g}"
-
 
 @pytest.mark.parametrize("backend,device,dtype,num_tasks", MATRIX)
 @pytest.mark.parametrize("numel", NUMELS)
@@ -64,27 +41,7 @@ def test_gram_and_norms_match_float64(backend, device, dtype, num_tasks, numel, 
     assert gram.shape == (num_tasks, num_tasks)
     assert_gram_close(gram, exact)
     assert torch.equal(gram, gram.T)
-    sq_norms = task_sq_norms(grads, backend=backend)
-    expected = exact.square().sum(dim=1)
-    assert sq_norms.dtype == torch.float32 and sq_norms.shape == (num_tasks,)
-    torch.testing.assert_close(sq_norms.double().cpu(), expected, rtol=GRAM_RTOL, atol=1e-30)
-
-
-def combine64(exact: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Jᵀw, Σ_i |w_i g_i|): the value and the scale its rounding error is measured against."""
-    weights = weights.double().cpu()
-    return weights @ exact, weights.abs() @ exact.abs()
-
-
-def flat_output(result) -> torch.Tensor:
-    parts = [result] if isinstance(result, torch.Tensor) else result
-    return torch.cat([p.reshape(-1).double().cpu() for p in parts])
-
-
-def assert_combine_close(result, expected, scale, dtype):
-    error = (flat_output(result) - expected).abs()
-    bound = COMBINE_RTOL[dtype] * scale + subnormal_spacing(dtype)
-    assert torch.all(error <= bound), f"max error / bound = {(error / bound).max():.3g}"
+    assert_sq_norms_close(task_sq_norms(grads, backend=backend), exact)
 
 
 @pytest.mark.parametrize("backend,device,dtype,num_tasks", MATRIX)

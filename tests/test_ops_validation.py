@@ -82,6 +82,9 @@ def test_bad_op_input_raises():
 def test_backend_registry():
     assert "reference" in available_backends("cpu")
     assert set(available_backends("cpu")) <= set(backend_names())
-    assert resolve("reference", torch.device("cpu")).NAME == "reference"
-    assert resolve("auto", torch.device("cpu")).NAME in available_backends("cpu")
-    assert resolve("auto", torch.device("meta")).NAME == "reference"
+    assert resolve("reference", torch.device("cpu")).name == "reference"
+    assert resolve("auto", torch.device("cpu")).name == "auto"
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; known: auto, triton, native, reference"):
+        resolve("cuda", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="backend 'native' cannot run on meta"):
+        resolve("native", torch.device("meta"))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
 from task_gradient_cases import make_task_gradients
-from test_ops_parity import GRAM_RTOL, assert_combine_close, assert_gram_close, combine64
 
 from emtl_kernels import TaskGradients, task_gram, task_sq_norms, weighted_combine
-from emtl_kernels.backends import resolve, unavailable_reason
+from emtl_kernels.backends import auto_candidates, resolve, unavailable_reason
 
 DEVICE = next((d for d in ("cuda", "cpu") if unavailable_reason("triton", d) is None), None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=f"Triton cannot run here: {unavailable_reason('triton', 'cpu')}")
@@ -27,8 +27,8 @@ needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 if DEVICE is not None:
     from emtl_kernels.triton_kernels import passes as triton_passes
     from emtl_kernels.triton_kernels import tables, tuning
-    from emtl_kernels.triton_kernels.combine import launch_combine
-    from emtl_kernels.triton_kernels.gram import launch_gram
+    from emtl_kernels.triton_kernels.combine import combine_launcher
+    from emtl_kernels.triton_kernels.gram import gram_launcher
 
     # The interpreter's tile (4096); one off it is also one off a multiple of every smaller
     # power-of-two tile a GPU configuration may use.
@@ -44,8 +44,7 @@ def check_all_passes(grads, exact: torch.Tensor, dtype: torch.dtype, seed: int) 
     gram = task_gram(grads, backend="triton")
     assert_gram_close(gram, exact)
     assert torch.equal(gram, gram.T)
-    sq_norms = task_sq_norms(grads, backend="triton")
-    torch.testing.assert_close(sq_norms.double().cpu(), exact.square().sum(dim=1), rtol=GRAM_RTOL, atol=1e-30)
+    assert_sq_norms_close(task_sq_norms(grads, backend="triton"), exact)
     weights = torch.randn(exact.shape[0], generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     expected, scale = combine64(exact, weights)
     assert_combine_close(weighted_combine(grads, weights, backend="triton"), expected, scale, dtype)
@@ -157,6 +156,49 @@ def test_tables_are_built_once_and_reused():
     assert tables.output_table(outs)[0] is tables.output_table(list(outs))[0]
 
 
+def test_a_step_on_the_same_memory_reuses_its_launchers():
+    """New tensor objects over the previous step's memory (a training loop's steady state) find
+    the launchers of that step; moved memory gets its own, and each computes its own input."""
+    triton_passes.clear()
+    grads, exact = make_task_gradients(5, 3001, torch.float32, "rows", device=DEVICE, seed=13)
+    weights = torch.linspace(-1, 1, 5, device=DEVICE)
+    first = (task_gram(grads, backend="triton"), weighted_combine(grads, weights, backend="triton"))
+    kept = dict(triton_passes._LAUNCHERS)
+    same_memory = TaskGradients([[piece.view(-1) for piece in row] for row in grads.rows])
+    outs = [out.view(-1) for out in first[1]]
+    assert torch.equal(task_gram(same_memory, backend="triton"), first[0])
+    weighted_combine(same_memory, weights, out=outs, backend="triton")
+    assert dict(triton_passes._LAUNCHERS) == kept
+    moved = TaskGradients([[2 * piece for piece in row] for row in grads.rows])
+    assert_gram_close(task_gram(moved, backend="triton"), 2 * exact)
+    assert_combine_close(
+        weighted_combine(moved, weights, backend="triton"), *combine64(2 * exact, weights), torch.float32
+    )
+    assert len(triton_passes._LAUNCHERS) == len(kept) + 2  # its Gram, its combine
+
+
+def test_host_time_benchmark_stubs_every_launch():
+    """bench.host_time times the host's part alone: inside its stub nothing is launched (a
+    combine leaves its destination as it was), outside it the kernels run again."""
+    from bench.host_time import TENSOR_COUNTS, measure, stubbed_launches
+
+    grads, exact = make_task_gradients(3, 1000, torch.float32, "rows", device=DEVICE, seed=14)
+    weights = torch.tensor([1.0, -1.0, 2.0], device=DEVICE)
+    outs = [torch.zeros(size, device=DEVICE) for size in grads.sizes]
+    with stubbed_launches():
+        weighted_combine(grads, weights, out=outs, backend="triton")
+        assert all(bool((out == 0).all()) for out in outs)
+    weighted_combine(grads, weights, out=outs, backend="triton")
+    assert_combine_close(outs, *combine64(exact, weights), torch.float32)
+    samples = measure(TENSOR_COUNTS[-1], torch.device(DEVICE), steps=3, warmup=1)
+    assert {name: len(values) for name, values in samples.items()} == {
+        "task_gram": 3,
+        "task_sq_norms": 3,
+        "weighted_combine": 3,
+        "TaskGradients(rows)": 9,
+    }
+
+
 def test_tables_made_during_a_capture_are_staged_once_and_never_overwritten(monkeypatch):
     """The bookkeeping of capture staging, with the capture simulated on the host: each new table
     takes fresh entries, a table met again is the pinned one, and without room it asks for an
@@ -164,7 +206,7 @@ def test_tables_made_during_a_capture_are_staged_once_and_never_overwritten(monk
     staging = tables._CaptureStaging(pin_memory=False)
     staging.MIN_ENTRIES = 8
     monkeypatch.setattr(tables, "CAPTURE_STAGING", staging)
-    monkeypatch.setattr(tables, "_is_capturing", lambda device: True)
+    monkeypatch.setattr(tables, "is_capturing", lambda device: True)
     cache, cpu = tables._DeviceTableCache(capacity=4), torch.device("cpu")
 
     def built(*values):
@@ -176,12 +218,12 @@ def test_tables_made_during_a_capture_are_staged_once_and_never_overwritten(monk
     first = cache.get(("addresses", (1, 2, 3)), cpu, built(1, 2, 3))
     second = cache.get(("addresses", (4, 5)), cpu, built(4, 5))
     assert cache.get(("addresses", (1, 2, 3)), cpu, built(9, 9, 9)) is first
-    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5]
+    assert first.values.tolist() == [1, 2, 3] and second.values.tolist() == [4, 5]
     with pytest.raises(RuntimeError, match="eagerly"):
         cache.get(("addresses", (6, 7, 8, 9)), cpu, built(6, 7, 8, 9))
     staging.reserve(4)  # a new buffer: the full one stays, as graphs still copy from it
     third = cache.get(("addresses", (6, 7, 8, 9)), cpu, built(6, 7, 8, 9))
-    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5] and third.tolist() == [6, 7, 8, 9]
+    assert [table.values.tolist() for table in (first, second, third)] == [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     assert len(cache) == 3
 
 
@@ -190,13 +232,13 @@ def test_chunk_table_covers_every_element_with_int64_offsets():
     sizes = (3, 2 * chunk + 5, 2**31 + 7, chunk)
     spans = tables.chunk_spans(sizes)
     assert spans.dtype == torch.int64
-    column, start, length = spans
+    tensor, start, length = spans
     assert bool((length > 0).all()) and bool((length <= chunk).all())
     for k, size in enumerate(sizes):
-        mine = column == k
+        mine = tensor == k
         assert start[mine].tolist() == list(range(0, size, chunk))
         assert int(length[mine].sum()) == size
-    last = int(torch.nonzero(column == 2)[-1])
+    last = int(torch.nonzero(tensor == 2)[-1])
     assert (int(start[last]), int(length[last])) == (2**31, 7)
 
 
@@ -213,42 +255,34 @@ def test_kernels_reach_offsets_past_two_to_the_31():
         chunks=torch.tensor([[0], [first], [numel]], device=DEVICE),
         num_chunks=1,
         row_pointers=torch.tensor(address, device=DEVICE),
-        aligned=tables.all_aligned(tuple(a + shift for a in address)),
+        aligned=all((a + shift) % tables.VECTOR_BYTES == 0 for a in address),
     )
     config = tuning.outer_product_candidates(8, 2)[0]
     triton_dtype = triton_passes.TRITON_DTYPES[dtype]
     slots = tuning.program_slots(torch.device(DEVICE))
-    gram = launch_gram(row_tables, num_tasks, triton_dtype, config, slots, norms_only=False)
+    gram = gram_launcher(row_tables, num_tasks, triton_dtype, config, slots, norms_only=False)()
     assert_gram_close(gram, exact)
     out = torch.empty(numel, dtype=dtype, device=DEVICE)
-    output_table = torch.tensor([out.data_ptr() - shift], device=DEVICE)
+    output_table = tables.DeviceTable(torch.tensor([out.data_ptr() - shift], device=DEVICE), aligned=True)
     weights = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
-    launch_combine(
-        row_tables,
-        num_tasks,
-        triton_dtype,
-        weights,
-        output_table,
-        True,
-        tuning.elementwise_candidates(9, 2, persistent=False)[0],
-        accumulate=False,
-    )
+    config = tuning.elementwise_candidates(9, 2, persistent=False)[0]
+    combine_launcher(row_tables, num_tasks, triton_dtype, output_table, config, accumulate=False)(weights)
     assert_combine_close(out, *combine64(exact, weights), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("vec", [1, 2, 8])
 @pytest.mark.parametrize("num_tasks", [3, 8])
-def test_gram_products_of_every_column_grouping(num_tasks, vec, dtype):
-    """The GPU candidates let a thread sum the products of ``vec`` adjacent columns into one
-    accumulator column; every grouping gives G within the bound, partial tiles included (the
+def test_gram_products_of_every_element_grouping(num_tasks, vec, dtype):
+    """The GPU candidates let a thread sum the products of ``vec`` adjacent elements into one
+    accumulator slot; every grouping gives G within the bound, partial tiles included (the
     interpreter's own configuration takes vec = 4)."""
     grads, exact = make_task_gradients(num_tasks, 3 * 1024 + 29, dtype, "rows", device=DEVICE, seed=vec)
     config = tuning.LaunchConfig(block=256 * vec, vec=vec)
     slots = tuning.program_slots(torch.device(DEVICE))
-    gram = launch_gram(
+    gram = gram_launcher(
         tables.row_tables(grads), num_tasks, triton_passes.TRITON_DTYPES[dtype], config, slots, norms_only=False
-    )
+    )()
     assert_gram_close(gram, exact)
     assert torch.equal(gram, gram.T)
 
@@ -261,33 +295,14 @@ def test_alignment_is_claimed_only_where_it_holds():
 
 
 def test_where_the_backend_runs():
-    assert resolve("auto", torch.device("cpu")).NAME != "triton"  # the interpreter is never the fast choice
+    triton_backend = resolve("triton", torch.device(DEVICE))
+    # The interpreter is never the fast choice.
+    assert triton_backend not in auto_candidates(torch.device("cpu"), "gram")
     assert unavailable_reason("triton", "meta") is not None
     if DEVICE == "cpu":
         assert "TRITON_INTERPRET" in unavailable_reason("triton", "cuda")
     else:
-        assert resolve("auto", torch.device("cuda")).NAME == "triton"
-
-
-def test_tuner_keeps_the_fastest_configuration(monkeypatch):
-    candidates = [tuning.LaunchConfig(256), tuning.LaunchConfig(512), tuning.LaunchConfig(1024)]
-    timings = {256: 3.0, 512: 1.0, 1024: 2.0}
-    timed = []
-    monkeypatch.setattr(tuning, "_milliseconds", lambda run, config: timed.append(config) or timings[config.block])
-    tuner = tuning.Tuner()
-    # A call that may not run twice gets the first candidate, and nothing is kept.
-    assert tuner.choose("key", candidates, run=None, may_time=False) == candidates[0]
-    assert timed == []
-    assert tuner.choose("key", candidates, run=None, may_time=True) == candidates[1]
-    assert timed == candidates
-    assert tuner.choose("key", candidates, run=None, may_time=False) == candidates[1]
-    assert len(timed) == 3
-    assert tuner.choose("single", candidates[2:], run=None, may_time=True) == candidates[2]
-    assert len(timed) == 3
-
-
-def test_size_classes():
-    assert [tuning.size_class(n) for n in (1, 2**18 - 1, 2**18, 2**22, 2**26, 2**40)] == [0, 0, 1, 2, 3, 3]
+        assert auto_candidates(torch.device("cuda"), "gram")[0] is triton_backend
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the compile check stands in for a GPU")
@@ -335,7 +350,7 @@ def test_large_repeat_runs_are_bit_identical_on_gpu(num_tasks, dtype):
 
 @needs_cuda
 def test_first_accumulating_combine_adds_once_on_gpu():
-    triton_passes.TUNER.clear()
+    triton_passes.clear()
     grads, exact = make_task_gradients(13, 2**20 + 3, torch.float32, "rows", device=DEVICE, seed=4)
     weights = torch.linspace(-1, 1, 13, device=DEVICE)
     out = [torch.ones(size, device=DEVICE) for size in grads.sizes]

@@ -67,7 +67,7 @@ def _gram(dtype, t_block, norms_only, single_block, block, num_warps, vec=1):
 
 
 def variants() -> list[dict]:
-    """Every code path of the kernels once: products with and without column groups, float32 and
+    """Every code path of the kernels once: products with and without element groups, float32 and
     16-bit storage, norms only, pairs of task blocks, the reduction, combine with and without
     adding."""
     reports = [

@@ -7,7 +7,7 @@
 // slot of the workspace. Stage 2 sums the slots in slot order, in double. No atomics: the same
 // inputs give the same bits on every run. T <= kTile reads J once; larger T reads each tile
 // once per tile pair it is in.
-#include "column_batch.cuh"
+#include "tensor_batch.cuh"
 #include "launch.h"
 
 namespace emtl::cuda {
@@ -52,7 +52,7 @@ __device__ void block_sum(const float (&values)[kCount], float* out) {
 
 template <Storage S, bool kSquaresOnly>
 __global__ void __launch_bounds__(kThreads)
-    gram_partials_kernel(const ColumnBatch batch, int num_tasks, int64_t num_chunks, float* partials) {
+    gram_partials_kernel(const TensorBatch batch, int num_tasks, int64_t num_chunks, float* partials) {
   using E = Element<S>;
   using scalar_t = typename E::type;
   int tile_a = blockIdx.y, tile_b = blockIdx.y;
@@ -86,13 +86,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int r = 0; r < kTile; ++r) {
       const int task_a = tile_a * kTile + r, task_b = tile_b * kTile + r;
-      const void* const* column = batch.pieces + span.column * num_tasks;
-      rows_a[r] = task_a < num_tasks ? static_cast<const scalar_t*>(column[task_a]) + span.start : nullptr;
-      rows_b[r] = task_b < num_tasks ? static_cast<const scalar_t*>(column[task_b]) + span.start : nullptr;
+      const void* const* tensor_pieces = batch.pieces + span.tensor * num_tasks;
+      rows_a[r] = task_a < num_tasks ? static_cast<const scalar_t*>(tensor_pieces[task_a]) + span.start : nullptr;
+      rows_b[r] = task_b < num_tasks ? static_cast<const scalar_t*>(tensor_pieces[task_b]) + span.start : nullptr;
     }
     float x[kTile][kWidth], y[kTile][kWidth];
     int64_t scalar_from = 0;
-    if (batch.aligned[span.column]) {
+    if (batch.aligned[span.tensor]) {
       scalar_from = span.length / kWidth * kWidth;
       for (int64_t e = threadIdx.x * kWidth; e < scalar_from; e += kThreads * kWidth) {
 #pragma unroll
@@ -163,7 +163,7 @@ __global__ void sq_norms_finalize_kernel(const float* partials, int64_t num_slot
 // Slots (blocks along the chunks) over all launches for grads: the workspace holds their partials.
 int64_t num_slots(const TaskTable& grads) {
   int64_t slots = 0;
-  for_each_batch(grads, nullptr, [&](const ColumnBatch&, int64_t num_chunks) {
+  for_each_batch(grads, nullptr, [&](const TensorBatch&, int64_t num_chunks) {
     slots += grid_blocks(num_chunks);
     return cudaSuccess;
   });
@@ -178,7 +178,7 @@ struct PartialsLaunch {
       const int num_tasks = static_cast<int>(grads.num_tasks);
       const unsigned groups = kSquaresOnly ? num_tiles(num_tasks) : num_tile_pairs(num_tasks);
       float* partials = workspace;
-      return for_each_batch(grads, nullptr, [&](const ColumnBatch& batch, int64_t num_chunks) {
+      return for_each_batch(grads, nullptr, [&](const TensorBatch& batch, int64_t num_chunks) {
         const dim3 grid(grid_blocks(num_chunks), groups);
         gram_partials_kernel<S, kSquaresOnly><<<grid, kThreads, 0, stream>>>(batch, num_tasks, num_chunks, partials);
         partials += static_cast<int64_t>(grid.x) * groups * kValues<kSquaresOnly>;

@@ -8,8 +8,8 @@ triangle mirrored, so G is exactly symmetric and a repeat run is bit-identical (
 same chunks go to the same programs in the same order).
 
 Products: an elementwise ``[T_BLOCK, T_BLOCK, BLOCK // VEC]`` accumulator, reduced once at the
-end, with T_BLOCK at most 8. A thread sums the products of VEC adjacent columns into one
-accumulator column, so that 8 rows can be read with 16-byte loads within the register budget.
+end, with T_BLOCK at most 8. A thread sums the products of VEC adjacent elements into one
+accumulator slot, so that 8 rows can be read with 16-byte loads within the register budget.
 More tasks take a second grid axis over the pairs of 8-row blocks, each pair reading its two
 blocks: J is read ⌈T/8⌉ times. That beats the alternatives measured on an H200 (P = 2²⁴ and 2²⁷,
 T = 16): ``tl.dot`` in IEEE float32 runs on the FMA units and reached 0.05–0.10× the copy
@@ -23,13 +23,16 @@ on the way drops a non-finite value.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
 from .tables import RowTables, index_table
 from .tiles import chunk_span, load_tile, row_pointers
-from .tuning import NUM_STAGES, LaunchConfig
+from .tuning import NUM_STAGES, LaunchConfig, next_power_of_2
 
 #: Largest task block a program holds: its products, or its squares alone. More tasks tile
 #: over (pairs of) blocks.
@@ -41,50 +44,31 @@ _REDUCE_VALUES = 4096
 
 def gram_t_block(num_tasks: int, norms_only: bool) -> int:
     """Rows of J a program holds at once for ``num_tasks`` tasks."""
-    return min(triton.next_power_of_2(num_tasks), MAX_NORMS_T_BLOCK if norms_only else MAX_PRODUCTS_T_BLOCK)
+    return min(next_power_of_2(num_tasks), MAX_NORMS_T_BLOCK if norms_only else MAX_PRODUCTS_T_BLOCK)
+
+
+@functools.cache
+def block_pair_starts(num_tasks: int, norms_only: bool) -> tuple[int, ...]:
+    """The first rows of the pairs of task blocks the programs take, flat: (a, a) for each block
+    of the norms, (a, b) with a <= b for the products."""
+    t_block = gram_t_block(num_tasks, norms_only)
+    starts = range(0, num_tasks, t_block)
+    pairs = [(a, a) for a in starts] if norms_only else [(a, b) for a in starts for b in starts if a <= b]
+    return tuple(index for pair in pairs for index in pair)
 
 
 @triton.jit
 def _add_outer_products(acc, tile_a, tile_b, T_BLOCK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr):
-    """``acc[i, j, c] += Σ_v tile_a[i, VEC·c + v] · tile_b[j, VEC·c + v]``: a thread holds VEC
-    adjacent columns (one wide load per row) but only one column of accumulators. tl.split keeps
-    the halves it makes in the thread that held them."""
+    """``acc[i, j, s] += Σ_v tile_a[i, VEC·s + v] · tile_b[j, VEC·s + v]``: a thread holds VEC
+    adjacent elements (one wide load per row) but only one accumulator slot per pair of rows.
+    tl.split keeps the halves it makes in the thread that held them."""
     if VEC == 1:
         acc += tile_a[:, None, :] * tile_b[None, :, :]
     else:
         a_even, a_odd = tl.split(tl.reshape(tile_a, (T_BLOCK, BLOCK // 2, 2)))
         b_even, b_odd = tl.split(tl.reshape(tile_b, (T_BLOCK, BLOCK // 2, 2)))
-        acc = _add_outer_products(acc, a_even, b_even, T_BLOCK, BLOCK // 2, VEC // 2)
-        acc = _add_outer_products(acc, a_odd, b_odd, T_BLOCK, BLOCK // 2, VEC // 2)
-    return acc
-
-
-@triton.jit
-def _accumulate(
-    acc,
-    pointers_a,
-    mask_a,
-    pointers_b,
-    mask_b,
-    offset,
-    length,
-    columns,
-    MASK_COLUMNS: tl.constexpr,
-    NORMS_ONLY: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
-    T_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr,
-    VEC: tl.constexpr,
-):
-    tile_a = load_tile(pointers_a, mask_a, offset, length, columns, MASK_COLUMNS)
-    if NORMS_ONLY:
-        acc += tile_a * tile_a
-    else:
-        if SINGLE_BLOCK:
-            tile_b = tile_a
-        else:
-            tile_b = load_tile(pointers_b, mask_b, offset, length, columns, MASK_COLUMNS)
-        acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK, BLOCK, VEC)
+        acc = _add_outer_products(acc, a_even, b_even, T_BLOCK=T_BLOCK, BLOCK=BLOCK // 2, VEC=VEC // 2)
+        acc = _add_outer_products(acc, a_odd, b_odd, T_BLOCK=T_BLOCK, BLOCK=BLOCK // 2, VEC=VEC // 2)
     return acc
 
 
@@ -114,53 +98,32 @@ def gram_partials_kernel(
     rows_b = tl.load(block_pairs + 2 * pair + 1).to(tl.int32) + tl.arange(0, T_BLOCK)
     mask_a = rows_a < num_tasks
     mask_b = rows_b < num_tasks
-    columns = tl.arange(0, BLOCK)
+    elements = tl.arange(0, BLOCK)
     if NORMS_ONLY:
         acc = tl.zeros([T_BLOCK, BLOCK], dtype=tl.float32)
     else:
         acc = tl.zeros([T_BLOCK, T_BLOCK, BLOCK // VEC], dtype=tl.float32)
     for chunk in range(program, num_chunks, num_programs):
-        column, start, length = chunk_span(chunk_table, chunk, num_chunks)
-        pointers_a = row_pointers(pointer_table, column, rows_a, mask_a, num_tasks, start, DTYPE, ALIGNED)
+        tensor, start, length = chunk_span(chunk_table, chunk, num_chunks)
+        pointers_a = row_pointers(pointer_table, tensor, rows_a, mask_a, num_tasks, start, DTYPE=DTYPE, ALIGNED=ALIGNED)
         if SINGLE_BLOCK or NORMS_ONLY:
             pointers_b = pointers_a
         else:
-            pointers_b = row_pointers(pointer_table, column, rows_b, mask_b, num_tasks, start, DTYPE, ALIGNED)
+            pointers_b = row_pointers(
+                pointer_table, tensor, rows_b, mask_b, num_tasks, start, DTYPE=DTYPE, ALIGNED=ALIGNED
+            )
         full = length - length % BLOCK
-        for offset in range(0, full, BLOCK):
-            acc = _accumulate(
-                acc,
-                pointers_a,
-                mask_a,
-                pointers_b,
-                mask_b,
-                offset,
-                length,
-                columns,
-                False,
-                NORMS_ONLY,
-                SINGLE_BLOCK,
-                T_BLOCK,
-                BLOCK,
-                VEC,
-            )
-        if full < length:
-            acc = _accumulate(
-                acc,
-                pointers_a,
-                mask_a,
-                pointers_b,
-                mask_b,
-                full,
-                length,
-                columns,
-                True,
-                NORMS_ONLY,
-                SINGLE_BLOCK,
-                T_BLOCK,
-                BLOCK,
-                VEC,
-            )
+        # The full tiles (tail = 0), then the chunk's partial last tile if it has one (tail = 1).
+        for tail in tl.static_range(2):
+            for offset in range(full if tail else 0, length if tail else full, BLOCK):
+                tile_a = load_tile(pointers_a, mask_a, offset, length, elements, PARTIAL_TILE=tail)
+                if NORMS_ONLY:
+                    acc += tile_a * tile_a
+                elif SINGLE_BLOCK:
+                    acc = _add_outer_products(acc, tile_a, tile_a, T_BLOCK=T_BLOCK, BLOCK=BLOCK, VEC=VEC)
+                else:
+                    tile_b = load_tile(pointers_b, mask_b, offset, length, elements, PARTIAL_TILE=tail)
+                    acc = _add_outer_products(acc, tile_a, tile_b, T_BLOCK=T_BLOCK, BLOCK=BLOCK, VEC=VEC)
     if NORMS_ONLY:
         partial = tl.sum(acc, axis=1)
         entries = tl.arange(0, T_BLOCK)
@@ -207,7 +170,7 @@ def reduce_partials_kernel(
         tl.store(out + cols * num_tasks + rows, total, mask=upper)
 
 
-def launch_gram(
+def gram_launcher(
     tables: RowTables,
     num_tasks: int,
     dtype: tl.dtype,
@@ -215,30 +178,24 @@ def launch_gram(
     program_slots: int,
     *,
     norms_only: bool,
-) -> torch.Tensor:
-    """G ``[T, T]`` (or the squared norms ``[T]`` when ``norms_only``) in float32, by two launches.
+) -> Callable[[], torch.Tensor]:
+    """The Gram pass over ``tables``, ready to launch: each call allocates G ``[T, T]`` (or the
+    squared norms ``[T]`` when ``norms_only``) in float32, makes the two launches and returns it.
 
     ``program_slots`` is the number of programs that run at once per ``config.programs_per_slot``
     (the SM count on a GPU); the persistent grid never exceeds the chunk count.
     """
     device = tables.chunks.device
     t_block = gram_t_block(num_tasks, norms_only)
-    starts = range(0, num_tasks, t_block)
-    if norms_only:
-        pairs = [(a, a) for a in starts]
-    else:
-        pairs = [(a, b) for a in starts for b in starts if a <= b]
-    block_pairs = index_table(tuple(index for pair in pairs for index in pair), device)
+    pair_starts = block_pair_starts(num_tasks, norms_only)
+    num_pairs = len(pair_starts) // 2
+    pair_table = index_table(pair_starts, device)
     num_programs = min(tables.num_chunks, program_slots * config.programs_per_slot)
     width = t_block if norms_only else t_block * t_block
-    partials = torch.empty(len(pairs), num_programs, width, dtype=torch.float32, device=device)
-    gram_partials_kernel[(num_programs, len(pairs))](
-        tables.row_pointers,
-        tables.chunks,
-        block_pairs,
-        partials,
-        num_tasks,
-        tables.num_chunks,
+    partials_shape = (num_pairs, num_programs, width)
+    shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
+    launch_partials = gram_partials_kernel[(num_programs, num_pairs)]
+    partials_options = dict(
         DTYPE=dtype,
         T_BLOCK=t_block,
         NORMS_ONLY=norms_only,
@@ -251,14 +208,8 @@ def launch_gram(
         num_stages=NUM_STAGES,
         enable_fp_fusion=True,
     )
-    shape = (num_tasks,) if norms_only else (num_tasks, num_tasks)
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    reduce_partials_kernel[(len(pairs),)](
-        partials,
-        out,
-        block_pairs,
-        num_tasks,
-        num_programs,
+    launch_reduce = reduce_partials_kernel[(num_pairs,)]
+    reduce_options = dict(
         T_BLOCK=t_block,
         NORMS_ONLY=norms_only,
         WIDTH=width,
@@ -266,4 +217,14 @@ def launch_gram(
         num_warps=4,
         enable_fp_fusion=True,
     )
-    return out
+
+    def launch() -> torch.Tensor:
+        partials = torch.empty(partials_shape, dtype=torch.float32, device=device)
+        launch_partials(
+            tables.row_pointers, tables.chunks, pair_table, partials, num_tasks, tables.num_chunks, **partials_options
+        )
+        out = torch.empty(shape, dtype=torch.float32, device=device)
+        launch_reduce(partials, out, pair_table, num_tasks, num_programs, **reduce_options)
+        return out
+
+    return launch

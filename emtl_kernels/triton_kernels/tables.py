@@ -5,9 +5,11 @@ launch reads them through three small int64 tables:
 
 - the chunk table ``[3, C]`` (task-independent): each shared tensor k is cut into chunks of at most
   :data:`CHUNK_ELEMENTS`; chunk c covers elements ``start[c] : start[c] + length[c]`` of tensor
-  ``column[c]``. Programs of a launch take chunks, so thousands of parameter tensors cost one
+  ``tensor[c]``. Programs of a launch take chunks, so thousands of parameter tensors cost one
   launch, and a chunk's ``start`` is int64 (P may exceed 2³¹ elements).
-- the row-pointer table ``[K, T]``: the address of ``rows[i][k]`` at ``k * T + i``.
+- the row-pointer table ``[K, T]``: the address of ``rows[i][k]`` at ``k * T + i``. It is cached
+  by the pieces' addresses in task-major order (:meth:`TaskGradients.flat_pieces`), read with
+  one C-level pass over the pieces.
 - the output table ``[K]``: the address of the combine pass's destination for tensor k.
 
 Tables are cached by their contents (the sizes, or the addresses), so a step that sees the same
@@ -21,10 +23,9 @@ replay, from entries that are never reused (:class:`_CaptureStaging`).
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,11 +41,10 @@ CHUNK_ELEMENTS = 1 << 14
 VECTOR_BYTES = 16
 
 
-@dataclass(frozen=True)
-class RowTables:
+class RowTables(NamedTuple):
     """The tables of one :class:`TaskGradients`: what both passes over it read."""
 
-    #: int64 ``[3, C]``: column, start and length of each chunk.
+    #: int64 ``[3, C]``: tensor, start and length of each chunk.
     chunks: Tensor
     num_chunks: int
     #: int64 ``[K, T]``: the address of ``rows[i][k]`` at ``[k, i]``.
@@ -95,8 +95,16 @@ class _CaptureStaging:
         return staged.copy_(values)
 
 
+class DeviceTable(NamedTuple):
+    """A table on the device, and whether its every value is a multiple of :data:`VECTOR_BYTES`
+    (for a table of addresses: every address allows 128-bit accesses), found once when built."""
+
+    values: Tensor
+    aligned: bool
+
+
 class _DeviceTableCache:
-    """int64 device tensors keyed by their contents, least recently used evicted first.
+    """int64 device tables keyed by their contents, least recently used evicted first.
 
     A table read by a kernel captured in a CUDA graph must outlive the graph: tables looked up
     while a capture is under way are pinned (never evicted), and those made during a capture are
@@ -105,22 +113,25 @@ class _DeviceTableCache:
 
     def __init__(self, capacity: int):
         self._capacity = capacity
-        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
-        self._pinned: dict[tuple, Tensor] = {}
+        self._entries: OrderedDict[tuple, DeviceTable] = OrderedDict()
+        self._pinned: dict[tuple, DeviceTable] = {}
 
-    def get(self, key: tuple, device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+    def get(self, key: tuple, device: torch.device, build: Callable[[], Tensor]) -> DeviceTable:
         """The table cached under ``key`` on ``device``; ``build()`` makes it on the host first."""
         key = (device, key)
-        capturing = _is_capturing(device)
+        capturing = is_capturing(device)
         table = self._pinned.get(key)
         if table is not None:
             return table
         table = self._entries.get(key)
         if table is None:
+            host = build()
+            aligned = not bool((host % VECTOR_BYTES).any())
             if capturing:
-                self._pinned[key] = table = CAPTURE_STAGING.stage(build()).to(device, non_blocking=True)
+                staged = CAPTURE_STAGING.stage(host).to(device, non_blocking=True)
+                self._pinned[key] = table = DeviceTable(staged, aligned)
                 return table
-            table = _to_device(build(), device)
+            table = DeviceTable(_to_device(host, device), aligned)
             self._entries[key] = table
             while len(self._entries) > self._capacity:
                 self._entries.popitem(last=False)
@@ -128,7 +139,7 @@ class _DeviceTableCache:
         if capturing:
             self._pinned[key] = self._entries.pop(key)
         elif device.type == "cuda":
-            CAPTURE_STAGING.reserve(2 * table.numel())
+            CAPTURE_STAGING.reserve(2 * table.values.numel())
         return table
 
     def clear(self) -> None:
@@ -144,11 +155,8 @@ CAPTURE_STAGING = _CaptureStaging()
 # Entries hold their keys (tuples of T·K addresses): a few dozen cover a training loop.
 DEVICE_TABLES = _DeviceTableCache(capacity=32)
 
-# Both passes of a step read the same TaskGradients: its tables are built once per object.
-_ROW_TABLES: weakref.WeakKeyDictionary[TaskGradients, RowTables] = weakref.WeakKeyDictionary()
 
-
-def _is_capturing(device: torch.device) -> bool:
+def is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
@@ -161,49 +169,50 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 
 
 def chunk_spans(sizes: tuple[int, ...]) -> Tensor:
-    """The chunk table ``[3, C]`` (column, start, length) for shared tensors of ``sizes``, on the
+    """The chunk table ``[3, C]`` (tensor, start, length) for shared tensors of ``sizes``, on the
     host. Every chunk but a tensor's last has :data:`CHUNK_ELEMENTS` elements."""
     sizes_t = torch.tensor(sizes, dtype=torch.int64)
     counts = (sizes_t + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
-    column = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
+    tensor = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int64), counts)
     first_chunk = torch.cumsum(counts, 0) - counts
-    start = (torch.arange(column.numel(), dtype=torch.int64) - first_chunk[column]) * CHUNK_ELEMENTS
-    length = torch.clamp(sizes_t[column] - start, max=CHUNK_ELEMENTS)
-    return torch.stack([column, start, length])
+    start = (torch.arange(tensor.numel(), dtype=torch.int64) - first_chunk[tensor]) * CHUNK_ELEMENTS
+    length = torch.clamp(sizes_t[tensor] - start, max=CHUNK_ELEMENTS)
+    return torch.stack([tensor, start, length])
+
+
+def piece_addresses(grads: TaskGradients) -> tuple[int, ...]:
+    """The addresses of ``grads``' pieces, task-major, read once per object (a C-level pass)."""
+    return grads.derived("piece addresses", lambda: tuple(map(Tensor.data_ptr, grads.flat_pieces())))
 
 
 def row_tables(grads: TaskGradients) -> RowTables:
-    """The device tables of ``grads`` (built on first use, then reused)."""
-    tables = _ROW_TABLES.get(grads)
+    """The device tables of ``grads``: found or built on its first pass, kept for the others."""
     # Under capture the lookups must go through the device cache, which pins what a graph reads.
-    if tables is None or _is_capturing(grads.device):
-        addresses = tuple([piece.data_ptr() for column in zip(*grads.rows, strict=True) for piece in column])
-        chunks = DEVICE_TABLES.get(("chunks", grads.sizes), grads.device, lambda: chunk_spans(grads.sizes))
-        tables = RowTables(
-            chunks=chunks,
-            num_chunks=chunks.shape[1],
-            row_pointers=DEVICE_TABLES.get(("addresses", addresses), grads.device, lambda: _int64(addresses)),
-            aligned=all_aligned(addresses),
-        )
-        _ROW_TABLES[grads] = tables
-    return tables
+    if is_capturing(grads.device):
+        return _row_tables(grads)
+    return grads.derived("triton row tables", lambda: _row_tables(grads))
 
 
-def output_table(outs: list[Tensor]) -> tuple[Tensor, bool]:
-    """The output table ``[K]`` of the combine pass, and whether every address is aligned."""
-    addresses = tuple(out.data_ptr() for out in outs)
-    return DEVICE_TABLES.get(("addresses", addresses), outs[0].device, lambda: _int64(addresses)), all_aligned(
-        addresses
+def _row_tables(grads: TaskGradients) -> RowTables:
+    addresses = piece_addresses(grads)
+    chunks = DEVICE_TABLES.get(("chunks", grads.sizes), grads.device, lambda: chunk_spans(grads.sizes)).values
+    pointers = DEVICE_TABLES.get(
+        ("task-major addresses", addresses),
+        grads.device,
+        lambda: _int64(addresses).view(grads.num_tasks, len(grads.sizes)).T.flatten(),
     )
+    return RowTables(chunks=chunks, num_chunks=chunks.shape[1], row_pointers=pointers.values, aligned=pointers.aligned)
+
+
+def output_table(outs: list[Tensor]) -> DeviceTable:
+    """The output table ``[K]`` of the combine pass (the destinations' addresses)."""
+    addresses = tuple(map(Tensor.data_ptr, outs))
+    return DEVICE_TABLES.get(("addresses", addresses), outs[0].device, lambda: _int64(addresses))
 
 
 def index_table(values: tuple[int, ...], device: torch.device) -> Tensor:
     """A small int64 table of ``values`` on ``device`` (cached like the others)."""
-    return DEVICE_TABLES.get(("indices", values), device, lambda: _int64(values))
-
-
-def all_aligned(addresses: tuple[int, ...]) -> bool:
-    return not any([address % VECTOR_BYTES for address in addresses])
+    return DEVICE_TABLES.get(("indices", values), device, lambda: _int64(values)).values
 
 
 def _int64(values: tuple[int, ...]) -> Tensor:

@@ -2,9 +2,13 @@
 
 A tile is ``[T_BLOCK, BLOCK]``: T_BLOCK task rows (masked beyond T) of BLOCK consecutive elements
 of one chunk, loaded as float32. Rows come from different allocations, so each row's address is
-read from the pointer table and cast to a typed pointer. Columns are masked only on a chunk's last
-(partial) tile: a mask that varies along the columns would stop the compiler from issuing 128-bit
+read from the pointer table and cast to a typed pointer. Elements are masked only on a chunk's
+last, partial tile: a mask that varies along a row would stop the compiler from issuing 128-bit
 loads.
+
+Words: ``tensor`` is the index k of a shared tensor (a chunk-table entry); ``start`` a chunk's
+first element in its tensor; ``offset`` a tile's first element in its chunk; ``elements`` the
+element indices ``0 .. BLOCK-1`` within a tile; ``rows`` task indices.
 """
 
 import triton
@@ -13,11 +17,11 @@ import triton.language as tl
 
 @triton.jit
 def chunk_span(chunk_table, chunk, num_chunks):
-    """(column, start, length) of ``chunk``: start is int64, length fits int32."""
-    column = tl.load(chunk_table + chunk)
+    """(tensor, start, length) of ``chunk``: start is int64, length fits int32."""
+    tensor = tl.load(chunk_table + chunk)
     start = tl.load(chunk_table + num_chunks + chunk)
     length = tl.load(chunk_table + 2 * num_chunks + chunk).to(tl.int32)
-    return column, start, length
+    return tensor, start, length
 
 
 @triton.jit
@@ -31,18 +35,24 @@ def typed_pointer(address, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def row_pointers(pointer_table, column, rows, row_mask, num_tasks, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers to element ``start`` of ``rows[i][column]`` for the tile's rows."""
-    addresses = tl.load(pointer_table + column * num_tasks + rows, mask=row_mask, other=0)
-    return typed_pointer(addresses, start, DTYPE, ALIGNED)
+def row_pointers(pointer_table, tensor, rows, row_mask, num_tasks, start, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers to element ``start`` of ``rows[i][tensor]`` for the tile's rows."""
+    addresses = tl.load(pointer_table + tensor * num_tasks + rows, mask=row_mask, other=0)
+    return typed_pointer(
+        addresses,
+        start,
+        DTYPE=DTYPE,
+        ALIGNED=ALIGNED,
+    )
 
 
 @triton.jit
-def load_tile(pointers, row_mask, offset, length, columns, MASK_COLUMNS: tl.constexpr):
-    """The float32 tile of elements ``offset + columns`` of each row; zeros where masked, so that
-    a padded row or column adds nothing (and a non-finite value stays where it is)."""
-    positions = offset + columns
-    if MASK_COLUMNS:
+def load_tile(pointers, row_mask, offset, length, elements, PARTIAL_TILE: tl.constexpr):
+    """The float32 tile of elements ``offset + elements`` of each row; zeros where masked, so that
+    a padded row or element adds nothing (and a non-finite value stays where it is). PARTIAL_TILE:
+    the tile runs past the chunk's ``length``, whose elements beyond it are masked."""
+    positions = offset + elements
+    if PARTIAL_TILE:
         mask = row_mask[:, None] & (positions < length)[None, :]
     else:
         mask = row_mask[:, None]

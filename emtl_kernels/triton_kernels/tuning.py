@@ -1,17 +1,17 @@
-"""Launch configurations of the Triton kernels and the choice among them.
+"""Launch configurations of the Triton kernels, the candidates of a pass's tuning.
 
-A pass is tuned once per (pass, T, dtype, size class, device): on the first call that may be
-timed, every candidate runs on the call's own data and the fastest is kept for the process.
-Triton's autotuner is not used because it times a kernel by running it on the call's arguments:
-a combine pass that adds into ``.grad`` would add several times. Here a call that may not run
-twice (an accumulating combine, a CUDA graph capture) takes the kept choice, or the first
-candidate without keeping it. Under the interpreter there is one small candidate: timing it would
-measure Python.
+A pass is tuned once per (pass, T, dtype, size class, device) by
+:class:`~emtl_kernels.backends.fastest.Fastest`: on the first call that may be timed, every
+candidate runs on the call's own data and the fastest is kept for the process. Triton's autotuner
+is not used because it times a kernel by running it on the call's arguments: a combine pass that
+adds into ``.grad`` would add several times. Here a call that may not run twice (an accumulating
+combine, a CUDA graph capture) takes the kept choice, or the first candidate without keeping it.
+Under the interpreter there is one small candidate: timing it would measure Python.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -23,7 +23,7 @@ from triton.runtime.errors import OutOfResources
 @dataclass(frozen=True)
 class LaunchConfig:
     """Elements per tile, warps per program, (for persistent grids) programs per SM, and (for the
-    Gram products) adjacent columns a thread sums into one accumulator column."""
+    Gram products) adjacent elements a thread sums into one accumulator slot."""
 
     block: int
     num_warps: int = 4
@@ -48,14 +48,15 @@ _LOAD_BYTES = 16
 _MAX_BLOCK = 4096
 
 
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= ``n`` (>= 1), in plain Python: Triton's own is a constexpr
+    function, costly to call on the host."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return bool(triton.knobs.runtime.interpret)
-
-
-def size_class(numel: int) -> int:
-    """0 to 3 for P below 2¹⁸, 2²², 2²⁶ and above: the bucket a tuned choice is kept for."""
-    return min(3, max(0, (numel.bit_length() - 15) // 4))
 
 
 @cache
@@ -66,9 +67,9 @@ def program_slots(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def elementwise_candidates(values_per_column: int, element_bytes: int, *, persistent: bool) -> list[LaunchConfig]:
-    """Tiles for kernels that hold ``values_per_column`` float32 registers per element column
-    (tile rows and elementwise accumulators): per warp count, the two largest blocks within the
+def elementwise_candidates(values_per_element: int, element_bytes: int, *, persistent: bool) -> list[LaunchConfig]:
+    """Tiles for kernels that hold ``values_per_element`` float32 registers per element of a tile
+    row (the tile's rows and elementwise accumulators): per warp count, the two largest blocks within the
     register budget (more bytes in flight per iteration), the block that gives every thread one
     16-byte load a row where the budget stops short of it, and for a persistent grid two
     occupancies."""
@@ -80,7 +81,7 @@ def elementwise_candidates(values_per_column: int, element_bytes: int, *, persis
         fitting = [
             b
             for b in (256, 512, 1024, 2048, _MAX_BLOCK)
-            if b >= threads and values_per_column * b <= _REGISTER_BUDGET * threads
+            if b >= threads and values_per_element * b <= _REGISTER_BUDGET * threads
         ]
         blocks = fitting[-2:] or [threads]
         wide = min(_MAX_BLOCK, threads * _LOAD_BYTES // element_bytes)
@@ -93,9 +94,9 @@ def elementwise_candidates(values_per_column: int, element_bytes: int, *, persis
 
 def outer_product_candidates(t_block: int, element_bytes: int) -> list[LaunchConfig]:
     """Tiles for the elementwise Gram products of ``t_block`` rows. A thread keeps t_block²
-    accumulators per group of ``vec`` adjacent columns and the group's t_block·vec tile values;
+    accumulators per group of ``vec`` adjacent elements and the group's t_block·vec tile values;
     vec is 1, or one 16-byte load's worth of elements (without it, 8 rows of accumulators leave
-    room for one column a thread: 4-byte loads, 2-byte ones for 16-bit storage). Per warp count and
+    room for one element a thread: 4-byte loads, 2-byte ones for 16-bit storage). Per warp count and
     vec, as many groups as the register budget allows (at least one), and two occupancies."""
     if interpreting():
         return [INTERPRETER_CONFIG]
@@ -108,41 +109,9 @@ def outer_product_candidates(t_block: int, element_bytes: int) -> list[LaunchCon
     return configs
 
 
-class Tuner:
-    """The launch configuration kept per key."""
-
-    def __init__(self) -> None:
-        self._chosen: dict[Hashable, LaunchConfig] = {}
-
-    def choose(
-        self,
-        key: Hashable,
-        candidates: list[LaunchConfig],
-        run: Callable[[LaunchConfig], object],
-        *,
-        may_time: bool,
-    ) -> LaunchConfig:
-        """The kept configuration for ``key``; on the first call that ``may_time``, the fastest
-        candidate of ``run`` (a launch with that configuration, safe to repeat)."""
-        chosen = self._chosen.get(key)
-        if chosen is not None:
-            return chosen
-        if len(candidates) == 1:
-            self._chosen[key] = candidates[0]
-            return candidates[0]
-        if not may_time:
-            return candidates[0]
-        timings = {config: _milliseconds(run, config) for config in candidates}
-        chosen = min(timings, key=timings.__getitem__)
-        self._chosen[key] = chosen
-        return chosen
-
-    def clear(self) -> None:
-        """Forget every choice."""
-        self._chosen.clear()
-
-
-def _milliseconds(run: Callable[[LaunchConfig], object], config: LaunchConfig) -> float:
+def milliseconds(run: Callable[[LaunchConfig], object], config: LaunchConfig) -> float:
+    """Milliseconds ``run(config)`` takes on the device (infinite where the configuration does
+    not fit the device's resources)."""
     try:
         return triton.testing.do_bench(lambda: run(config), warmup=5, rep=20)
     except OutOfResources:

@@ -4,8 +4,9 @@
 // Chunk table: each shared tensor (a column block of J) is cut into chunks of kChunk elements; a
 // launch covers a batch of tensors, and its blocks walk the batch's chunks grid-stride. The batch
 // holds each tensor's T piece pointers, its size and the index of its first chunk, so a block
-// finds its tensor by a search over at most kMaxColumns entries, and nothing is copied to the
-// device before a launch.
+// finds its tensor by a search over at most kMaxTensors entries, and nothing is copied to the
+// device before a launch. Words: a batch's "tensor" t is its t-th shared tensor (an index);
+// "start" and "length" are a chunk's first element in its tensor and its element count.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,22 +27,22 @@ constexpr int64_t kMaxBlocks = 1024;         // blocks per launch along the chun
 // CUDA 12.1 raised the kernel-argument space from 4 KiB to 32 KiB (Volta and later).
 #if CUDART_VERSION >= 12010 && !defined(EMTL_SMALL_KERNEL_PARAMS)
 constexpr int kMaxPointers = 1024;
-constexpr int kMaxColumns = 128;
+constexpr int kMaxTensors = 128;
 #else
 constexpr int kMaxPointers = 256;
-constexpr int kMaxColumns = 32;
+constexpr int kMaxTensors = 32;
 #endif
 
-struct ColumnBatch {
-  const void* pieces[kMaxPointers];      // column c's task i at c * num_tasks + i
-  void* outs[kMaxColumns];               // combine's outputs; unused by the reductions
-  int64_t sizes[kMaxColumns];
-  int64_t first_chunk[kMaxColumns + 1];  // column c owns chunks [first_chunk[c], first_chunk[c+1])
-  bool aligned[kMaxColumns];             // every pointer of column c allows kWidth-wide loads
-  int num_columns;
+struct TensorBatch {
+  const void* pieces[kMaxPointers];      // tensor t's task i at t * num_tasks + i
+  void* outs[kMaxTensors];               // combine's outputs; unused by the reductions
+  int64_t sizes[kMaxTensors];
+  int64_t first_chunk[kMaxTensors + 1];  // tensor t owns chunks [first_chunk[t], first_chunk[t+1])
+  bool aligned[kMaxTensors];             // every pointer of tensor t allows kWidth-wide loads
+  int num_tensors;
 
-  __host__ __device__ int column_of(int64_t chunk) const {
-    int lo = 0, hi = num_columns - 1;  // the last c with first_chunk[c] <= chunk
+  __host__ __device__ int tensor_of(int64_t chunk) const {
+    int lo = 0, hi = num_tensors - 1;  // the last t with first_chunk[t] <= chunk
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
       if (first_chunk[mid] <= chunk) {
@@ -119,34 +120,34 @@ template <typename Launch>
 cudaError_t for_each_batch(const TaskTable& grads, void* const* outs, Launch&& launch) {
   const int64_t num_tasks = grads.num_tasks;
   const uintptr_t wide_bytes = static_cast<uintptr_t>(kWidth * element_bytes(grads.storage));
-  ColumnBatch batch{};
+  TensorBatch batch{};
   int64_t num_chunks = 0;
   auto flush = [&]() -> cudaError_t {
-    if (batch.num_columns == 0) return cudaSuccess;
-    batch.first_chunk[batch.num_columns] = num_chunks;
+    if (batch.num_tensors == 0) return cudaSuccess;
+    batch.first_chunk[batch.num_tensors] = num_chunks;
     const cudaError_t error = launch(batch, num_chunks);
-    batch = ColumnBatch{};
+    batch = TensorBatch{};
     num_chunks = 0;
     return error;
   };
   for (int64_t k = 0; k < grads.num_tensors; ++k) {
     if (grads.size(k) == 0) continue;
-    if ((batch.num_columns + 1) * num_tasks > kMaxPointers || batch.num_columns == kMaxColumns) {
+    if ((batch.num_tensors + 1) * num_tasks > kMaxPointers || batch.num_tensors == kMaxTensors) {
       if (const cudaError_t error = flush(); error != cudaSuccess) return error;
     }
-    const int c = batch.num_columns++;
+    const int t = batch.num_tensors++;
     uintptr_t addresses = 0;
     for (int64_t i = 0; i < num_tasks; ++i) {
-      batch.pieces[c * num_tasks + i] = grads.piece(i, k);
+      batch.pieces[t * num_tasks + i] = grads.piece(i, k);
       addresses |= reinterpret_cast<uintptr_t>(grads.piece(i, k));
     }
     if (outs != nullptr) {
-      batch.outs[c] = outs[k];
+      batch.outs[t] = outs[k];
       addresses |= reinterpret_cast<uintptr_t>(outs[k]);
     }
-    batch.aligned[c] = addresses % wide_bytes == 0;
-    batch.sizes[c] = grads.size(k);
-    batch.first_chunk[c] = num_chunks;
+    batch.aligned[t] = addresses % wide_bytes == 0;
+    batch.sizes[t] = grads.size(k);
+    batch.first_chunk[t] = num_chunks;
     num_chunks += (grads.size(k) + kChunk - 1) / kChunk;
   }
   return flush();
@@ -156,17 +157,17 @@ inline unsigned grid_blocks(int64_t num_chunks) {
   return static_cast<unsigned>(num_chunks < kMaxBlocks ? num_chunks : kMaxBlocks);
 }
 
-// Where chunk `chunk` of a batch lies: its column, first element and length.
+// Where chunk `chunk` of a batch lies: its tensor, first element and length.
 struct ChunkSpan {
-  int column;
+  int tensor;
   int64_t start, length;
 };
 
-__host__ __device__ inline ChunkSpan chunk_span(const ColumnBatch& batch, int64_t chunk) {
-  const int column = batch.column_of(chunk);
-  const int64_t start = (chunk - batch.first_chunk[column]) * kChunk;
-  const int64_t rest = batch.sizes[column] - start;
-  return ChunkSpan{column, start, rest < kChunk ? rest : kChunk};
+__host__ __device__ inline ChunkSpan chunk_span(const TensorBatch& batch, int64_t chunk) {
+  const int tensor = batch.tensor_of(chunk);
+  const int64_t start = (chunk - batch.first_chunk[tensor]) * kChunk;
+  const int64_t rest = batch.sizes[tensor] - start;
+  return ChunkSpan{tensor, start, rest < kChunk ? rest : kChunk};
 }
 
 // Dispatches a kernel template on the storage tag.
