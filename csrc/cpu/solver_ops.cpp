@@ -25,6 +25,20 @@ double weights_eps(const at::Tensor& losses) {
                                               : std::numeric_limits<float>::epsilon();
 }
 
+// The relative rounding of G's own dtype.
+double gram_eps(const at::Tensor& gram) {
+  switch (gram.scalar_type()) {
+    case at::kDouble:
+      return std::numeric_limits<double>::epsilon();
+    case at::kFloat:
+      return std::numeric_limits<float>::epsilon();
+    case at::kHalf:
+      return 0x1p-10;
+    default:
+      return 0x1p-7;  // bfloat16
+  }
+}
+
 int checked_num_tasks(const at::Tensor& losses, const at::Tensor& gram, const char* op) {
   TORCH_CHECK(losses.dim() == 1 && losses.numel() > 0, op, ": losses must be a non-empty 1-D tensor [T], got ",
               losses.sizes());
@@ -69,15 +83,17 @@ at::Tensor mgda_weights(const at::Tensor& losses, const at::Tensor& gram) {
 
 at::Tensor cagrad_weights(const at::Tensor& losses, const at::Tensor& gram, double c) {
   const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::cagrad_weights");
-  const Vector weights = solvers::cagrad_weights(num_tasks, widened(gram), c, weights_eps(losses));
+  const Vector weights = solvers::cagrad_weights(num_tasks, widened(gram), c);
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
 at::Tensor nash_mtl_weights(const at::Tensor& losses, const at::Tensor& gram, double reg_eps,
                             std::optional<double> max_norm, int64_t iterations) {
   const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::nash_mtl_weights");
-  const Vector weights = solvers::nash_mtl_weights(num_tasks, widened(gram), reg_eps, max_norm.value_or(0.0),
-                                                   static_cast<int>(iterations));
+  // Rounding G can make it indefinite by up to T·eps of its dtype relative to diag(G).
+  const double ridge = reg_eps + 2.0 * num_tasks * gram_eps(gram);
+  const Vector weights =
+      solvers::nash_mtl_weights(num_tasks, widened(gram), ridge, max_norm.value_or(0.0), static_cast<int>(iterations));
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 

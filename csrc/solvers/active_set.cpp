@@ -125,7 +125,7 @@ class ActiveSet {
       double gradient = p_.linear[i], scale = std::abs(p_.linear[i]) + std::abs(multiplier_);
       for (int k : free_) gradient += h(i, k) * x_[k], scale += std::abs(h(i, k) * x_[k]);
       const double violation = gradient - multiplier_;
-      if (violation < -16.0 * n_ * kEps * scale && violation < best_violation) {
+      if (violation < -4.0 * n_ * kEps * scale && violation < best_violation) {
         best = i;
         best_violation = violation;
       }

@@ -11,6 +11,8 @@ namespace emtl::solvers {
 namespace {
 
 constexpr double kEps = std::numeric_limits<double>::epsilon();
+// Relative to a diagonal entry, times T²: the ridge that MGDA's QP carries.
+constexpr double kRoundingRidge = 16.0 * kEps;
 // CAGrad's fixed point ‖g_w(s)‖ = s: every pass halves its bracket at worst.
 constexpr int kMaxRadiusPasses = 200;
 
@@ -89,14 +91,67 @@ Vector project_onto_dual_cone(int n, const Vector& gram, const Vector& preferenc
   return result;
 }
 
+namespace {
+
+// The minimiser of least norm on the face of the simplex that `alpha` solves MGDA on: where
+// G[F, F] is singular (identical gradients, 0 in the hull) the minimisers form a face, and the
+// ridge picks one only to within eps₆₄ / ridge. It is α − Pα, P the projector onto the directions
+// v of F with G[F, F] v = 0 (eigenvalues at or below the ridge) and 1ᵀv = 0, unless that leaves
+// the simplex.
+Vector least_norm_minimiser(int n, const Vector& normalized, const std::vector<int>& free_set, const Vector& alpha) {
+  const int k = static_cast<int>(free_set.size());
+  Vector block(static_cast<size_t>(k) * k), values, vectors;
+  for (int i = 0; i < k; ++i) {
+    for (int j = 0; j < k; ++j) block[static_cast<size_t>(i) * k + j] = at(normalized, n, free_set[i], free_set[j]);
+  }
+  symmetric_eigh(k, block, values, vectors);
+  const double cut = kRoundingRidge * n * n * std::max(values[k - 1], 0.0);
+  // P = V0 (I − ĉĉᵀ) V0ᵀ with V0 the null directions and c = V0ᵀ1.
+  std::vector<int> null_directions;
+  Vector ones_along, alpha_along;
+  for (int m = 0; m < k && values[m] <= cut; ++m) {
+    double ones = 0.0, on_alpha = 0.0;
+    for (int i = 0; i < k; ++i) ones += at(vectors, k, i, m), on_alpha += at(vectors, k, i, m) * alpha[free_set[i]];
+    null_directions.push_back(m);
+    ones_along.push_back(ones);
+    alpha_along.push_back(on_alpha);
+  }
+  if (null_directions.empty()) return alpha;
+  double ones_sq = 0.0, ones_dot_alpha = 0.0;
+  for (size_t m = 0; m < null_directions.size(); ++m) {
+    ones_sq += ones_along[m] * ones_along[m];
+    ones_dot_alpha += ones_along[m] * alpha_along[m];
+  }
+  Vector result(alpha);
+  for (size_t m = 0; m < null_directions.size(); ++m) {
+    // 1 with no part in the null space beyond the eigenvectors' rounding: the constraint 1ᵀv = 0 holds there.
+    const bool ones_in_null_space = ones_sq > 1e-16 * k;
+    const double coefficient = alpha_along[m] - (ones_in_null_space ? ones_along[m] * ones_dot_alpha / ones_sq : 0.0);
+    for (int i = 0; i < k; ++i) result[free_set[i]] -= coefficient * at(vectors, k, i, null_directions[m]);
+  }
+  for (int i = 0; i < k; ++i) {
+    if (result[free_set[i]] < 0.0) return alpha;
+  }
+  return result;
+}
+
+}  // namespace
+
 Vector mgda_weights(int n, const Vector& gram) {
   const std::vector<bool> active = tasks_with_gradient(n, gram);
   Vector weights(n, 0.0);
   const double total = trace(n, gram);
   if (total > 0.0) {
-    const Vector hessian = scaled(gram, 1.0 / total);
+    const Vector normalized = scaled(gram, 1.0 / total);
+    Vector hessian(normalized);
+    // A ridge near the rounding level of the diagonal keeps the QP strictly convex where G is
+    // singular. It stays above the active set's tolerance (4·T·eps₆₄ of a multiplier) with the
+    // weight split T ways: 16·T²·eps₆₄ of each diagonal entry, which moves αᵀGα by at most that
+    // times max_i G_ii / tr(G).
+    for (int i = 0; i < n; ++i) hessian[static_cast<size_t>(i) * n + i] *= 1.0 + kRoundingRidge * n * n;
     const Vector linear(n, 0.0);
-    weights = solve_qp({hessian.data(), linear.data(), n, true, active}).x;
+    const QpSolution solution = solve_qp({hessian.data(), linear.data(), n, true, active});
+    weights = least_norm_minimiser(n, normalized, solution.free_set, solution.x);
     double sum = 0.0;
     for (double w : weights) sum += w;
     for (double& w : weights) w = sum > 0.0 ? w / sum : 0.0;
@@ -108,15 +163,11 @@ Vector mgda_weights(int n, const Vector& gram) {
 namespace {
 
 // On a fixed free set F of CAGrad's simplex QP min ½wᵀĜw + (s/r)bᵀw, the solution is affine in
-// s: w(s) = w0 + s·e, with Ĝw0 = q0·1 on F (q0 = 1/1ᵀĜ_FF⁻¹1), 1ᵀe = 0, and
-// ‖g_w(s)‖² = q0 + s²·eᵀĜe.
-struct AffinePiece {
-  Vector w0, e;
-  double q0 = 0.0, curvature = 0.0;
-};
-
-AffinePiece affine_piece(int n, const Vector& hessian, const Vector& toward_mean, double radius,
-                         const std::vector<int>& free_set) {
+// s: w(s) = w0 + s·e, with Ĝw0 = q0·1 on F (q0 = 1/1ᵀĜ_FF⁻¹1) and 1ᵀe = 0, so
+// ‖g_w(s)‖² = q0 + s²·eᵀĜe. Returns that piece's fixed point ‖g_w(s)‖ = s: √(q0 / (1 − eᵀĜe)),
+// or +∞ where eᵀĜe ≥ 1 (no fixed point on the piece).
+double fixed_point_on_piece(int n, const Vector& hessian, const Vector& toward_mean, double radius,
+                            const std::vector<int>& free_set) {
   const int k = static_cast<int>(free_set.size());
   GrowingCholesky factor(k);
   Vector column(k);
@@ -131,13 +182,11 @@ AffinePiece affine_piece(int n, const Vector& hessian, const Vector& toward_mean
   factor.solve(along_b.data());
   double sum_ones = 0.0, sum_b = 0.0;
   for (int i = 0; i < k; ++i) sum_ones += ones[i], sum_b += along_b[i];
-  AffinePiece piece{Vector(n, 0.0), Vector(n, 0.0), 1.0 / sum_ones, 0.0};
-  for (int i = 0; i < k; ++i) {
-    piece.w0[free_set[i]] = ones[i] / sum_ones;
-    piece.e[free_set[i]] = (sum_b / sum_ones * ones[i] - along_b[i]) / radius;
-  }
-  piece.curvature = quadratic_form(n, hessian, piece.e);
-  return piece;
+  Vector e(n, 0.0);
+  for (int i = 0; i < k; ++i) e[free_set[i]] = (sum_b / sum_ones * ones[i] - along_b[i]) / radius;
+  const double curvature = quadratic_form(n, hessian, e);
+  if (!(curvature < 1.0)) return std::numeric_limits<double>::infinity();
+  return std::sqrt(std::max(1.0 / sum_ones, 0.0) / (1.0 - curvature));
 }
 
 // x less its part along the eigenvectors of `matrix` whose eigenvalues are cut.
@@ -157,7 +206,7 @@ Vector without_null_space(int n, const Vector& matrix, const Vector& x, double e
 
 }  // namespace
 
-Vector cagrad_weights(int n, const Vector& gram, double c, double eps) {
+Vector cagrad_weights(int n, const Vector& gram, double c) {
   const Vector mean(n, 1.0 / n);
   const double total = trace(n, gram);
   if (!(total > 0.0)) return mean;
@@ -180,16 +229,13 @@ Vector cagrad_weights(int n, const Vector& gram, double c, double eps) {
   double s = std::sqrt(largest_diagonal);  // ≥ ‖g_w‖ for every w on the simplex
   Vector linear(n);
   QpSolution solution;
-  AffinePiece piece;
   for (int pass = 0; pass < kMaxRadiusPasses; ++pass) {
     for (int i = 0; i < n; ++i) linear[i] = s / radius * toward_mean[i];
     solution = solve_qp({hessian.data(), linear.data(), n, true, active});
     const double sq_norm = quadratic_form(n, hessian, solution.x);
-    piece = affine_piece(n, hessian, toward_mean, radius, solution.free_set);
     if (std::abs(sq_norm - s * s) <= 64.0 * kEps * std::max(sq_norm, s * s)) break;
     (sq_norm > s * s ? lo : hi) = s;
-    const double root =
-        piece.curvature < 1.0 ? std::sqrt(std::max(piece.q0, 0.0) / (1.0 - piece.curvature)) : hi;
+    const double root = fixed_point_on_piece(n, hessian, toward_mean, radius, solution.free_set);
     const double next = root > lo && root < hi ? root : (std::isfinite(hi) ? 0.5 * (lo + hi) : 2.0 * s);
     if (next == s) break;
     s = next;
@@ -202,14 +248,13 @@ Vector cagrad_weights(int n, const Vector& gram, double c, double eps) {
     for (int i = 0; i < n; ++i) weights[i] += radius / s * w[i];
     return weights;
   }
-  // The gradients cancel (g_w* = 0): r/‖g_w‖ has no limit, but d does. On the final piece
-  // (r/s)·w = (r/s)·w0 + r·e with w0 in the null space of G; the weights keep no part there.
-  Vector direction(piece.e);
-  if (s > 0.0) {
-    for (int i = 0; i < n; ++i) direction[i] += piece.w0[i] / s;
-  }
-  const Vector shift = without_null_space(n, hessian, direction, eps);
-  for (int i = 0; i < n; ++i) weights[i] += radius * shift[i];
+  // The gradients cancel (g_w* = 0): the best worst improvement is 0, the paper's weights are
+  // undefined and the optimal d are those of the ball that conflict with no task. The one taken
+  // is the nearest to g_0: its projection onto the dual cone (DualProj's problem without ridge),
+  // which lies in the ball since some optimal d does; its weights keep no part in G's null space.
+  const Vector shift = solve_qp({hessian.data(), toward_mean.data(), n, false, active}).x;
+  const Vector kept = without_null_space(n, hessian, shift, kEps);
+  for (int i = 0; i < n; ++i) weights[i] += kept[i];
   return weights;
 }
 
@@ -230,7 +275,9 @@ Vector nash_mtl_weights(int n, const Vector& gram, double reg_eps, double max_no
   double frobenius = 0.0;
   for (double value : normalized) frobenius += value * value;
   frobenius = std::sqrt(frobenius);
-  // B = G / ‖G‖_F + reg_eps·I on the tasks with a gradient, a decoupled unit entry for the others.
+  // B = (G + reg_eps·diag(G)) / ‖G‖_F on the tasks with a gradient, a decoupled unit entry for the
+  // others. The ridge, relative to each diagonal entry, moves every α_i (Gα)_i by O(reg_eps)
+  // whatever the spread of the gradients' norms.
   Vector bargaining(static_cast<size_t>(n) * n, 0.0);
   for (int i = 0; i < n; ++i) {
     for (int j = 0; j < n; ++j) {
@@ -238,7 +285,7 @@ Vector nash_mtl_weights(int n, const Vector& gram, double reg_eps, double max_no
       bargaining[static_cast<size_t>(i) * n + j] =
           both ? at(normalized, n, i, j) / (frobenius > 0.0 ? frobenius : 1.0) : (i == j ? 1.0 : 0.0);
     }
-    bargaining[static_cast<size_t>(i) * n + i] += reg_eps;
+    bargaining[static_cast<size_t>(i) * n + i] *= 1.0 + reg_eps;
   }
   // Damped Newton on φ(α) = ½αᵀBα − Σ log α_i (self-concordant: the step Δ/(1 + λ), λ the Newton
   // decrement, stays in α > 0; a full step once λ < 1/4), from diag(B)^{-1/2} on its ray minimum.

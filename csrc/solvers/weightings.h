@@ -21,9 +21,9 @@ Vector project_onto_dual_cone(int n, const Vector& gram, const Vector& preferenc
 Vector mgda_weights(int n, const Vector& gram);
 
 // π + (r / ‖g_w‖) w, w the minimiser over the simplex of g_wᵀg_0 + r‖g_w‖ (r = c‖g_0‖), on G / tr(G).
-Vector cagrad_weights(int n, const Vector& gram, double c, double eps);
+Vector cagrad_weights(int n, const Vector& gram, double c);
 
-// α > 0 with α_i (Gα)_i = 1 (on G + reg_eps·‖G‖_F·I), then clipped to ‖Jᵀα‖ ≤ max_norm when
+// α > 0 with α_i (Gα)_i = 1 (on G + reg_eps·diag(G)), then clipped to ‖Jᵀα‖ ≤ max_norm when
 // max_norm > 0.
 Vector nash_mtl_weights(int n, const Vector& gram, double reg_eps, double max_norm, int iterations);
 
