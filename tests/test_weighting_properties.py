@@ -94,10 +94,12 @@ def assert_same_weighting(name: str, gram: torch.Tensor, actual: torch.Tensor, e
     """The same update to 1e-9 of its scale, and the same weights where they are unique: to 1e-7,
     or 1e-4 for Aligned-MTL, whose weights carry Λ^(-1/2) of the kept eigenvalues. Row norms
     1e-3..1e3 make κ(G) up to 1e12, so rounding of the smallest kept eigenvalue moves them by
-    eps · κ (about 1e-6 seen); the update, which multiplies them by J, does not move."""
+    eps · κ (about 1e-6 seen); the update, which multiplies them by J, does not move. Nash-MTL's
+    weights, where no bargaining solution exists without its ridge, solve a system of condition
+    number about 1/reg_eps = 1e9: to eps/reg_eps, 1e-6."""
     assert update_gap(gram, actual, expected) <= 1e-9
     if name not in UNIQUE_UPDATE:
-        assert_same_weights(actual, expected, tol=1e-4 if name == "aligned_mtl" else 1e-7)
+        assert_same_weights(actual, expected, tol={"aligned_mtl": 1e-4, "nash_mtl": 1e-6}.get(name, 1e-7))
 
 
 def imtl_g_is_well_posed(jacobian: torch.Tensor) -> bool:

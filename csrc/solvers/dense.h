@@ -1,5 +1,5 @@
 // Small dense linear algebra in double for the T×T solvers: a growable Cholesky factor and the
-// symmetric eigen-decomposition. Torch-free; matrices are row-major std::vector<double>.
+// symmetric eigen-decompositions. Torch-free; matrices are row-major std::vector<double>.
 #pragma once
 
 #include <vector>
@@ -31,5 +31,12 @@ class GrowingCholesky {
 // of the symmetric n×n `matrix` (its lower triangle is read). Defined with the CPU kernels
 // (cpu/symmetric_eigh.cpp: LAPACK's dsyevd, as torch links it).
 void symmetric_eigh(int n, std::vector<double> matrix, std::vector<double>& values, std::vector<double>& vectors);
+
+// The same by cyclic Jacobi rotations, each skipped once its off-diagonal entry is below eps of
+// the geometric mean of its two diagonal entries. Slower than dsyevd, but on a positive
+// semi-definite matrix every eigenvalue comes out accurate relative to itself as long as
+// D^(-1/2) G D^(-1/2) (D = diag(G)) is well conditioned on its range, where dsyevd's error is
+// eps·λ_max for all: what Aligned-MTL needs when the tasks' gradient norms differ by orders.
+void jacobi_eigh(int n, std::vector<double> matrix, std::vector<double>& values, std::vector<double>& vectors);
 
 }  // namespace emtl::solvers

@@ -373,7 +373,8 @@ Vector aligned_mtl_weights(int n, const Vector& gram, ScaleMode scale_mode, doub
   const std::vector<bool> active = tasks_with_gradient(n, gram);
   const double total = trace(n, gram);
   Vector values, vectors;
-  symmetric_eigh(n, scaled(gram, total > 0.0 ? 1.0 / total : 0.0), values, vectors);
+  // B carries Λ^(-1/2): the smallest kept eigenvalues need accuracy relative to themselves.
+  jacobi_eigh(n, scaled(gram, total > 0.0 ? 1.0 / total : 0.0), values, vectors);
   const std::vector<bool> kept = kept_eigenvalues(values, eps);
   int rank = 0;
   double kept_sum = 0.0;
