@@ -21,6 +21,13 @@ class ActiveSet {
     std::vector<double> z;
     for (int pass = 0; pass < max_passes; ++pass) {
       const double multiplier = solve_on_free_set(z);
+      if (!all_finite(z, multiplier)) {
+        // H[F, F] is singular or indefinite beyond its pivots' floor (a G rounded to float32):
+        // the index just added (still at 0) is taken back and x stays; otherwise x is final.
+        if (free_.empty() || x_[free_.back()] != 0.0) break;
+        drop(free_.back());
+        continue;
+      }
       if (!step_inside(z)) continue;
       multiplier_ = multiplier;
       if (!add_most_violated()) break;
@@ -71,6 +78,19 @@ class ActiveSet {
     const double multiplier = (1.0 - sum_z) / sum_ones;
     for (size_t i = 0; i < k; ++i) z[i] += multiplier * ones[i];
     return multiplier;
+  }
+
+  static bool all_finite(const std::vector<double>& z, double multiplier) {
+    for (double value : z) {
+      if (!std::isfinite(value)) return false;
+    }
+    return std::isfinite(multiplier);
+  }
+
+  void drop(int index) {
+    x_[index] = 0.0;
+    blocked_[index] = true;
+    drop_zeros();
   }
 
   // Moves x to z if z > 0 on the free set (true); otherwise as far toward z as x ≥ 0 allows,

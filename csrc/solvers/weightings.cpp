@@ -100,6 +100,7 @@ namespace {
 // the simplex.
 Vector least_norm_minimiser(int n, const Vector& normalized, const std::vector<int>& free_set, const Vector& alpha) {
   const int k = static_cast<int>(free_set.size());
+  if (k < 2) return alpha;
   Vector block(static_cast<size_t>(k) * k), values, vectors;
   for (int i = 0; i < k; ++i) {
     for (int j = 0; j < k; ++j) block[static_cast<size_t>(i) * k + j] = at(normalized, n, free_set[i], free_set[j]);
