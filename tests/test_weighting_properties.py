@@ -41,7 +41,8 @@ UNIQUE_WEIGHTS = ["emtl", "gradnorm_scaling", "equal", "aligned_mtl", "upgrad", 
 #: multipliers, may hold many optimal weight vectors); only their update Jᵀw is.
 UNIQUE_UPDATE = ["mgda", "cagrad"]
 #: Weightings the papers state are unchanged when every task gradient is multiplied by one factor.
-SCALE_FREE = ["imtl_g", "mgda", "cagrad", "aligned_mtl", "upgrad", "dualproj", "nash_mtl", "equal"]
+#: Not Nash-MTL: α_i (Gα)_i = 1 scales its weights inversely (its update is what stays).
+SCALE_FREE = ["imtl_g", "mgda", "cagrad", "aligned_mtl", "upgrad", "dualproj", "equal"]
 
 
 @st.composite
@@ -199,6 +200,17 @@ def test_common_scale_holds_in_float32_over_its_whole_range(name, jacobian, expo
     weights = weighting(losses, gram.float())
     scaled = weighting(losses, (gram * 10.0 ** (2 * exponent)).float())
     assert_same_weights(scaled, weights, tol=2e-3 if name == "aligned_mtl" else 1e-4)
+
+
+@PROPERTY_SETTINGS
+@given(jacobian=task_jacobians(), exponent=st.integers(-6, 6))
+def test_common_scale_of_the_gradients_scales_nash_mtl_weights_inversely(jacobian, exponent):
+    """Gradients times s: α_i (Gα)_i = 1 gives weights α/s, so the update Jᵀα, clipped or not, stays."""
+    gram, losses = jacobian @ jacobian.T, losses_for(jacobian.shape[0])
+    for weighting in (make_weighting("nash_mtl"), make_weighting("nash_mtl", max_norm=None)):
+        weights = weighting(losses, gram)
+        scaled = weighting(losses, gram * 10.0 ** (2 * exponent)) * 10.0**exponent
+        assert_same_weighting("nash_mtl", gram, scaled, weights)
 
 
 @pytest.mark.parametrize("dual_cone", [upgrad_weights, dualproj_weights], ids=lambda f: f.__name__)

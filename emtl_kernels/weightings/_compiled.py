@@ -10,6 +10,8 @@ that csrc/README.md states, and returns the weights in :func:`~.base.compute_dty
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -35,7 +37,7 @@ def _fake_projection(gram: Tensor, preferences: Tensor, norm_eps: float, reg_eps
 
 
 #: The solver ops' fake kernels, by name.
-FAKES = {
+FAKES: dict[str, Callable[..., Tensor]] = {
     "project_onto_dual_cone": _fake_projection,
     "mgda_weights": _fake_weights,
     "cagrad_weights": _fake_weights,
