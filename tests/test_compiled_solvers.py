@@ -300,8 +300,9 @@ def test_cagrad_reaches_the_best_worst_improvement(num_tasks, c, dtype):
     mean = torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
     radius = c * (mean @ normalized @ mean).sqrt()
     offset = weights - mean
-    # On the ball's boundary: within the rounding of the weights to their dtype.
-    assert (offset @ normalized @ offset).sqrt() <= radius * (1 + 10 * torch.finfo(dtype).eps)
+    # On the ball's boundary: within the rounding of the weights to their dtype, which α − π
+    # (a tenth of α and less) magnifies.
+    assert (offset @ normalized @ offset).sqrt() <= radius * (1 + 100 * torch.finfo(dtype).eps)
     # cvxpy on the J whose Gram matrix is G: the float64 J (a float32 G is its rounding).
     optimum = cvxpy_cagrad_optimum(jacobian, c)
     worst = float((normalized @ weights).min())

@@ -83,7 +83,7 @@ at::Tensor mgda_weights(const at::Tensor& losses, const at::Tensor& gram) {
 
 at::Tensor cagrad_weights(const at::Tensor& losses, const at::Tensor& gram, double c) {
   const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::cagrad_weights");
-  const Vector weights = solvers::cagrad_weights(num_tasks, widened(gram), c);
+  const Vector weights = solvers::cagrad_weights(num_tasks, widened(gram), c, gram_eps(gram));
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 

@@ -207,12 +207,17 @@ Vector without_null_space(int n, const Vector& matrix, const Vector& x, double e
 
 }  // namespace
 
-Vector cagrad_weights(int n, const Vector& gram, double c) {
+Vector cagrad_weights(int n, const Vector& gram, double c, double gram_eps) {
   const Vector mean(n, 1.0 / n);
   const double total = trace(n, gram);
   if (!(total > 0.0)) return mean;
   const std::vector<bool> active = tasks_with_gradient(n, gram);
-  const Vector hessian = scaled(gram, 1.0 / total);
+  // The rounding of G to its dtype can make it indefinite by up to T·gram_eps of its diagonal,
+  // which would make the simplex QPs below non-convex: a ridge of twice that keeps them convex.
+  const double ridge = 2.0 * n * gram_eps;
+  const Vector normalized = scaled(gram, 1.0 / total);
+  Vector hessian(normalized);
+  for (int i = 0; i < n; ++i) hessian[static_cast<size_t>(i) * n + i] *= 1.0 + ridge;
   Vector toward_mean(n, 0.0);
   double largest_diagonal = 0.0;
   for (int i = 0; i < n; ++i) {
@@ -242,20 +247,29 @@ Vector cagrad_weights(int n, const Vector& gram, double c) {
     s = next;
   }
   const Vector& w = solution.x;
+  // Where the gradients cancel (g_w* = 0: ‖g_w‖ at the rounding level of G's dtype, measured
+  // without the ridge, which alone keeps s above 0 there) π + (r/s)w is undefined: the best
+  // worst improvement is 0 and the optimal d are those of the ball that conflict with no task.
+  // The one taken is the nearest to g_0, its projection onto the dual cone (DualProj's problem
+  // without reg_eps), in the ball whenever the best worst improvement is 0; its weights keep no
+  // part in G's null space.
   double spread = 0.0;
-  for (int i = 0; i < n; ++i) spread += w[i] * std::sqrt(std::max(at(hessian, n, i, i), 0.0));
+  for (int i = 0; i < n; ++i) spread += w[i] * std::sqrt(std::max(at(normalized, n, i, i), 0.0));
+  const double combined_norm = std::sqrt(std::max(quadratic_form(n, normalized, w), 0.0));
   Vector weights(mean);
-  if (s > std::sqrt(kEps) * spread) {
-    for (int i = 0; i < n; ++i) weights[i] += radius / s * w[i];
-    return weights;
+  if (!(s > 0.0) || combined_norm <= std::sqrt(n * gram_eps) * spread) {
+    const Vector shift = solve_qp({hessian.data(), toward_mean.data(), n, false, active}).x;
+    const double distance = std::sqrt(std::max(quadratic_form(n, normalized, shift), 0.0));
+    if (distance <= radius * (1.0 + n * gram_eps) || !(s > 0.0)) {
+      const Vector kept = without_null_space(n, normalized, shift, kEps);
+      for (int i = 0; i < n; ++i) weights[i] += kept[i];
+      return weights;
+    }
   }
-  // The gradients cancel (g_w* = 0): the best worst improvement is 0, the paper's weights are
-  // undefined and the optimal d are those of the ball that conflict with no task. The one taken
-  // is the nearest to g_0: its projection onto the dual cone (DualProj's problem without ridge),
-  // which lies in the ball since some optimal d does; its weights keep no part in G's null space.
-  const Vector shift = solve_qp({hessian.data(), toward_mean.data(), n, false, active}).x;
-  const Vector kept = without_null_space(n, hessian, shift, kEps);
-  for (int i = 0; i < n; ++i) weights[i] += kept[i];
+  // r/‖g_w‖ rather than r/s: equal at the fixed point, and d stays in the ball where the last
+  // pass stopped short of it.
+  const double ridged_norm = std::sqrt(std::max(quadratic_form(n, hessian, w), 0.0));
+  for (int i = 0; i < n; ++i) weights[i] += radius / ridged_norm * w[i];
   return weights;
 }
 

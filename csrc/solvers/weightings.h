@@ -20,8 +20,9 @@ Vector project_onto_dual_cone(int n, const Vector& gram, const Vector& preferenc
 // argmin over the simplex of αᵀGα on the tasks with G_ii > 0; the others get the mean weight.
 Vector mgda_weights(int n, const Vector& gram);
 
-// π + (r / ‖g_w‖) w, w the minimiser over the simplex of g_wᵀg_0 + r‖g_w‖ (r = c‖g_0‖), on G / tr(G).
-Vector cagrad_weights(int n, const Vector& gram, double c);
+// π + (r / ‖g_w‖) w, w the minimiser over the simplex of g_wᵀg_0 + r‖g_w‖ (r = c‖g_0‖), on G / tr(G)
+// with a ridge of 2·n·gram_eps of its diagonal (gram_eps: the rounding of G's dtype).
+Vector cagrad_weights(int n, const Vector& gram, double c, double gram_eps);
 
 // α > 0 with α_i (Gα)_i = 1 (on G + reg_eps·diag(G)), then clipped to ‖Jᵀα‖ ≤ max_norm when
 // max_norm > 0.
