@@ -310,6 +310,29 @@ def test_cagrad_reaches_the_best_worst_improvement(num_tasks, c, dtype):
     assert worst >= optimum - TARGET * mean_norm
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [1.0, 2.0])
+@pytest.mark.parametrize("shape", [(20, 10), (20, 5), (4, 3)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cagrad_conflicts_with_no_task_once_the_ball_holds_zero(shape, c, dtype):
+    """c ≥ 1: the ball around g0 holds 0, so the best worst improvement is ≥ 0 (0 where the
+    gradients cancel, T > rank); TorchJD's test_non_conflicting found the compiled solve
+    conflicting on such G before."""
+    num_tasks, numel = shape
+    jacobian = random_jacobian(num_tasks, numel, seed=numel)
+    gram = jacobian @ jacobian.T
+    weights = cagrad_weights(*as_inputs(gram, dtype), c=c).double()
+    normalized = given64(gram, dtype) / given64(gram, dtype).trace()
+    assert torch.isfinite(weights).all()
+    improvements = normalized @ weights
+    # To the rounding of (Gα)_i, whose terms are G_ij α_j.
+    scale = (normalized.abs() @ weights.abs()).max()
+    assert improvements.min() >= -1e2 * torch.finfo(dtype).eps * scale
+    mean = torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
+    offset = weights - mean
+    radius = c * (mean @ normalized @ mean).sqrt()
+    assert (offset @ normalized @ offset).sqrt() <= radius * (1 + 100 * torch.finfo(dtype).eps)
+
+
 @pytest.mark.parametrize("kind", ["random", "rank_deficient", "scales", "duplicates", "zero_gradient"])
 @pytest.mark.parametrize("num_tasks", [32, 50])
 def test_float32_gram_of_many_tasks_gives_finite_optimal_weights(kind, num_tasks):
