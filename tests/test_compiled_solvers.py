@@ -389,3 +389,13 @@ def test_nash_mtl_matches_torchjd(jacobian):
     torch.testing.assert_close(
         (jacobian.T @ clipped).norm(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-12, atol=0
     )
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_torch_compile_traces_each_compiled_solve_in_one_graph(name):
+    """fullgraph=True: the op is one opaque node of the graph (its fake kernel gives the shape)."""
+    function, options, _ = PARITY[name]
+    losses, gram = as_inputs(adversarial_gram("random", 5), torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(functools.partial(function, **options), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(losses, gram), function(losses, gram, **options), rtol=0, atol=0)
