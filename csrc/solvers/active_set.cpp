@@ -16,7 +16,7 @@ class ActiveSet {
       : p_(p), n_(p.n), x_(p.n, 0.0), is_free_(p.n, false), blocked_(p.n, false), factor_(p.n) {}
 
   QpSolution run() {
-    if (p_.simplex && !start_at_best_vertex()) return {x_, free_, 0.0};
+    if (p_.simplex && !start_at_best_vertex()) return {x_, free_};
     const int max_passes = 4 * n_ + 16;
     std::vector<double> z;
     for (int pass = 0; pass < max_passes; ++pass) {
@@ -32,7 +32,7 @@ class ActiveSet {
       multiplier_ = multiplier;
       if (!add_most_violated()) break;
     }
-    return {x_, free_, multiplier_};
+    return {x_, free_};
   }
 
  private:

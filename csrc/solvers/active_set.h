@@ -7,7 +7,7 @@
 // feasible point (0, or the best vertex of the simplex) with free set F, it solves the
 // equality-constrained problem on F (x_i = 0 off F) through a Cholesky factor of H[F, F] that
 // grows by one row per added index; if that solution leaves the orthant it steps to the boundary
-// and frees nothing but drops the indices that reach 0 (refactorising); otherwise it moves there
+// and drops the indices that reach 0 (refactorising); otherwise it moves there
 // and adds the index whose KKT multiplier (∇_i − μ, μ the simplex multiplier, 0 for the orthant)
 // is most negative, until none is below rounding. Each pass strictly lowers the objective, so
 // it ends in finitely many passes; a cap of 4n + 16 passes guards against rounding cycles.
@@ -26,11 +26,10 @@ struct QuadraticProgram {
   std::vector<bool> included;
 };
 
-// The free set at the solution and, on it, the solution's simplex multiplier μ.
+// The solution and its free set.
 struct QpSolution {
   std::vector<double> x;
   std::vector<int> free_set;
-  double multiplier = 0.0;
 };
 
 QpSolution solve_qp(const QuadraticProgram& problem);

@@ -123,10 +123,10 @@ Vector least_norm_minimiser(int n, const Vector& normalized, const std::vector<i
     ones_sq += ones_along[m] * ones_along[m];
     ones_dot_alpha += ones_along[m] * alpha_along[m];
   }
+  // 1 with no part in the null space beyond the eigenvectors' rounding: 1ᵀv = 0 holds there.
+  const bool ones_in_null_space = ones_sq > 1e-16 * k;
   Vector result(alpha);
   for (size_t m = 0; m < null_directions.size(); ++m) {
-    // 1 with no part in the null space beyond the eigenvectors' rounding: the constraint 1ᵀv = 0 holds there.
-    const bool ones_in_null_space = ones_sq > 1e-16 * k;
     const double coefficient = alpha_along[m] - (ones_in_null_space ? ones_along[m] * ones_dot_alpha / ones_sq : 0.0);
     for (int i = 0; i < k; ++i) result[free_set[i]] -= coefficient * at(vectors, k, i, null_directions[m]);
   }
