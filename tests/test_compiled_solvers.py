@@ -246,13 +246,16 @@ def test_compiled_solvers_give_the_tensor_op_update_on_singular_gram(name, kind)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(8, 20), (32, 114), (50, 100)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(8, 20), (32, 114), (50, 100), (64, 0)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_dual_cone_weights_are_quadprogs_to_the_target(shape, dtype):
-    """TorchJD's test_solution_weights shapes, in float32 too: UPGrad and DualProj within 1e-6
-    relative of quadprog's float64 solution of the same problem."""
+    """TorchJD's test_solution_weights shapes, in float32 too, and T = 64 at cond(G) = 1e3 (no J:
+    numel 0): UPGrad and DualProj within 1e-6 relative of quadprog's float64 solution."""
     num_tasks, numel = shape
-    jacobian = random_jacobian(num_tasks, numel, seed=num_tasks)
-    gram = jacobian @ jacobian.T
+    if numel:
+        jacobian = random_jacobian(num_tasks, numel, seed=num_tasks)
+        gram = jacobian @ jacobian.T
+    else:
+        gram = graded_gram(num_tasks, 1e3, seed=num_tasks)
     losses, given = as_inputs(gram, dtype)
     reference = given64(gram, dtype)
     unit = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
@@ -265,7 +268,7 @@ def test_dual_cone_weights_are_quadprogs_to_the_target(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tasks,condition", [(8, 1e3), (32, 1e3), (50, 1e3), (32, 1e6)])
+@pytest.mark.parametrize("num_tasks,condition", [(8, 1e3), (32, 1e3), (50, 1e3), (64, 1e3), (32, 1e6)])
 def test_mgda_reaches_the_min_norm_to_the_target(num_tasks, condition, dtype):
     """MGDA's objective αᵀGα within 1e-6 relative of quadprog's float64 optimum; at cond 1e6 too
     (float32 there reached 1.05e-3 against an optimum of 2.35e-5 before)."""
