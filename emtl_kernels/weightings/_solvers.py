@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-#: Iterations of :func:`minimize_on_orthant`. On the normalised problems of the weightings, 30
-#: bring the KKT residual to about 1e-11 in float64 and to float32 rounding (about 1e-6) in
-#: float32, over random, rank-deficient and 1e-6..1e6-scaled Gram matrices of T ≤ 32 in the tests.
+#: Iterations of :func:`minimize_on_orthant`. On the normalised problems of the weightings, solved
+#: in float64, 30 bring the KKT residual to about 1e-11 over random, rank-deficient and
+#: 1e-6..1e6-scaled Gram matrices of T ≤ 32 in the tests.
 IPM_ITERATIONS = 30
 #: Fraction of the way to the boundary of the orthant that an interior-point step may go.
 TO_BOUNDARY = 0.995

@@ -46,9 +46,10 @@ from .base import FunctionWeighting, check_count, check_number, check_weighting_
 
 #: Iterations of the primal-dual interior point of :func:`cagrad_weights` (centering 0.1, so the
 #: duality measure falls about tenfold per iteration once the slacks are feasible). With 40 the
-#: worst improvement min_i g_i·d is within 1e-8·tr(G) of the dual optimum in float64 on the
-#: tests' random, rank-deficient, correlated and 1e-6..1e6-scaled inputs of T ≤ 32 (float32:
-#: 1e-5·tr(G), 1e-3·tr(G) for rank-deficient G), and d stays in the ball to rounding.
+#: worst improvement min_i g_i·d is within 1e-8·tr(G) of the dual optimum (solved in float64) on
+#: the tests' random, rank-deficient, correlated and 1e-6..1e6-scaled inputs of T ≤ 32 given in
+#: float64 (given in float32: 1e-5·tr(G), 1e-3·tr(G) for rank-deficient G, where the ridge of
+#: float32's rounding moves the solution), and d stays in the ball to rounding.
 CAGRAD_ITERATIONS = 40
 _CENTERING = 0.1
 
