@@ -1,0 +1,150 @@
+"""The weightings' non-negative QP in one Triton launch on a GPU, and the choice of path.
+
+On a CUDA tensor the tensor-op solvers of :mod:`._solvers` make thousands of tiny launches a
+solve. :func:`solve_nonnegative_qp` makes one instead, through the custom op
+``torch.ops.emtl_triton.nonnegative_qp`` (kernel:
+:mod:`emtl_kernels.triton_kernels.nonnegative_qp`): one program a problem, in float64, no host
+read, so a CUDA graph captures it and ``torch.compile`` traces it as one opaque node. Where the
+kernel does not serve (no Triton, not CUDA, T > :data:`MAX_TASKS`), it solves the same problem in
+float64 with :func:`~._solvers.minimize_on_orthant`, a batch of tensor ops.
+
+:func:`project_onto_dual_cone` (UPGrad, DualProj) and :func:`min_norm_on_simplex` (MGDA) are the
+weightings' problems written as that QP. Triton is imported on the first solve, not here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..backends.triton import BACKEND as TRITON_BACKEND
+from ..backends.triton import OP_NAMESPACE
+from ._solvers import minimize_on_orthant, rounding_ridge, trace_normalized
+
+#: Largest T one program solves: a 64×64 float64 tile is 32 KiB of registers over 4 warps.
+MAX_TASKS = 64
+
+#: "auto": the Triton kernel on CUDA tensors where it serves, tensor ops elsewhere; "triton":
+#: the kernel (on a CPU, Triton's interpreter: the tests); "tensor_ops": the interior point.
+SolveMethod = Literal["auto", "triton", "tensor_ops"]
+SOLVE_METHODS = ("auto", "triton", "tensor_ops")
+
+
+def default_max_pivots(num_tasks: int) -> int:
+    """Pivots a solve may make: 4T + 8, at least twice what the tests' problems take."""
+    return 4 * num_tasks + 8
+
+
+def triton_solve_unavailable(device: torch.device, num_tasks: int) -> str | None:
+    """Why the one-launch kernel cannot solve a T = ``num_tasks`` problem on ``device`` (None: it can)."""
+    if num_tasks > MAX_TASKS:
+        return f"T = {num_tasks} > {MAX_TASKS}: one program holds at most {MAX_TASKS} tasks in registers"
+    return TRITON_BACKEND.unavailable_reason(device)
+
+
+def solve_nonnegative_qp(
+    matrix: Tensor, linear: Tensor, *, method: SolveMethod = "auto", max_pivots: int | None = None
+) -> Tensor:
+    """x = argmin ½xᵀQx − bᵀx subject to x ≥ 0, for Q = ``matrix [T, T]`` (symmetric positive
+    definite) and each row b of ``linear [B, T]``: ``[B, T]`` in ``linear``'s dtype, solved in
+    float64 whatever the inputs' dtype.
+
+    ``method`` picks the path (:data:`SolveMethod`); ``max_pivots`` caps the kernel's active-set
+    pivots (default :func:`default_max_pivots`). Where the kernel stops at the cap its x is
+    feasible but not optimal; on positive-definite Q the tests never reach it.
+    """
+    _check_problem(matrix, linear, method, max_pivots)
+    num_tasks = matrix.shape[-1]
+    if method == "auto":
+        use_triton = matrix.device.type == "cuda" and triton_solve_unavailable(matrix.device, num_tasks) is None
+    else:
+        use_triton = method == "triton"
+    if use_triton:
+        reason = triton_solve_unavailable(matrix.device, num_tasks)
+        if reason is not None:
+            raise RuntimeError(f"the Triton solve cannot run here: {reason}")
+        pivots = default_max_pivots(num_tasks) if max_pivots is None else max_pivots
+        solution, _ = torch.ops.emtl_triton.nonnegative_qp(matrix.contiguous(), linear.contiguous(), pivots)
+        return solution
+    matrix64, linear64 = matrix.double(), linear.double()
+
+    def objective(x: Tensor) -> tuple[Tensor, Tensor]:
+        return x @ matrix64 - linear64, matrix64
+
+    return minimize_on_orthant(objective, tuple(linear.shape), dtype=torch.float64, device=linear.device).to(
+        linear.dtype
+    )
+
+
+def project_onto_dual_cone(
+    gram: Tensor, preferences: Tensor, *, norm_eps: float, reg_eps: float, method: SolveMethod = "auto"
+) -> Tensor:
+    """The weights v of :func:`._solvers.project_onto_dual_cone` (UPGrad, DualProj): per row u of
+    ``preferences [B, T]``, v = argmin vᵀG̃v subject to v ≥ u with G̃ = G / tr(G) + reg_eps · I,
+    normalised and solved in float64: v = u + x, x the non-negative QP with Q = G̃, b = −G̃u."""
+    num_tasks = gram.shape[-1]
+    eye = torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
+    regularized = trace_normalized(gram.double(), norm_eps) + (reg_eps + rounding_ridge(num_tasks, torch.float64)) * eye
+    preferences64 = preferences.double()
+    shift = solve_nonnegative_qp(regularized, -(preferences64 @ regularized), method=method)
+    return (preferences64 + shift.double()).to(preferences.dtype)
+
+
+def min_norm_on_simplex(matrix: Tensor, support: Tensor, *, method: SolveMethod = "auto") -> Tensor:
+    """α = argmin αᵀQα over {α ≥ 0, Σα = 1, α_i = 0 outside ``support``} (MGDA's min-norm point,
+    with Q = ``matrix [T, T]`` positive definite and ``support`` a bool ``[T]`` with a True).
+
+    The KKT conditions of the simplex problem, Qα − λ1 − μ = 0 with λ = αᵀQα > 0, are those of the
+    non-negative QP with b = 1 scaled by λ: α = x / Σx for x = argmin ½xᵀQx − 1ᵀx over x ≥ 0. A
+    task outside the support gets b_i = 0, and with it x_i = 0 wherever Q_ij = 0 for j ≠ i (a task
+    without gradient). ``[T]`` in ``matrix``'s dtype.
+
+    Identical tasks split their weight evenly only through the ridge of Q: the active-set solve
+    frees one of them first, and the other's gradient, −ridge · x, must then exceed the kernel's
+    stop threshold (64·T·eps(float64) of the problem's scale), which a ridge of 1e-12 · max Q_ii
+    does; with less, one of the twins takes the whole share (the same update, other weights)."""
+    x = solve_nonnegative_qp(matrix.double(), support.double()[None, :], method=method)[0].double()
+    return (x / x.sum().clamp_min(torch.finfo(torch.float64).tiny)).to(matrix.dtype)
+
+
+def _check_problem(matrix: Tensor, linear: Tensor, method: object, max_pivots: int | None) -> None:
+    if method not in SOLVE_METHODS:
+        raise ValueError(f"method must be one of {SOLVE_METHODS}, got {method!r}")
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square [T, T], got shape {tuple(matrix.shape)}")
+    if linear.dim() != 2 or linear.shape[1] != matrix.shape[0]:
+        raise ValueError(f"linear must be [B, T] with T = {matrix.shape[0]}, got shape {tuple(linear.shape)}")
+    if matrix.shape[0] == 0:
+        raise ValueError("the problem needs at least one task (T ≥ 1)")
+    for name, tensor in (("matrix", matrix), ("linear", linear)):
+        if tensor.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {tensor.dtype}")
+    if matrix.device != linear.device:
+        raise ValueError(f"matrix is on {matrix.device}, linear on {linear.device}: they must share a device")
+    if max_pivots is not None and (isinstance(max_pivots, bool) or not isinstance(max_pivots, int) or max_pivots < 1):
+        raise ValueError(f"max_pivots must be a positive int, got {max_pivots!r}")
+
+
+@functools.cache
+def _kernels():
+    return importlib.import_module("emtl_kernels.triton_kernels.nonnegative_qp")
+
+
+def _nonnegative_qp(matrix: Tensor, linear: Tensor, max_pivots: int) -> tuple[Tensor, Tensor]:
+    return _kernels().nonnegative_qp(matrix, linear, max_pivots)
+
+
+def _fake_nonnegative_qp(matrix: Tensor, linear: Tensor, max_pivots: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(linear), linear.new_empty((linear.shape[0],), dtype=torch.int32)
+
+
+torch.library.custom_op(
+    f"{OP_NAMESPACE}::nonnegative_qp",
+    _nonnegative_qp,
+    mutates_args=(),
+    schema="(Tensor matrix, Tensor linear, int max_pivots) -> (Tensor, Tensor)",
+).register_fake(_fake_nonnegative_qp)
