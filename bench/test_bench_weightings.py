@@ -5,6 +5,10 @@ One call of every weighting of :data:`emtl_kernels.WEIGHTINGS` (default options)
 each T's group the Gram pass over a ``[T, 2²⁰]`` float32 matrix (the "auto" backend): the
 baseline the group's relative times are read against. The interleaved run, with CUDA-graph
 replays on a GPU, comes from ``python -m bench``.
+
+On a GPU, also the one-launch Triton solves of :mod:`emtl_kernels.weightings._triton_solvers` on
+the same G: UPGrad's T dual-cone projections, DualProj's one, MGDA's min-norm point (the
+weightings' own rows time them once the weightings call them on CUDA tensors).
 """
 
 import pytest
@@ -12,6 +16,11 @@ import torch
 
 from bench.bench_weightings import NUM_TASKS, solver_inputs
 from emtl_kernels import WEIGHTINGS, TaskGradients, task_gram
+from emtl_kernels.weightings._triton_solvers import (
+    min_norm_on_simplex,
+    project_onto_dual_cone,
+    triton_solve_unavailable,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GRAM_NUMEL = 2**20
@@ -41,3 +50,29 @@ def test_gram_pass(benchmark, num_tasks):
     benchmark.group = f"weightings, T={num_tasks}, {DEVICE.type}"
     benchmark.extra_info["numel"] = GRAM_NUMEL
     _benchmark_synchronised(benchmark, lambda: task_gram(grads))
+
+
+def _one_launch_solves(gram: torch.Tensor) -> dict:
+    num_tasks = gram.shape[0]
+    eye = torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
+    mean = torch.full((1, num_tasks), 1 / num_tasks, device=gram.device)
+    normalized = gram.double() / gram.trace() + num_tasks * torch.finfo(torch.float64).eps * eye
+    support = torch.ones(num_tasks, dtype=torch.bool, device=gram.device)
+    options = dict(norm_eps=0.0, reg_eps=1e-4, method="triton")
+    return {
+        "upgrad": lambda: project_onto_dual_cone(gram, eye.float() / num_tasks, **options),
+        "dualproj": lambda: project_onto_dual_cone(gram, mean, **options),
+        "mgda": lambda: min_norm_on_simplex(normalized, support, method="triton"),
+    }
+
+
+@pytest.mark.skipif(
+    triton_solve_unavailable(DEVICE, 1) is not None or DEVICE.type != "cuda",
+    reason="the one-launch solves run on CUDA devices (on a CPU only in Triton's interpreter)",
+)
+@pytest.mark.parametrize("num_tasks", NUM_TASKS, ids=lambda num_tasks: f"T={num_tasks}")
+@pytest.mark.parametrize("problem", ["upgrad", "dualproj", "mgda"])
+def test_one_launch_solve(benchmark, problem, num_tasks):
+    _, gram = solver_inputs(num_tasks, DEVICE)
+    benchmark.group = f"weightings, T={num_tasks}, {DEVICE.type}"
+    _benchmark_synchronised(benchmark, _one_launch_solves(gram)[problem])

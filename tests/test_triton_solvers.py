@@ -323,6 +323,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.emtl_triton.nonnegative_qp.default, (matrix, linear, default_max_pivots(5)))
 
 
+def test_dual_cone_projection_traces_in_one_graph():
+    """No host read and no Python branch on a value: torch.compile traces the projection whole,
+    the solve one opaque node, and the compiled result is the eager one."""
+    gram = task_gradients("random", 6) @ task_gradients("random", 6).T
+    preferences = torch.eye(6, dtype=torch.float64) / 6
+
+    def project(gram: Tensor, preferences: Tensor) -> Tensor:
+        return project_onto_dual_cone(gram, preferences, norm_eps=0.0, reg_eps=1e-4, method="triton")
+
+    eager = project(gram.to(DEVICE), preferences.to(DEVICE))
+    compiled = torch.compile(project, fullgraph=True, backend="aot_eager")(gram.to(DEVICE), preferences.to(DEVICE))
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize(
     ("matrix", "linear", "options", "error", "match"),
     [
