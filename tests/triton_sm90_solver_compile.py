@@ -1,6 +1,7 @@
-"""Compile the one-launch non-negative QP solve for an H100 (sm_90) without a GPU, and report
-what ptxas makes of it: one JSON object per variant (BLOCK_T, storage dtype) with its registers
-a thread, the bytes it spills to local memory, and its float64 FMAs (it computes in float64).
+"""Compile the one-launch solves (non-negative QP, Jacobi eigen-decomposition) for an H100 (sm_90)
+without a GPU, and report what ptxas makes of them: one JSON object per variant (kernel, tile
+size, storage dtype) with its registers a thread, the bytes it spills to local memory, and its
+float64 instructions (FMAs, and the eigen-solver's float64 tensor-core products).
 
 Run as a script, without TRITON_INTERPRET (the interpreter never compiles); Triton ships ptxas.
 """
@@ -17,12 +18,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 
-from emtl_kernels.triton_kernels.nonnegative_qp import STOP_TOLERANCE, nonnegative_qp_kernel, program_warps
+from emtl_kernels.triton_kernels import jacobi_eigh, nonnegative_qp
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def compile_variant(block_t: int, storage: str) -> dict:
+def qp_variant(block_t: int, storage: str) -> dict:
     signature = {
         "matrix": f"*{storage}",
         "linear": f"*{storage}",
@@ -33,18 +34,40 @@ def compile_variant(block_t: int, storage: str) -> dict:
         "BLOCK_T": "constexpr",
         "TOLERANCE": "constexpr",
     }
-    constants = {"BLOCK_T": block_t, "TOLERANCE": STOP_TOLERANCE}
-    source = triton.compiler.ASTSource(fn=nonnegative_qp_kernel, signature=signature, constexprs=constants)
-    options = {"num_warps": program_warps(block_t), "num_stages": 1, "enable_fp_fusion": True}
+    constants = {"BLOCK_T": block_t, "TOLERANCE": nonnegative_qp.STOP_TOLERANCE}
+    warps = nonnegative_qp.program_warps(block_t)
+    return _report(nonnegative_qp.nonnegative_qp_kernel, signature, constants, warps, block_t, storage)
+
+
+def eigh_variant(block: int, storage: str) -> dict:
+    signature = {
+        "matrix": f"*{storage}",
+        "values": f"*{storage}",
+        "vectors": f"*{storage}",
+        "size": "i32",
+        "sweeps": "i32",
+        "BLOCK": "constexpr",
+        "ROUNDING": "constexpr",
+    }
+    constants = {"BLOCK": block, "ROUNDING": jacobi_eigh.ROUNDING}
+    warps = jacobi_eigh.program_warps(block)
+    return _report(jacobi_eigh.jacobi_eigh_kernel, signature, constants, warps, block, storage)
+
+
+def _report(kernel, signature: dict, constants: dict, num_warps: int, block: int, storage: str) -> dict:
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    options = {"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": True}
     ptx = triton.compile(source, target=HOPPER, options=options).asm["ptx"]
     usage = _ptxas_usage(ptx)
     return {
-        "block_t": block_t,
+        "kernel": kernel.__name__,
+        "block": block,
         "storage": storage,
-        "num_warps": program_warps(block_t),
+        "num_warps": num_warps,
         "registers": int(re.search(r"Used (\d+) registers", usage).group(1)),
         "spill_bytes": sum(map(int, re.findall(r"(\d+) bytes spill (?:stores|loads)", usage))),
         "float64_fma": len(re.findall(r"\bfma\.rn\.f64\b", ptx)),
+        "float64_mma": len(re.findall(r"\bmma\.sync\.aligned\.m8n8k4\.row\.col\.f64\.f64\.f64\.f64\b", ptx)),
     }
 
 
@@ -63,6 +86,8 @@ def _ptxas_usage(ptx: str) -> str:
 
 
 if __name__ == "__main__":
-    for block_t in (2, 16, 32, 64):
-        for storage in ("fp32", "fp64"):
-            print(json.dumps(compile_variant(block_t, storage)))
+    for storage in ("fp32", "fp64"):
+        for block_t in (2, 16, 32, 64):
+            print(json.dumps(qp_variant(block_t, storage)))
+        for block in (16, 32, 64):
+            print(json.dumps(eigh_variant(block, storage)))

@@ -1,15 +1,19 @@
-"""The weightings' non-negative QP in one Triton launch on a GPU, and the choice of path.
+"""The weightings' small solves in one Triton launch on a GPU, and the choice of path.
 
 On a CUDA tensor the tensor-op solvers of :mod:`._solvers` make thousands of tiny launches a
-solve. :func:`solve_nonnegative_qp` makes one instead, through the custom op
-``torch.ops.emtl_triton.nonnegative_qp`` (kernel:
-:mod:`emtl_kernels.triton_kernels.nonnegative_qp`): one program a problem, in float64, no host
-read, so a CUDA graph captures it and ``torch.compile`` traces it as one opaque node. Where the
-kernel does not serve (no Triton, not CUDA, T > :data:`MAX_TASKS`), it solves the same problem in
-float64 with :func:`~._solvers.minimize_on_orthant`, a batch of tensor ops.
+solve. The functions here make one instead, through custom ops (one program a problem, float64 in
+registers, no host read), so a CUDA graph captures them and ``torch.compile`` traces each as one
+opaque node:
 
-:func:`project_onto_dual_cone` (UPGrad, DualProj) and :func:`min_norm_on_simplex` (MGDA) are the
-weightings' problems written as that QP. Triton is imported on the first solve, not here.
+- :func:`solve_nonnegative_qp`: ``torch.ops.emtl_triton.nonnegative_qp``
+  (:mod:`emtl_kernels.triton_kernels.nonnegative_qp`); :func:`project_onto_dual_cone` (UPGrad,
+  DualProj) and :func:`min_norm_on_simplex` (MGDA) are the weightings' problems written on it;
+- :func:`symmetric_eigh`: ``torch.ops.emtl_triton.jacobi_eigh``
+  (:mod:`emtl_kernels.triton_kernels.jacobi_eigh`), for IMTL-G and Aligned-MTL.
+
+Where a kernel does not serve (no Triton, not CUDA, T > :data:`MAX_TASKS`), the same problem is
+solved by the tensor-op path of :mod:`._solvers`, in float64 for the QP. Triton is imported on
+the first solve, not here.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from torch import Tensor
 
 from ..backends.triton import BACKEND as TRITON_BACKEND
 from ..backends.triton import OP_NAMESPACE
-from ._solvers import minimize_on_orthant, rounding_ridge, trace_normalized
+from ._solvers import jacobi_eigh as tensor_op_jacobi_eigh
+from ._solvers import jacobi_sweeps, minimize_on_orthant, rounding_ridge, trace_normalized
+from ._solvers import symmetric_eigh as tensor_op_symmetric_eigh
 
 #: Largest T one program solves: a 64×64 float64 tile is 32 KiB of registers over 4 warps.
 MAX_TASKS = 64
@@ -37,6 +43,15 @@ SOLVE_METHODS = ("auto", "triton", "tensor_ops")
 def default_max_pivots(num_tasks: int) -> int:
     """Pivots a solve may make: 4T + 8, at least twice what the tests' problems take."""
     return 4 * num_tasks + 8
+
+
+def default_max_sweeps(size: int) -> int:
+    """Sweeps the Jacobi kernel may make: 2·:func:`~._solvers.jacobi_sweeps`, 20 at n = 32. It
+    stops sooner, once the off-diagonal part is at rounding level. On the tests' Gram matrices at
+    n = 32, V Λ Vᵀ reaches rounding (1e-14 of max |A|) after 7 sweeps where G has full rank and
+    after 11 where it has rank 16 or duplicated rows; the tensor-op count, 10, leaves the rank-16
+    one at 1e-10 (and the tensor-op Jacobi itself at 2.6e-7)."""
+    return 2 * jacobi_sweeps(size)
 
 
 def triton_solve_unavailable(device: torch.device, num_tasks: int) -> str | None:
@@ -59,14 +74,7 @@ def solve_nonnegative_qp(
     """
     _check_problem(matrix, linear, method, max_pivots)
     num_tasks = matrix.shape[-1]
-    if method == "auto":
-        use_triton = matrix.device.type == "cuda" and triton_solve_unavailable(matrix.device, num_tasks) is None
-    else:
-        use_triton = method == "triton"
-    if use_triton:
-        reason = triton_solve_unavailable(matrix.device, num_tasks)
-        if reason is not None:
-            raise RuntimeError(f"the Triton solve cannot run here: {reason}")
+    if _uses_triton(matrix.device, num_tasks, method):
         pivots = default_max_pivots(num_tasks) if max_pivots is None else max_pivots
         solution, _ = torch.ops.emtl_triton.nonnegative_qp(matrix.contiguous(), linear.contiguous(), pivots)
         return solution
@@ -111,18 +119,52 @@ def min_norm_on_simplex(matrix: Tensor, support: Tensor, *, method: SolveMethod 
     return (x / x.sum().clamp_min(torch.finfo(torch.float64).tiny)).to(matrix.dtype)
 
 
-def _check_problem(matrix: Tensor, linear: Tensor, method: object, max_pivots: int | None) -> None:
+def symmetric_eigh(matrix: Tensor, *, method: SolveMethod = "auto", sweeps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and orthonormal eigenvectors (columns) of the symmetric part of
+    ``matrix [n, n]``, in its dtype. The kernel computes in float64 with at most ``sweeps``
+    parallel cyclic Jacobi sweeps (default :func:`default_max_sweeps`); the tensor-op path is
+    :func:`~._solvers.symmetric_eigh` ("auto": LAPACK on a CPU, Jacobi elsewhere), or exactly
+    ``sweeps`` tensor-op Jacobi sweeps where given."""
+    _check_square(matrix, method)
+    if sweeps is not None and (isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0):
+        raise ValueError(f"sweeps must be a non-negative int, got {sweeps!r}")
+    size = matrix.shape[-1]
+    if _uses_triton(matrix.device, size, method):
+        return torch.ops.emtl_triton.jacobi_eigh(matrix, default_max_sweeps(size) if sweeps is None else sweeps)
+    if sweeps is not None:
+        return tensor_op_jacobi_eigh(matrix, sweeps)
+    return tensor_op_symmetric_eigh(matrix, "auto")
+
+
+def _uses_triton(device: torch.device, num_tasks: int, method: SolveMethod) -> bool:
+    """Whether ``method`` takes the kernel for this problem; raises where "triton" cannot."""
+    if method == "auto":
+        return device.type == "cuda" and triton_solve_unavailable(device, num_tasks) is None
+    if method == "triton":
+        reason = triton_solve_unavailable(device, num_tasks)
+        if reason is not None:
+            raise RuntimeError(f"the Triton solve cannot run here: {reason}")
+        return True
+    return False
+
+
+def _check_square(matrix: Tensor, method: object) -> None:
     if method not in SOLVE_METHODS:
         raise ValueError(f"method must be one of {SOLVE_METHODS}, got {method!r}")
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"matrix must be square [T, T], got shape {tuple(matrix.shape)}")
-    if linear.dim() != 2 or linear.shape[1] != matrix.shape[0]:
-        raise ValueError(f"linear must be [B, T] with T = {matrix.shape[0]}, got shape {tuple(linear.shape)}")
     if matrix.shape[0] == 0:
         raise ValueError("the problem needs at least one task (T ≥ 1)")
-    for name, tensor in (("matrix", matrix), ("linear", linear)):
-        if tensor.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64, got {tensor.dtype}")
+    if matrix.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"matrix must be float32 or float64, got {matrix.dtype}")
+
+
+def _check_problem(matrix: Tensor, linear: Tensor, method: object, max_pivots: int | None) -> None:
+    _check_square(matrix, method)
+    if linear.dim() != 2 or linear.shape[1] != matrix.shape[0]:
+        raise ValueError(f"linear must be [B, T] with T = {matrix.shape[0]}, got shape {tuple(linear.shape)}")
+    if linear.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"linear must be float32 or float64, got {linear.dtype}")
     if matrix.device != linear.device:
         raise ValueError(f"matrix is on {matrix.device}, linear on {linear.device}: they must share a device")
     if max_pivots is not None and (isinstance(max_pivots, bool) or not isinstance(max_pivots, int) or max_pivots < 1):
@@ -130,12 +172,20 @@ def _check_problem(matrix: Tensor, linear: Tensor, method: object, max_pivots: i
 
 
 @functools.cache
-def _kernels():
-    return importlib.import_module("emtl_kernels.triton_kernels.nonnegative_qp")
+def _kernel(name: str):
+    return importlib.import_module(f"emtl_kernels.triton_kernels.{name}")
 
 
 def _nonnegative_qp(matrix: Tensor, linear: Tensor, max_pivots: int) -> tuple[Tensor, Tensor]:
-    return _kernels().nonnegative_qp(matrix, linear, max_pivots)
+    return _kernel("nonnegative_qp").nonnegative_qp(matrix, linear, max_pivots)
+
+
+def _jacobi_eigh(matrix: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
+    return _kernel("jacobi_eigh").jacobi_eigh(matrix, sweeps)
+
+
+def _fake_jacobi_eigh(matrix: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
+    return matrix.new_empty(matrix.shape[-1:]), torch.empty_like(matrix)
 
 
 def _fake_nonnegative_qp(matrix: Tensor, linear: Tensor, max_pivots: int) -> tuple[Tensor, Tensor]:
@@ -148,3 +198,9 @@ torch.library.custom_op(
     mutates_args=(),
     schema="(Tensor matrix, Tensor linear, int max_pivots) -> (Tensor, Tensor)",
 ).register_fake(_fake_nonnegative_qp)
+torch.library.custom_op(
+    f"{OP_NAMESPACE}::jacobi_eigh",
+    _jacobi_eigh,
+    mutates_args=(),
+    schema="(Tensor matrix, int sweeps) -> (Tensor, Tensor)",
+).register_fake(_fake_jacobi_eigh)
