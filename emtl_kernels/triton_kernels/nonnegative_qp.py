@@ -8,12 +8,13 @@ float64 whatever the storage dtype. It is the dual-cone projection of UPGrad and
 The method is the primal active-set method of Lawson & Hanson's NNLS (Solving Least Squares
 Problems, 1974, ch. 23), on the QP's linear complementarity problem w = Qx − b, x ≥ 0, w ≥ 0,
 xᵀw = 0, kept as a tableau: after principal pivots on the free set F the tableau holds
-(Q_FF)⁻¹ and its constant column holds the subspace minimiser z_F = (Q_FF)⁻¹ b_F and the
-gradient w_A at z on the active set A (Cottle, Pang & Stone, The Linear Complementarity Problem,
-§2.3). One pivot moves one index between F and A at O(T²) cost, all of it tile arithmetic in one
-program. Each iteration, from a feasible x:
+(Q_FF)⁻¹ and its constant column holds the subspace minimiser z_F = (Q_FF)⁻¹ b_F (Cottle, Pang &
+Stone, The Linear Complementarity Problem, §2.3). One pivot moves one index between F and A, the
+active set, at O(T²) cost, all of it tile arithmetic in one program. Each iteration, from a
+feasible x:
 
-- if z_F > 0, x = z; stop if w_A ≥ −tol, else free the index of the most negative w_A;
+- if z_F > 0, x = z; stop if the gradient w = Qz − b is ≥ 0 on A up to its rounding, else free
+  the index of the most negative w_i;
 - else step from x towards z as far as x ≥ 0 allows and make the blocking index active.
 
 Both moves are one pivot on one index (a principal pivot on one index is its own inverse), and
@@ -33,16 +34,16 @@ import triton.language as tl
 
 from .tuning import next_power_of_2
 
-#: Multiple of T·eps(float64)·scale below which a negative gradient counts as zero: a smaller
-#: threshold lets rounding free and drop the same index in turn until ``max_pivots``.
+#: Multiple of T·eps(float64)·(|Q||z| + |b|)_i below which a negative gradient counts as zero:
+#: a smaller threshold lets rounding free and drop the same index in turn until ``max_pivots``.
 STOP_TOLERANCE = 64.0
 
 
 def program_warps(block_t: int) -> int:
     """Warps of a program holding a BLOCK_T × BLOCK_T float64 tile: one per 256 values, at most 8
-    (8 values a thread up to BLOCK_T = 32, 16 at BLOCK_T = 64). For sm_90, ptxas then spills
-    nothing up to BLOCK_T = 32 and 16-28 bytes at 64, where 4 warps spill 2.9 KB and 16 warps,
-    capped at 128 registers, 60-80 bytes (tests/triton_sm90_solver_compile.py)."""
+    (8 values a thread up to BLOCK_T = 32, 16 at BLOCK_T = 64). For sm_90, ptxas then spills at
+    most 16 bytes up to BLOCK_T = 32, and about 350 bytes at 64, where 16 warps, capped at 128
+    registers, spill about 270 (tests/triton_sm90_solver_compile.py). Not timed on a GPU yet."""
     return max(1, min(8, block_t * block_t // 256))
 
 
@@ -90,9 +91,6 @@ def nonnegative_qp_kernel(
     tableau = tl.where((index[:, None] == index[None, :]) & ~inside, 1.0, tableau)
     target = tl.load(linear + problem * num_tasks + index, mask=real, other=0.0).to(tl.float64)
 
-    diagonal = tl.sum(tl.where(index[:, None] == index[None, :], tableau, 0.0), axis=1)
-    largest_diagonal = tl.max(tl.abs(diagonal), axis=0)
-    largest_target = tl.max(tl.abs(target), axis=0)
     threshold = TOLERANCE * num_tasks * 2.220446049250313e-16
 
     constant = -target
@@ -106,15 +104,20 @@ def nonnegative_qp_kernel(
         blocked = free & (minimiser <= 0.0)
         drop = tl.max(blocked.to(tl.int32), axis=0) > 0
         # Step towards the subspace minimiser until the first free x_i reaches 0.
-        ratio = tl.where(blocked, x / tl.maximum(x - minimiser, 1e-300), float("inf"))
+        ratio = tl.where(blocked, x / tl.where(blocked, tl.maximum(x - minimiser, 1e-300), 1.0), float("inf"))
         step = tl.where(drop, tl.min(ratio, axis=0), 0.0)
         blocking = tl.argmin(ratio, axis=0)
         stepped = tl.where(index == blocking, 0.0, x + step * (minimiser - x))
-        # At the subspace minimiser: free the index whose gradient is most negative, if one is.
-        gradient = tl.where(free | ~real, 0.0, constant)
-        entering = tl.argmin(gradient, axis=0)
-        scale = largest_target + largest_diagonal * tl.sum(tl.abs(minimiser), axis=0)
-        optimal = ~drop & (tl.min(gradient, axis=0) >= -threshold * scale)
+        # At the subspace minimiser: free the index whose gradient is most negative beyond its
+        # rounding, if one is. The gradient Qz − b is formed from Q itself, with the scale of its
+        # rounding, |Q||z| + |b|, per index: the tableau's copy carries the pivots' rounding, and
+        # one scale for all indices misjudges rows whose entries are far smaller than others'.
+        products = tl.load(matrix + offsets, mask=inside, other=0.0).to(tl.float64) * minimiser[None, :]
+        gradient = tl.sum(products, axis=1) - target
+        rounding = threshold * (tl.sum(tl.abs(products), axis=1) + tl.abs(target))
+        violation = tl.where(free | ~real | (gradient >= -rounding), 0.0, gradient)
+        entering = tl.argmin(violation, axis=0)
+        optimal = ~drop & (tl.min(violation, axis=0) == 0.0)
         k = tl.where(drop, blocking, entering)
         x = tl.where(drop, stepped, minimiser)
         pivoted, moved, pivot = _pivot(tableau, constant, index, k)
