@@ -17,7 +17,7 @@ import torch
 from bench.bench_weightings import NUM_TASKS, solver_inputs
 from emtl_kernels import WEIGHTINGS, TaskGradients, task_gram
 from emtl_kernels.weightings._triton_solvers import (
-    min_norm_on_simplex,
+    min_norm_weights,
     project_onto_dual_cone,
     triton_solve_unavailable,
 )
@@ -54,15 +54,13 @@ def test_gram_pass(benchmark, num_tasks):
 
 def _one_launch_solves(gram: torch.Tensor) -> dict:
     num_tasks = gram.shape[0]
-    eye = torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
+    preferences = torch.eye(num_tasks, device=gram.device) / num_tasks
     mean = torch.full((1, num_tasks), 1 / num_tasks, device=gram.device)
-    normalized = gram.double() / gram.trace() + num_tasks * torch.finfo(torch.float64).eps * eye
-    support = torch.ones(num_tasks, dtype=torch.bool, device=gram.device)
     options = dict(norm_eps=0.0, reg_eps=1e-4, method="triton")
     return {
-        "upgrad": lambda: project_onto_dual_cone(gram, eye.float() / num_tasks, **options),
+        "upgrad": lambda: project_onto_dual_cone(gram, preferences, **options),
         "dualproj": lambda: project_onto_dual_cone(gram, mean, **options),
-        "mgda": lambda: min_norm_on_simplex(normalized, support, method="triton"),
+        "mgda": lambda: min_norm_weights(gram, dtype=torch.float32, method="triton"),
     }
 
 

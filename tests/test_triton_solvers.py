@@ -28,14 +28,13 @@ from emtl_kernels.weightings import _solvers, dualproj_weights, mgda_weights, up
 from emtl_kernels.weightings._triton_solvers import (
     MAX_TASKS,
     default_max_pivots,
-    min_norm_on_simplex,
+    min_norm_weights,
     project_onto_dual_cone,
     runs_on_triton,
     solve_nonnegative_qp,
     symmetric_eigh,
     triton_solve_unavailable,
 )
-from emtl_kernels.weightings.base import fill_zero_gradient_tasks
 
 pytestmark = pytest.mark.skipif(
     triton_solve_unavailable(torch.device("cpu"), 1) is not None and not torch.cuda.is_available(),
@@ -272,34 +271,67 @@ def test_dual_cone_projection_of_a_float32_gram_meets_the_accuracy_target(num_ta
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_tasks", NUM_TASKS)
-def test_min_norm_on_simplex_matches_quadprog(kind, num_tasks):
+def test_min_norm_weights_match_quadprog(kind, num_tasks):
     """MGDA's min-norm point through the non-negative QP with b = 1 on the support, on
     G / tr(G) + 1e-6 · I: a ridge far above the kernel's stop threshold, which identical tasks
-    need to split their weight evenly (see :func:`min_norm_on_simplex`)."""
+    need to split their weight evenly (see :func:`min_norm_weights`). A task without gradient
+    gets the mean weight of the others."""
     jacobian = task_gradients(kind, num_tasks)
     gram = jacobian @ jacobian.T
     matrix = regularized(gram, reg_eps=1e-6)
-    support = gram.diagonal() > 0
-    support = support if bool(support.any()) else torch.ones_like(support)  # as MGDA does
-    alpha = min_norm_on_simplex(matrix.to(DEVICE), support.to(DEVICE), method="triton").cpu()
+    has_gradient = gram.diagonal() > 0
+    support = has_gradient if bool(has_gradient.any()) else torch.ones_like(has_gradient)  # as MGDA does
+    weights = min_norm_weights(gram.to(DEVICE), ridge=1e-6, method="triton").cpu()
+    alpha = torch.where(support, weights, 0)
     expected = quadprog_simplex(matrix, support)
     assert_relative(alpha[None], expected[None], 1e-7, f"{kind}, T = {num_tasks}")
     value, optimum = alpha @ matrix @ alpha, expected @ matrix @ expected
     # Both to rounding of the quadratic form on the normalised matrix (max |Q| ≤ 1).
     assert abs(value - optimum) <= 1e-12 * optimum + 1e-15, (value.item(), optimum.item())
     assert alpha.sum().item() == pytest.approx(1, abs=1e-14)
-    assert bool((alpha[~support] == 0).all())
+    assert bool((weights[~support] == 1 / int(support.sum())).all())
     if kind == "duplicates" and num_tasks > 1:
         twins = num_tasks // 2
         assert_relative(alpha[:twins][None], alpha[num_tasks - twins :][None], 1e-7, "identical tasks")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_tasks", [3, 16])
+def test_one_launch_and_tensor_op_paths_agree(kind, num_tasks):
+    """The fused problems (normalisation, solve, weights in one launch) and the same steps in
+    tensor ops around the interior point, float64 and float32 results; ridges of 1e-4, where the
+    interior point's 30 iterations reach 1e-8 (with 1e-6 they leave 6e-6 on "spread")."""
+    jacobian = task_gradients(kind, num_tasks)
+    gram = jacobian @ jacobian.T
+    preferences = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
+    for dtype in (torch.float64, torch.float32):
+        results = {
+            method: (
+                project_onto_dual_cone(
+                    gram.to(DEVICE if method == "triton" else "cpu", dtype),
+                    preferences.to(DEVICE if method == "triton" else "cpu", dtype),
+                    norm_eps=0.0,
+                    reg_eps=1e-4,
+                    method=method,
+                ),
+                min_norm_weights(
+                    gram.to(DEVICE if method == "triton" else "cpu", dtype), dtype=dtype, ridge=1e-4, method=method
+                )[None],
+            )
+            for method in ("triton", "tensor_ops")
+        }
+        rtol = 1e-8 if dtype == torch.float64 else 2 * torch.finfo(torch.float32).eps
+        for triton_result, tensor_op_result in zip(results["triton"], results["tensor_ops"], strict=True):
+            assert triton_result.dtype == dtype
+            assert_relative(triton_result, tensor_op_result, rtol, f"{kind}, T = {num_tasks}, {dtype}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the compile check stands in for a GPU")
 def test_kernel_compiles_for_hopper_in_float64_without_spilling():
     """The interpreter never compiles: compile every tile size for sm_90 in a process without
     TRITON_INTERPRET; the arithmetic is float64 and its tiles stay in registers: ptxas spills a
-    few values up to 32 tasks (48 bytes at most), and the QP about 350 bytes at 64 (a 64×64
-    float64 tile over 8 warps would be 128 bytes a thread, two tiles 256)."""
+    few values up to 32 tasks (48 bytes at most), and the QP about 400 bytes at 64, where a thread
+    holds 8 values of each of its tiles."""
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -307,7 +339,7 @@ def test_kernel_compiles_for_hopper_in_float64_without_spilling():
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(reports) == 14
+    assert len(reports) == 18
     for report in reports:
         # The QP's arithmetic is float64 FMAs; the rotations are float64 tensor-core products.
         float64 = report["float64_mma"] if report["kernel"] == "jacobi_eigh_kernel" else report["float64_fma"]
@@ -333,14 +365,10 @@ def test_one_launch_solves_give_the_weightings_weights(kind, num_tasks):
     assert_relative(upgrad[None], upgrad_weights(losses, gram)[None], 1e-8, "UPGrad")
     dualproj = project_onto_dual_cone(gram.to(DEVICE), eye[:1].to(DEVICE) * 0 + 1 / num_tasks, **options)
     assert_relative(dualproj, dualproj_weights(losses, gram)[None], 1e-8, "DualProj")
-    # MGDA: G / tr(G) + T·eps·I on the tasks with a gradient (all where none has one), the others
-    # filled with the mean weight. Its twins need a larger ridge (see min_norm_on_simplex).
+    # MGDA on G / tr(G) + T·eps₆₄·I, as the weighting solves it; its twins need a larger ridge
+    # to split their weight evenly (see min_norm_weights).
     if kind != "duplicates":
-        has_gradient = gram.diagonal() > 0
-        support = has_gradient if bool(has_gradient.any()) else torch.ones_like(has_gradient)
-        matrix = _solvers.trace_normalized(gram) + num_tasks * torch.finfo(torch.float64).eps * eye
-        alpha = min_norm_on_simplex(matrix.to(DEVICE), support.to(DEVICE), method="triton").cpu()
-        mgda = fill_zero_gradient_tasks(alpha, has_gradient, neutral=1 / num_tasks)
+        mgda = min_norm_weights(gram.to(DEVICE), method="triton")
         assert_relative(mgda[None], mgda_weights(losses, gram)[None], 1e-8, "MGDA")
 
 
@@ -425,6 +453,9 @@ def test_opcheck():
     linear = linear_terms(matrix.cpu(), seed=2).to(DEVICE)
     torch.library.opcheck(torch.ops.emtl_triton.nonnegative_qp.default, (matrix, linear, default_max_pivots(5)))
     torch.library.opcheck(torch.ops.emtl_triton.jacobi_eigh.default, (matrix, 3))
+    gram = matrix * 7.0
+    torch.library.opcheck(torch.ops.emtl_triton.dual_cone_projection.default, (gram, linear.abs(), 0.0, 1e-4, 28))
+    torch.library.opcheck(torch.ops.emtl_triton.min_norm_weights.default, (gram, 1e-6, torch.float32, 28))
 
 
 def test_dual_cone_projection_traces_in_one_graph():

@@ -1,6 +1,6 @@
 """Compile the one-launch solves (non-negative QP, Jacobi eigen-decomposition) for an H100 (sm_90)
-without a GPU, and report what ptxas makes of them: one JSON object per variant (kernel, tile
-size, storage dtype) with its registers a thread, the bytes it spills to local memory, and its
+without a GPU, and report what ptxas makes of them: one JSON object per variant (kernel, problem,
+tile size, storage dtype) with its registers a thread, the bytes it spills to local memory, and its
 float64 instructions (FMAs, and the eigen-solver's float64 tensor-core products).
 
 Run as a script, without TRITON_INTERPRET (the interpreter never compiles); Triton ships ptxas.
@@ -23,7 +23,7 @@ from emtl_kernels.triton_kernels import jacobi_eigh, nonnegative_qp
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
-def qp_variant(block_t: int, storage: str) -> dict:
+def qp_variant(problem: str, block_t: int, storage: str) -> dict:
     signature = {
         "matrix": f"*{storage}",
         "linear": f"*{storage}",
@@ -31,12 +31,20 @@ def qp_variant(block_t: int, storage: str) -> dict:
         "pivot_counts": "*i32",
         "num_tasks": "i32",
         "max_pivots": "i32",
+        "norm_eps": "fp64",
+        "ridge": "fp64",
+        "PROBLEM": "constexpr",
         "BLOCK_T": "constexpr",
         "TOLERANCE": "constexpr",
     }
-    constants = {"BLOCK_T": block_t, "TOLERANCE": nonnegative_qp.STOP_TOLERANCE}
+    constants = {
+        "PROBLEM": nonnegative_qp.PROBLEMS[problem],
+        "BLOCK_T": block_t,
+        "TOLERANCE": nonnegative_qp.STOP_TOLERANCE,
+    }
     warps = nonnegative_qp.program_warps(block_t)
-    return _report(nonnegative_qp.nonnegative_qp_kernel, signature, constants, warps, block_t, storage)
+    report = _report(nonnegative_qp.nonnegative_qp_kernel, signature, constants, warps, block_t, storage)
+    return {**report, "problem": problem}
 
 
 def eigh_variant(block: int, storage: str) -> dict:
@@ -88,6 +96,8 @@ def _ptxas_usage(ptx: str) -> str:
 if __name__ == "__main__":
     for storage in ("fp32", "fp64"):
         for block_t in (2, 16, 32, 64):
-            print(json.dumps(qp_variant(block_t, storage)))
+            print(json.dumps(qp_variant("nonnegative_qp", block_t, storage)))
+        for problem in ("dual_cone", "min_norm"):
+            print(json.dumps(qp_variant(problem, 16, storage)))
         for block in (16, 32, 64):
             print(json.dumps(eigh_variant(block, storage)))

@@ -37,14 +37,18 @@ from .tuning import next_power_of_2
 #: Multiple of T·eps(float64)·(|Q||z| + |b|)_i below which a negative gradient counts as zero:
 #: a smaller threshold lets rounding free and drop the same index in turn until ``max_pivots``.
 STOP_TOLERANCE = 64.0
+#: The problems the kernel solves (its PROBLEM constexpr): the plain QP on Q and b as given; the
+#: dual-cone projection of UPGrad and DualProj (Q = G / tr(G) + ridge · I, b = −Qu, v = u + x);
+#: MGDA's min-norm point (the same Q, b = 1 on the tasks with a gradient, α = x / Σx).
+PROBLEMS = {"nonnegative_qp": 0, "dual_cone": 1, "min_norm": 2}
 
 
 def program_warps(block_t: int) -> int:
-    """Warps of a program holding a BLOCK_T × BLOCK_T float64 tile: one per 256 values, at most 8
-    (8 values a thread up to BLOCK_T = 32, 16 at BLOCK_T = 64). For sm_90, ptxas then spills at
-    most 16 bytes up to BLOCK_T = 32, and about 350 bytes at 64, where 16 warps, capped at 128
-    registers, spill about 270 (tests/triton_sm90_solver_compile.py). Not timed on a GPU yet."""
-    return max(1, min(8, block_t * block_t // 256))
+    """Warps of a program holding a BLOCK_T × BLOCK_T float64 tile: one per 256 values (8 a
+    thread), at most 16. For sm_90, ptxas then spills nothing up to BLOCK_T = 32, and about 400
+    bytes at 64, where 16 warps cap a thread at 128 registers (8 warps: about 630 bytes;
+    tests/triton_sm90_solver_compile.py). Not timed on a GPU yet."""
+    return max(1, min(16, block_t * block_t // 256))
 
 
 @triton.jit
@@ -67,6 +71,14 @@ def _pivot(tableau, constant, index, k):
 
 
 @triton.jit
+def _problem_matrix(matrix, offsets, inside, eye, matrix_scale, ridge_vector):
+    """Q = matrix_scale · M + ridge · I on the real indices (``ridge_vector``: the ridge as a float64
+    vector), float64, the identity on the padding."""
+    loaded = tl.load(matrix + offsets, mask=inside, other=0.0).to(tl.float64)
+    return tl.where(eye, tl.where(inside, ridge_vector[:, None], 1.0), 0.0) + loaded * matrix_scale
+
+
+@triton.jit
 def nonnegative_qp_kernel(
     matrix,
     linear,
@@ -74,23 +86,52 @@ def nonnegative_qp_kernel(
     pivot_counts,
     num_tasks,
     max_pivots,
+    # float64: a Python float argument would reach a compiled kernel as float32, and a ridge rounded
+    # to float32 moves an ill-conditioned solution by its relative rounding times cond(Q).
+    norm_eps: tl.float64,
+    ridge: tl.float64,
+    PROBLEM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     TOLERANCE: tl.constexpr,
 ):
-    """Solve problem ``program_id(0)``: Q from ``matrix [T, T]``, b from its row of ``linear [B, T]``;
-    x into its row of ``solution``, and into ``pivot_counts`` the pivots it made, or −1 where it
-    stopped short of optimality (``max_pivots`` reached, or a pivot not positive)."""
+    """Solve problem ``program_id(0)`` of kind PROBLEM (:data:`PROBLEMS`) on ``matrix [T, T]`` and
+    its row of ``linear [B, T]``; its result into its row of ``solution``, and into
+    ``pivot_counts`` the pivots it made, or −1 where it stopped short of optimality
+    (``max_pivots`` reached, or a pivot not positive)."""
     problem = tl.program_id(0).to(tl.int64)
     index = tl.arange(0, BLOCK_T)
     real = index < num_tasks
     inside = real[:, None] & real[None, :]
+    eye = index[:, None] == index[None, :]
     offsets = index[:, None] * num_tasks + index[None, :]
-    tableau = tl.load(matrix + offsets, mask=inside, other=0.0).to(tl.float64)
+    # A float64 tile of the ridge: the interpreter would round the scalar to float32 where it
+    # meets a tensor.
+    ridge_vector = tl.full([BLOCK_T], ridge, tl.float64)
+    # Q and b of the problem. The weightings' Gram matrices are normalised by their trace (zeros
+    # where it is 0 or below norm_eps), which a common scale of the gradients then leaves alone.
+    if PROBLEM == 0:
+        matrix_scale = 1.0
+    else:
+        gram = tl.load(matrix + offsets, mask=inside, other=0.0).to(tl.float64)
+        gram_diagonal = tl.sum(tl.where(eye, gram, 0.0), axis=1)
+        trace = tl.sum(gram_diagonal, axis=0)
+        usable = (trace > 0.0) & (trace >= norm_eps)
+        matrix_scale = tl.where(usable, 1.0 / tl.where(usable, trace, 1.0), 0.0)
     # Padding rows and columns are the identity with b = 0: they stay active at x = 0 and their
     # zero off-diagonal entries keep them out of every pivot on a real index.
-    tableau = tl.where((index[:, None] == index[None, :]) & ~inside, 1.0, tableau)
-    target = tl.load(linear + problem * num_tasks + index, mask=real, other=0.0).to(tl.float64)
-
+    tableau = _problem_matrix(matrix, offsets, inside, eye, matrix_scale, ridge_vector)
+    if PROBLEM == 0:
+        target = tl.load(linear + problem * num_tasks + index, mask=real, other=0.0).to(tl.float64)
+    elif PROBLEM == 1:
+        # v = u + x with x ≥ 0 minimising (u + x)ᵀQ(u + x): b = −Qu.
+        preference = tl.load(linear + problem * num_tasks + index, mask=real, other=0.0).to(tl.float64)
+        target = -tl.sum(tableau * preference[None, :], axis=1)
+    else:
+        # b = 1 on the tasks with a gradient (on all tasks where none has one), 0 elsewhere.
+        has_gradient = real & (gram_diagonal > 0.0)
+        any_gradient = tl.max(has_gradient.to(tl.int32), axis=0) > 0
+        support = tl.where(any_gradient, has_gradient, real)
+        target = support.to(tl.float64)
     threshold = TOLERANCE * num_tasks * 2.220446049250313e-16
 
     constant = -target
@@ -112,7 +153,7 @@ def nonnegative_qp_kernel(
         # rounding, if one is. The gradient Qz − b is formed from Q itself, with the scale of its
         # rounding, |Q||z| + |b|, per index: the tableau's copy carries the pivots' rounding, and
         # one scale for all indices misjudges rows whose entries are far smaller than others'.
-        products = tl.load(matrix + offsets, mask=inside, other=0.0).to(tl.float64) * minimiser[None, :]
+        products = _problem_matrix(matrix, offsets, inside, eye, matrix_scale, ridge_vector) * minimiser[None, :]
         gradient = tl.sum(products, axis=1) - target
         rounding = threshold * (tl.sum(tl.abs(products), axis=1) + tl.abs(target))
         violation = tl.where(free | ~real | (gradient >= -rounding), 0.0, gradient)
@@ -132,7 +173,17 @@ def nonnegative_qp_kernel(
 
     # A step can leave a rounding error's worth below 0 at the indices it did not block on.
     x = tl.maximum(x, 0.0)
-    tl.store(solution + problem * num_tasks + index, x.to(solution.dtype.element_ty), mask=real)
+    if PROBLEM == 0:
+        result = x
+    elif PROBLEM == 1:
+        result = preference + x
+    else:
+        # α = x / Σx on the support; a task without gradient gets the mean weight of the others
+        # (1/T each where no task has one, which the support of all tasks gives already).
+        alpha = x / tl.maximum(tl.sum(x, axis=0), 2.2250738585072014e-308)
+        supported = tl.sum(support.to(tl.float64), axis=0)
+        result = tl.where(has_gradient | ~any_gradient, alpha, 1.0 / supported)
+    tl.store(solution + problem * num_tasks + index, result.to(solution.dtype.element_ty), mask=real)
     tl.store(pivot_counts + problem, tl.where(optimal, pivots, -1))
 
 
@@ -142,11 +193,47 @@ def nonnegative_qp(matrix: torch.Tensor, linear: torch.Tensor, max_pivots: int) 
     pivots each solve made, int32 ``[B]`` (−1: stopped short of optimality). The inputs must be
     contiguous and on one device; T ≤ 64 keeps a program's tile in registers on a GPU (the
     checks and the choice of path are in :mod:`emtl_kernels.weightings._triton_solvers`)."""
-    num_problems, num_tasks = linear.shape
     solution = torch.empty_like(linear)
+    return solution, _launch(PROBLEMS["nonnegative_qp"], matrix, linear, solution, max_pivots, 0.0, 0.0)
+
+
+def dual_cone_projection(
+    gram: torch.Tensor, preferences: torch.Tensor, norm_eps: float, ridge: float, max_pivots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """v = argmin vᵀQv subject to v ≥ u for each row u of ``preferences [B, T]``, Q = G / tr(G) +
+    ridge · I (G / tr(G) replaced by zeros where tr(G) ≤ 0 or < ``norm_eps``), in one launch:
+    ``[B, T]`` in the preferences' dtype, and the pivots each solve made."""
+    solution = torch.empty_like(preferences)
+    return solution, _launch(PROBLEMS["dual_cone"], gram, preferences, solution, max_pivots, norm_eps, ridge)
+
+
+def min_norm_weights(
+    gram: torch.Tensor, ridge: float, dtype: torch.dtype, max_pivots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MGDA's weights in one launch: α = argmin αᵀQα on the simplex of the tasks with a gradient
+    (G_ii > 0; all tasks where none has one), Q = G / tr(G) + ridge · I, by the non-negative QP
+    with b = 1 on that support, α = x / Σx; a task without gradient gets the mean weight of the
+    others. ``[T]`` in ``dtype``, and the pivots made (``[1]``)."""
+    solution = torch.empty(1, gram.shape[-1], dtype=dtype, device=gram.device)
+    # The solution stands in for ``linear``, which this problem does not read, for the grid's size.
+    pivots = _launch(PROBLEMS["min_norm"], gram, solution, solution, max_pivots, 0.0, ridge)
+    return solution[0], pivots
+
+
+def _launch(
+    problem: int,
+    matrix: torch.Tensor,
+    linear: torch.Tensor,
+    solution: torch.Tensor,
+    max_pivots: int,
+    norm_eps: float,
+    ridge: float,
+) -> torch.Tensor:
+    """One launch, a program for each row of ``linear``; the pivot counts."""
+    num_problems, num_tasks = linear.shape
     pivot_counts = torch.empty(num_problems, dtype=torch.int32, device=linear.device)
     if num_problems == 0:
-        return solution, pivot_counts
+        return pivot_counts
     block_t = next_power_of_2(num_tasks)
     nonnegative_qp_kernel[(num_problems,)](
         matrix,
@@ -155,10 +242,13 @@ def nonnegative_qp(matrix: torch.Tensor, linear: torch.Tensor, max_pivots: int) 
         pivot_counts,
         num_tasks,
         max_pivots,
+        norm_eps,
+        ridge,
+        PROBLEM=problem,
         BLOCK_T=block_t,
         TOLERANCE=STOP_TOLERANCE,
         num_warps=program_warps(block_t),
         num_stages=1,
         enable_fp_fusion=True,
     )
-    return solution, pivot_counts
+    return pivot_counts

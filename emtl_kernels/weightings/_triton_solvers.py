@@ -6,8 +6,10 @@ registers, no host read), so a CUDA graph captures them and ``torch.compile`` tr
 opaque node:
 
 - :func:`solve_nonnegative_qp`: ``torch.ops.emtl_triton.nonnegative_qp``
-  (:mod:`emtl_kernels.triton_kernels.nonnegative_qp`); :func:`project_onto_dual_cone` (UPGrad,
-  DualProj) and :func:`min_norm_on_simplex` (MGDA) are the weightings' problems written on it;
+  (:mod:`emtl_kernels.triton_kernels.nonnegative_qp`), and the weightings' problems on the same
+  kernel, their normalisation and their weights' post-processing in the same launch:
+  :func:`project_onto_dual_cone` (UPGrad, DualProj; ``dual_cone_projection``) and
+  :func:`min_norm_weights` (MGDA; ``min_norm_weights``);
 - :func:`symmetric_eigh`: ``torch.ops.emtl_triton.jacobi_eigh``
   (:mod:`emtl_kernels.triton_kernels.jacobi_eigh`), for IMTL-G and Aligned-MTL.
 
@@ -96,37 +98,76 @@ def solve_nonnegative_qp(
 
 
 def project_onto_dual_cone(
-    gram: Tensor, preferences: Tensor, *, norm_eps: float, reg_eps: float, method: SolveMethod = "auto"
+    gram: Tensor,
+    preferences: Tensor,
+    *,
+    norm_eps: float,
+    reg_eps: float,
+    method: SolveMethod = "auto",
+    max_pivots: int | None = None,
 ) -> Tensor:
     """The weights v of :func:`._solvers.project_onto_dual_cone` (UPGrad, DualProj): per row u of
-    ``preferences [B, T]``, v = argmin vᵀG̃v subject to v ≥ u with G̃ = G / tr(G) + reg_eps · I,
-    normalised and solved in float64: v = u + x, x the non-negative QP with Q = G̃, b = −G̃u."""
+    ``preferences [B, T]``, v = argmin vᵀG̃v subject to v ≥ u with G̃ = G / tr(G) + reg_eps · I
+    (+ T·eps₆₄ · I against rounding), normalised and solved in float64, in the preferences'
+    dtype: v = u + x, x the non-negative QP with Q = G̃, b = −G̃u. The kernel does all of it in
+    one launch."""
+    _check_problem(gram, preferences, method, max_pivots)
     num_tasks = gram.shape[-1]
+    ridge = reg_eps + rounding_ridge(num_tasks, torch.float64)
+    if _uses_triton(gram.device, num_tasks, method):
+        pivots = default_max_pivots(num_tasks) if max_pivots is None else max_pivots
+        projection, _ = torch.ops.emtl_triton.dual_cone_projection(
+            gram.contiguous(), preferences.contiguous(), norm_eps, ridge, pivots
+        )
+        return projection
     eye = torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
-    regularized = trace_normalized(gram.double(), norm_eps) + (reg_eps + rounding_ridge(num_tasks, torch.float64)) * eye
+    regularized = trace_normalized(gram.double(), norm_eps) + ridge * eye
     preferences64 = preferences.double()
-    shift = solve_nonnegative_qp(regularized, -(preferences64 @ regularized), method=method)
-    return (preferences64 + shift.double()).to(preferences.dtype)
+    shift = solve_nonnegative_qp(regularized, -(preferences64 @ regularized), method="tensor_ops")
+    return (preferences64 + shift).to(preferences.dtype)
 
 
-def min_norm_on_simplex(matrix: Tensor, support: Tensor, *, method: SolveMethod = "auto") -> Tensor:
-    """α = argmin αᵀQα over {α ≥ 0, Σα = 1, α_i = 0 outside ``support``} (MGDA's min-norm point,
-    with Q = ``matrix [T, T]`` positive definite and ``support`` a bool ``[T]`` with a True).
+def min_norm_weights(
+    gram: Tensor,
+    *,
+    dtype: torch.dtype = torch.float64,
+    ridge: float | None = None,
+    method: SolveMethod = "auto",
+    max_pivots: int | None = None,
+) -> Tensor:
+    """MGDA's weights ``[T]`` in ``dtype``: α = argmin αᵀQα over the simplex of the tasks with a
+    gradient (G_ii > 0; all tasks where none has one), Q = G / tr(G) + ridge · I (default
+    T·eps₆₄), solved in float64; a task without gradient gets the mean weight of the others.
 
     The KKT conditions of the simplex problem, Qα − λ1 − μ = 0 with λ = αᵀQα > 0, are those of the
     non-negative QP with b = 1 scaled by λ: α = x / Σx for x = argmin ½xᵀQx − 1ᵀx over x ≥ 0. A
-    task outside the support gets b_i = 0, and with it x_i = 0 wherever Q_ij = 0 for j ≠ i (a task
-    without gradient). ``[T]`` in ``matrix``'s dtype.
+    task outside the support gets b_i = 0, and with it x_i = 0 (its row of G is zero). The
+    kernel does all of it in one launch.
 
-    Identical tasks split their weight evenly only through the ridge of Q: the active-set solve
-    frees one of them first, and the other's gradient, −ridge · x, must then exceed the kernel's
-    stop threshold (64·T·eps(float64) of the problem's scale), which a ridge of 1e-12 · max Q_ii
-    does; with less, one of the twins takes the whole share (the same update and norm, other
-    weights). Their shares then agree to about eps/ridge relative (measured, 8 identical tasks on
-    G / tr(G) + ridge · I: 7e-12 at ridge 1e-12, 7e-10 at 1e-10), the conditioning of the system
-    on the twins; iterative refinement in float64 does not improve it."""
-    x = solve_nonnegative_qp(matrix.double(), support.double()[None, :], method=method)[0].double()
-    return (x / x.sum().clamp_min(torch.finfo(torch.float64).tiny)).to(matrix.dtype)
+    Identical tasks split their weight evenly only through the ridge: the active-set solve frees
+    one of them first, and the other's gradient, −ridge · x, must then exceed the kernel's stop
+    threshold (64·T·eps₆₄ of its scale), which a ridge of 1e-12 does; with less, one of the twins
+    takes the whole share (the same update and norm, other weights). Their shares then agree to
+    about eps/ridge relative (measured, 8 identical tasks: 7e-12 at ridge 1e-12, 7e-10 at
+    1e-10), the conditioning of the system on the twins.
+    """
+    _check_square(gram, method)
+    if max_pivots is not None:
+        _check_max_pivots(max_pivots)
+    num_tasks = gram.shape[-1]
+    ridge = rounding_ridge(num_tasks, torch.float64) if ridge is None else ridge
+    if _uses_triton(gram.device, num_tasks, method):
+        pivots = default_max_pivots(num_tasks) if max_pivots is None else max_pivots
+        weights, _ = torch.ops.emtl_triton.min_norm_weights(gram.contiguous(), ridge, dtype, pivots)
+        return weights
+    eye = torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
+    has_gradient = gram.diagonal() > 0
+    support = torch.where(has_gradient.any(), has_gradient, True)
+    matrix = trace_normalized(gram.double()) + ridge * eye
+    x = solve_nonnegative_qp(matrix, support.double()[None, :], method="tensor_ops")[0]
+    alpha = x / x.sum().clamp_min(torch.finfo(torch.float64).tiny)
+    fill = 1 / support.sum(dtype=torch.float64)
+    return torch.where(has_gradient | ~has_gradient.any(), alpha, fill).to(dtype)
 
 
 def symmetric_eigh(matrix: Tensor, *, method: SolveMethod = "auto", sweeps: int | None = None) -> tuple[Tensor, Tensor]:
@@ -177,7 +218,12 @@ def _check_problem(matrix: Tensor, linear: Tensor, method: object, max_pivots: i
         raise TypeError(f"linear must be float32 or float64, got {linear.dtype}")
     if matrix.device != linear.device:
         raise ValueError(f"matrix is on {matrix.device}, linear on {linear.device}: they must share a device")
-    if max_pivots is not None and (isinstance(max_pivots, bool) or not isinstance(max_pivots, int) or max_pivots < 1):
+    if max_pivots is not None:
+        _check_max_pivots(max_pivots)
+
+
+def _check_max_pivots(max_pivots: object) -> None:
+    if isinstance(max_pivots, bool) or not isinstance(max_pivots, int) or max_pivots < 1:
         raise ValueError(f"max_pivots must be a positive int, got {max_pivots!r}")
 
 
@@ -188,6 +234,26 @@ def _kernel(name: str):
 
 def _nonnegative_qp(matrix: Tensor, linear: Tensor, max_pivots: int) -> tuple[Tensor, Tensor]:
     return _kernel("nonnegative_qp").nonnegative_qp(matrix, linear, max_pivots)
+
+
+def _dual_cone_projection(
+    gram: Tensor, preferences: Tensor, norm_eps: float, ridge: float, max_pivots: int
+) -> tuple[Tensor, Tensor]:
+    return _kernel("nonnegative_qp").dual_cone_projection(gram, preferences, norm_eps, ridge, max_pivots)
+
+
+def _fake_dual_cone_projection(
+    gram: Tensor, preferences: Tensor, norm_eps: float, ridge: float, max_pivots: int
+) -> tuple[Tensor, Tensor]:
+    return _fake_nonnegative_qp(gram, preferences, max_pivots)
+
+
+def _min_norm_weights(gram: Tensor, ridge: float, dtype: torch.dtype, max_pivots: int) -> tuple[Tensor, Tensor]:
+    return _kernel("nonnegative_qp").min_norm_weights(gram, ridge, dtype, max_pivots)
+
+
+def _fake_min_norm_weights(gram: Tensor, ridge: float, dtype: torch.dtype, max_pivots: int) -> tuple[Tensor, Tensor]:
+    return gram.new_empty(gram.shape[-1:], dtype=dtype), gram.new_empty((1,), dtype=torch.int32)
 
 
 def _jacobi_eigh(matrix: Tensor, sweeps: int) -> tuple[Tensor, Tensor]:
@@ -208,6 +274,18 @@ torch.library.custom_op(
     mutates_args=(),
     schema="(Tensor matrix, Tensor linear, int max_pivots) -> (Tensor, Tensor)",
 ).register_fake(_fake_nonnegative_qp)
+torch.library.custom_op(
+    f"{OP_NAMESPACE}::dual_cone_projection",
+    _dual_cone_projection,
+    mutates_args=(),
+    schema="(Tensor gram, Tensor preferences, float norm_eps, float ridge, int max_pivots) -> (Tensor, Tensor)",
+).register_fake(_fake_dual_cone_projection)
+torch.library.custom_op(
+    f"{OP_NAMESPACE}::min_norm_weights",
+    _min_norm_weights,
+    mutates_args=(),
+    schema="(Tensor gram, float ridge, ScalarType dtype, int max_pivots) -> (Tensor, Tensor)",
+).register_fake(_fake_min_norm_weights)
 torch.library.custom_op(
     f"{OP_NAMESPACE}::jacobi_eigh",
     _jacobi_eigh,
