@@ -7,8 +7,9 @@ baseline the group's relative times are read against. The interleaved run, with 
 replays on a GPU, comes from ``python -m bench``.
 
 On a GPU, also the one-launch Triton solves of :mod:`emtl_kernels.weightings._triton_solvers` on
-the same G: UPGrad's T dual-cone projections, DualProj's one, MGDA's min-norm point (the
-weightings' own rows time them once the weightings call them on CUDA tensors).
+the same G: UPGrad's T dual-cone projections, DualProj's one, MGDA's min-norm point, the Jacobi
+eigen-decomposition of IMTL-G and Aligned-MTL (the weightings' own rows time them once the
+weightings call them on CUDA tensors).
 """
 
 import pytest
@@ -19,6 +20,7 @@ from emtl_kernels import WEIGHTINGS, TaskGradients, task_gram
 from emtl_kernels.weightings._triton_solvers import (
     min_norm_weights,
     project_onto_dual_cone,
+    symmetric_eigh,
     triton_solve_unavailable,
 )
 
@@ -61,6 +63,7 @@ def _one_launch_solves(gram: torch.Tensor) -> dict:
         "upgrad": lambda: project_onto_dual_cone(gram, preferences, **options),
         "dualproj": lambda: project_onto_dual_cone(gram, mean, **options),
         "mgda": lambda: min_norm_weights(gram, dtype=torch.float32, method="triton"),
+        "eigh": lambda: symmetric_eigh(gram, method="triton"),
     }
 
 
@@ -69,7 +72,7 @@ def _one_launch_solves(gram: torch.Tensor) -> dict:
     reason="the one-launch solves run on CUDA devices (on a CPU only in Triton's interpreter)",
 )
 @pytest.mark.parametrize("num_tasks", NUM_TASKS, ids=lambda num_tasks: f"T={num_tasks}")
-@pytest.mark.parametrize("problem", ["upgrad", "dualproj", "mgda"])
+@pytest.mark.parametrize("problem", ["upgrad", "dualproj", "mgda", "eigh"])
 def test_one_launch_solve(benchmark, problem, num_tasks):
     _, gram = solver_inputs(num_tasks, DEVICE)
     benchmark.group = f"weightings, T={num_tasks}, {DEVICE.type}"

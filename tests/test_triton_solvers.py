@@ -472,6 +472,35 @@ def test_dual_cone_projection_traces_in_one_graph():
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_tasks", [2, 16])
+def test_one_launch_solves_replay_in_a_cuda_graph(num_tasks):
+    """Captured once, replayed on a new G: the weights of an eager call on that G."""
+    gram = (task_gradients("random", num_tasks) @ task_gradients("random", num_tasks).T).float().cuda()
+    preferences = torch.eye(num_tasks, device="cuda") / num_tasks
+
+    def solves() -> list[Tensor]:
+        return [
+            project_onto_dual_cone(gram, preferences, norm_eps=0.0, reg_eps=1e-4),
+            min_norm_weights(gram, dtype=torch.float32),
+            *symmetric_eigh(gram),
+        ]
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            solves()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = solves()
+    gram.copy_((task_gradients("rank_deficient", num_tasks) @ task_gradients("rank_deficient", num_tasks).T).float())
+    graph.replay()
+    for replayed, eager in zip(captured, solves(), strict=True):
+        torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("matrix", "linear", "options", "error", "match"),
     [
