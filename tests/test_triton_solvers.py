@@ -534,3 +534,12 @@ def test_bad_problems_are_named(matrix, linear, options, error, match):
 def test_bad_eigen_problems_are_named(matrix, options, error, match):
     with pytest.raises(error, match=match):
         symmetric_eigh(matrix, **options)
+
+
+def test_bad_min_norm_problems_are_named():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        min_norm_weights(torch.eye(3), dtype=torch.float16)
+    with pytest.raises(ValueError, match="max_pivots"):
+        min_norm_weights(torch.eye(3), max_pivots=0)
+    with pytest.raises(ValueError, match="square"):
+        min_norm_weights(torch.ones(3, 2))

@@ -17,9 +17,9 @@ feasible x:
   the index of the most negative w_i;
 - else step from x towards z as far as x ≥ 0 allows and make the blocking index active.
 
-Both moves are one pivot on one index (a principal pivot on one index is its own inverse), and
-the objective falls at every step, so no active set repeats and the method ends after a finite
-number of pivots, in practice below 2T; the loop is a device-side ``while`` capped at
+Both moves are one pivot on one index (a principal pivot on one index is its own inverse). The
+objective never rises, and falls at every step that is not degenerate, so the method ends after
+a finite number of pivots, in the tests at most 2T; the loop is a device-side ``while`` capped at
 ``max_pivots``, so nothing is read on the host. The pivots on a positive-definite Q are all
 positive (Schur complements and diagonal entries of (Q_FF)⁻¹), so they need no pivoting for
 stability: on the tests' matrices (cond(Q) up to 1e7) the residual (b − Qx)_F after the last pivot

@@ -33,7 +33,8 @@ from ._solvers import jacobi_eigh as tensor_op_jacobi_eigh
 from ._solvers import jacobi_sweeps, minimize_on_orthant, rounding_ridge, trace_normalized
 from ._solvers import symmetric_eigh as tensor_op_symmetric_eigh
 
-#: Largest T one program solves: a 64×64 float64 tile is 32 KiB of registers over 4 warps.
+#: Largest T one program solves: a 64×64 float64 tile is 32 KiB of registers, 8 values a thread
+#: over 16 warps; larger tiles would live in local memory.
 MAX_TASKS = 64
 
 #: "auto": the Triton kernel on CUDA tensors where it serves, tensor ops elsewhere; "triton":
@@ -154,6 +155,8 @@ def min_norm_weights(
     _check_square(gram, method)
     if max_pivots is not None:
         _check_max_pivots(max_pivots)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     num_tasks = gram.shape[-1]
     ridge = rounding_ridge(num_tasks, torch.float64) if ridge is None else ridge
     if _uses_triton(gram.device, num_tasks, method):
