@@ -24,7 +24,17 @@ import quadprog
 import torch
 from torch import Tensor
 
-from emtl_kernels.weightings import _solvers, dualproj_weights, mgda_weights, upgrad_weights
+from emtl_kernels.weightings import (
+    _compiled,
+    _solvers,
+    _triton_solvers,
+    aligned_mtl_weights,
+    cagrad_weights,
+    dualproj_weights,
+    imtl_g_weights,
+    mgda_weights,
+    upgrad_weights,
+)
 from emtl_kernels.weightings._triton_solvers import (
     MAX_TASKS,
     default_max_pivots,
@@ -370,6 +380,45 @@ def test_one_launch_solves_give_the_weightings_weights(kind, num_tasks):
     if kind != "duplicates":
         mgda = min_norm_weights(gram.to(DEVICE), method="triton")
         assert_relative(mgda[None], mgda_weights(losses, gram)[None], 1e-8, "MGDA")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weightings_take_the_one_launch_solves_where_triton_runs(kind, monkeypatch):
+    """What a weighting on a CUDA tensor does, here on CPU tensors in the interpreter: with the
+    compiled CPU solvers off and :func:`runs_on_triton` on, UPGrad and DualProj project in one
+    launch, IMTL-G, Aligned-MTL and CAGrad decompose in one, and their updates Jᵀw are those of
+    the compiled CPU solvers (float64; CAGrad's weights of identical tasks are not unique). On
+    "spread" (cond(G) = 1e24) the projections only: the eigen-decompositions are accurate to
+    eps · max |λ|, and CAGrad's tensor-op path reads eigenvalues below that (it differs from the
+    compiled CPU solve by 47% there with LAPACK's, by 0.1% more with this kernel's)."""
+    num_tasks = 6
+    jacobian = task_gradients(kind, num_tasks)
+    gram = jacobian @ jacobian.T
+    losses = torch.ones(num_tasks, dtype=torch.float64)
+    functions = [upgrad_weights, dualproj_weights]
+    if kind != "spread":
+        functions += [imtl_g_weights, aligned_mtl_weights, cagrad_weights]
+    expected = [function(losses, gram) for function in functions]
+    calls = []
+
+    def spy(name):
+        original = getattr(_triton_solvers, name)
+
+        def recorded(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(_triton_solvers, name, recorded)
+
+    spy("project_onto_dual_cone")
+    spy("symmetric_eigh")
+    monkeypatch.setattr(_compiled, "runs_compiled", lambda gram: False)
+    monkeypatch.setattr(_triton_solvers, "runs_on_triton", lambda gram: True)
+    for function, weights in zip(functions, expected, strict=True):
+        calls.clear()
+        update, expected_update = function(losses, gram) @ jacobian, weights @ jacobian
+        assert_relative(update[None], expected_update[None], 1e-8, f"{function.__name__}, {kind}")
+        assert calls, f"{function.__name__} did not take the one-launch solve"
 
 
 # --- The eigen-decomposition ------------------------------------------------------------------

@@ -177,7 +177,7 @@ def symmetric_eigh(matrix: Tensor, *, method: SolveMethod = "auto", sweeps: int 
     """Eigenvalues (ascending) and orthonormal eigenvectors (columns) of the symmetric part of
     ``matrix [n, n]``, in its dtype. The kernel computes in float64 with at most ``sweeps``
     parallel cyclic Jacobi sweeps (default :func:`default_max_sweeps`); the tensor-op path is
-    :func:`~._solvers.symmetric_eigh` ("auto": LAPACK on a CPU, Jacobi elsewhere), or exactly
+    :func:`~._solvers.symmetric_eigh` (LAPACK on a CPU, tensor-op Jacobi elsewhere), or exactly
     ``sweeps`` tensor-op Jacobi sweeps where given."""
     _check_square(matrix, method)
     if sweeps is not None and (isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0):
@@ -187,7 +187,7 @@ def symmetric_eigh(matrix: Tensor, *, method: SolveMethod = "auto", sweeps: int 
         return torch.ops.emtl_triton.jacobi_eigh(matrix, default_max_sweeps(size) if sweeps is None else sweeps)
     if sweeps is not None:
         return tensor_op_jacobi_eigh(matrix, sweeps)
-    return tensor_op_symmetric_eigh(matrix, "auto")
+    return tensor_op_symmetric_eigh(matrix, "lapack" if matrix.device.type == "cpu" else "jacobi")
 
 
 def _uses_triton(device: torch.device, num_tasks: int, method: SolveMethod) -> bool:
