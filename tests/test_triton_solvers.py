@@ -32,7 +32,6 @@ from emtl_kernels.weightings import (
     cagrad_weights,
     dualproj_weights,
     imtl_g_weights,
-    mgda_weights,
     upgrad_weights,
 )
 from emtl_kernels.weightings._triton_solvers import (
@@ -363,9 +362,10 @@ def test_kernel_compiles_for_hopper_in_float64_without_spilling():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_tasks", [3, 16])
 def test_one_launch_solves_give_the_weightings_weights(kind, num_tasks):
-    """UPGrad, DualProj and MGDA (float64) with their solve replaced by the one-launch kernel, as a
-    CUDA weighting would call it: the weights of today's tensor-op path (float64 interior point,
-    about 1e-10 of the optimum)."""
+    """UPGrad and DualProj (float64) with their solve replaced by the one-launch kernel, as a CUDA
+    weighting calls it: the weights of the compiled CPU solve. (MGDA is not wired to
+    :func:`min_norm_weights`: the compiled solve's ridge is relative to each diagonal entry and it
+    returns the least-norm point of a singular optimal face.)"""
     jacobian = task_gradients(kind, num_tasks)
     gram = jacobian @ jacobian.T
     losses = torch.ones(num_tasks, dtype=torch.float64)
@@ -375,11 +375,6 @@ def test_one_launch_solves_give_the_weightings_weights(kind, num_tasks):
     assert_relative(upgrad[None], upgrad_weights(losses, gram)[None], 1e-8, "UPGrad")
     dualproj = project_onto_dual_cone(gram.to(DEVICE), eye[:1].to(DEVICE) * 0 + 1 / num_tasks, **options)
     assert_relative(dualproj, dualproj_weights(losses, gram)[None], 1e-8, "DualProj")
-    # MGDA on G / tr(G) + T·eps₆₄·I, as the weighting solves it; its twins need a larger ridge
-    # to split their weight evenly (see min_norm_weights).
-    if kind != "duplicates":
-        mgda = min_norm_weights(gram.to(DEVICE), method="triton")
-        assert_relative(mgda[None], mgda_weights(losses, gram)[None], 1e-8, "MGDA")
 
 
 @pytest.mark.parametrize("kind", KINDS)
