@@ -6,12 +6,14 @@
 #   sanitize  compute-sanitizer memcheck and racecheck over every CUDA kernel
 #   bench     the kernel section at the GPU targets' sizes (P = 2^20, 2^24, 2^27), and ncu
 #             profiles of each backend's passes at P = 2^24
+#   solves    the one-launch Triton solves of the weightings (UPGrad, DualProj, MGDA, the Jacobi
+#             eigen-decomposition), eager, T = 2, 8, 32
 # Usage: bash tests/gpu_checks.sh LOGS [STAGE ...] (default: every stage). The build is kept in
 # place between calls on a warm machine.
 set -uo pipefail
 logs=${1:-.}
 shift || true
-stages=${*:-tests sanitize bench}
+stages=${*:-tests sanitize bench solves}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -25,7 +27,8 @@ for stage in $stages; do
   case $stage in
     tests)
       timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_triton_backend.py \
-        tests/test_ops_auto.py tests/test_ops_asserts.py 2>&1 | tee "$logs/pytest.log" | tail -15
+        tests/test_ops_auto.py tests/test_ops_asserts.py tests/test_triton_solvers.py 2>&1 \
+        | tee "$logs/pytest.log" | tail -15
       timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ops_parity.py tests/test_native_backend.py \
         tests/test_ops_contract.py -k cuda 2>&1 | tee -a "$logs/pytest.log" | tail -8 ;;
     sanitize)
@@ -43,6 +46,10 @@ for stage in $stages; do
       echo "ncu: rc=$?"; ncu --import "$logs/passes.ncu-rep" --page raw --csv \
         --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
         > "$logs/ncu.csv" 2>&1; cut -c1-400 "$logs/ncu.csv" | head -20 ;;
+    solves)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider bench/test_bench_weightings.py -k one_launch \
+        --benchmark-columns=min,median,rounds --benchmark-json="$logs/solves.json" 2>&1 \
+        | tee "$logs/solves.log" | tail -25 ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -189,9 +189,17 @@ def symmetric_eigh(matrix: Tensor, method: EigenSolver = "auto") -> tuple[Tensor
 
     ``method``: "lapack" (``torch.linalg.eigh``), "jacobi" (:func:`jacobi_eigh`), or "auto":
     LAPACK on the CPU, where it is fastest and waits on nothing, Jacobi on any other device, where
-    ``torch.linalg.eigh`` reads an error flag on the host and cannot be captured in a CUDA graph.
+    ``torch.linalg.eigh`` reads an error flag on the host and cannot be captured in a CUDA graph:
+    on a CUDA tensor with Triton usable and n ≤ 64, Jacobi in one launch, float64 inside
+    (:func:`._triton_solvers.symmetric_eigh`), elsewhere these tensor-op sweeps.
     """
     check_eigen_solver(method)
+    if method == "auto":
+        # Imported here: the one-launch solves build on this module's tensor-op twins.
+        from . import _triton_solvers
+
+        if _triton_solvers.runs_on_triton(matrix):
+            return _triton_solvers.symmetric_eigh(matrix, method="triton")
     if method == "lapack" or (method == "auto" and matrix.device.type == "cpu"):
         return torch.linalg.eigh(matrix)
     return jacobi_eigh(matrix)

@@ -9,8 +9,8 @@ is Jᵀv with (Proposition 1 of 2406.16232)
 and the weights are α = v: the update conflicts with no task, (G α)_i ≥ 0. It is the single-QP
 sibling of :mod:`~emtl_kernels.weightings.upgrad` (which projects every g_i and averages), and
 matches TorchJD's ``DualProjWeighting`` (same normalisation and regularisation), solved in float64
-by a compiled active-set method on a CPU tensor and by tensor ops on other devices, instead of by
-quadprog on the host.
+by a compiled active-set method on a CPU tensor, by an active-set method in one Triton launch on a
+CUDA tensor (T ≤ 64), and by tensor ops elsewhere, instead of by quadprog on the host.
 """
 
 from __future__ import annotations

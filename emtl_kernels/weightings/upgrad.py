@@ -12,8 +12,10 @@ so with u = e_i / T for task i the weights are α = Σ_i v(e_i / T). Every proje
 the update conflicts with no task: (G α)_i ≥ 0. As in TorchJD (``UPGradWeighting``, which this
 matches), the QP is solved on G / tr(G) + reg_eps · I, in float64 whatever the dtype of G. TorchJD
 solves it with quadprog on the host; here, on a CPU tensor, a compiled exact active-set method
-solves it (``torch.ops.emtl_solvers.project_onto_dual_cone``), and on other devices (or without
-the extension) an interior-point method solves all T problems at once with tensor ops.
+solves it (``torch.ops.emtl_solvers.project_onto_dual_cone``), on a CUDA tensor with Triton
+(T ≤ 64) an active-set method in one launch, one program a projection
+(``torch.ops.emtl_triton.dual_cone_projection``), and elsewhere (or without the extension) an
+interior-point method solves all T problems at once with tensor ops.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _compiled
+from . import _compiled, _triton_solvers
 from ._solvers import IPM_ITERATIONS, project_onto_dual_cone
 from .base import FunctionWeighting, check_count, check_number, check_weighting_inputs, compute_dtype
 
@@ -48,8 +50,8 @@ def upgrad_weights(
             (G α)_i ≥ −(reg_eps + T·eps) · tr(G) · α_i.
         iterations: interior-point iterations of the tensor-op solver (default
             :data:`IPM_ITERATIONS` = 30, which bring the weights to about 1e-10 of quadprog's);
-            the compiled CPU solver is exact and ignores it. Both solve in float64: float32
-            weights are quadprog's float64 optimum rounded to float32.
+            the compiled CPU solver and the one-launch CUDA solver are exact and ignore it. All
+            solve in float64: float32 weights are quadprog's float64 optimum rounded to float32.
 
     Degenerate inputs: T = 1 gives weight 1; G = 0 gives 1/T each. A task with a zero gradient
     takes no part in any projection but its own, and gets weight 1/T. Identical gradients share
@@ -67,9 +69,14 @@ def dual_cone_projections(
     gram: Tensor, preferences: Tensor, norm_eps: float, reg_eps: float, iterations: int
 ) -> Tensor:
     """The weights ``[B, T]`` of the projections of Jᵀu onto the dual cone, one per row u of
-    ``preferences``, in their dtype: compiled on a CPU tensor, tensor ops elsewhere."""
+    ``preferences``, in their dtype: compiled on a CPU tensor, one Triton launch on a CUDA tensor
+    (:func:`._triton_solvers.runs_on_triton`), tensor ops elsewhere."""
     if _compiled.runs_compiled(gram):
         return _compiled.ops().project_onto_dual_cone(gram, preferences, norm_eps, reg_eps)
+    if _triton_solvers.runs_on_triton(gram):
+        return _triton_solvers.project_onto_dual_cone(
+            gram, preferences, norm_eps=norm_eps, reg_eps=reg_eps, method="triton"
+        )
     return project_onto_dual_cone(gram, preferences, norm_eps=norm_eps, reg_eps=reg_eps, iterations=iterations)
 
 
