@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import check_number, compute_dtype
-from .stateful import StatefulWeighting, continued_state
+from .stateful import StatefulWeighting, continued_state, finite_inputs
 from .task_orders import SeededGenerators, task_orders
 
 
@@ -86,7 +86,7 @@ class GradVac(StatefulWeighting):
             inner = inner + amount[:, None] * gram[other]
             moved = (1 - self.beta) * target + self.beta * similarity
             targets = targets.index_put((tasks, other), torch.where(visited, moved, target))
-        self.targets.copy_(targets)
+        self.targets.copy_(torch.where(finite_inputs(losses, gram), targets, self.targets))
         return coefficients.sum(0)
 
     def __repr__(self) -> str:

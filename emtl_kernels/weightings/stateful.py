@@ -16,6 +16,8 @@ class StatefulWeighting(Weighting):
     tensors. :meth:`reset` forgets the state; the next call starts as the first one did. The state
     is also started afresh when a call's number of tasks, dtype or device differs from the last
     one's: a change of problem, not a continuation (TorchJD's stateful weightings do the same).
+    A call whose losses or Gram matrix hold a value that is not finite leaves the state as it
+    was (:func:`finite_inputs`): the step skips it, and it must not poison the steps after.
     """
 
     def reset(self) -> None:
@@ -30,3 +32,8 @@ def continued_state(
     if state is not None and state.shape == shape and state.dtype == dtype and state.device == device:
         return state, False
     return torch.zeros(shape, dtype=dtype, device=device), True
+
+
+def finite_inputs(losses: Tensor, gram: Tensor) -> Tensor:
+    """0-dim bool tensor: whether every loss and every entry of G is finite (no sync)."""
+    return torch.isfinite(losses).all() & torch.isfinite(gram).all()
