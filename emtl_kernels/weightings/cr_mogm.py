@@ -90,8 +90,9 @@ class CRMOGM(StatefulWeighting):
         return f"CRMOGM({self.weighting!r}, alpha={self.alpha})"
 
 
-
 def _initial(initial_weights: Tensor, current: Tensor) -> Tensor:
     if initial_weights.shape != current.shape:
-        raise ValueError(f"initial_weights has shape {tuple(initial_weights.shape)}, the weights {tuple(current.shape)}")
+        raise ValueError(
+            f"initial_weights has shape {tuple(initial_weights.shape)}, the weights {tuple(current.shape)}"
+        )
     return initial_weights.to(dtype=current.dtype, device=current.device)

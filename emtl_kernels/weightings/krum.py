@@ -53,7 +53,8 @@ def _check_task_count(num_tasks: int, n_byzantine: int, n_selected: int) -> None
     needed = max(n_byzantine + 3, n_selected)
     if num_tasks < needed:
         raise ValueError(
-            f"Krum with n_byzantine={n_byzantine}, n_selected={n_selected} needs at least {needed} tasks, got {num_tasks}"
+            f"Krum with n_byzantine={n_byzantine}, n_selected={n_selected} "
+            f"needs at least {needed} tasks, got {num_tasks}"
         )
 
 

@@ -107,7 +107,9 @@ class PCD(StatefulWeighting):
     def _update_scales(self, sq_norms: Tensor, finite: Tensor) -> Tensor:
         """s_i = 1 / √(v̂_i + ε) after this step's squared norms enter the average (0 where that
         is infinite: a gradient that has always been zero, with ε = 0)."""
-        self.sq_norm_average, _ = continued_state(self.sq_norm_average, tuple(sq_norms.shape), torch.float64, sq_norms.device)
+        self.sq_norm_average, _ = continued_state(
+            self.sq_norm_average, tuple(sq_norms.shape), torch.float64, sq_norms.device
+        )
         self.steps, _ = continued_state(self.steps, (), torch.float64, sq_norms.device)
         average = self.beta * self.sq_norm_average + (1 - self.beta) * sq_norms
         steps = self.steps + 1
