@@ -99,7 +99,7 @@ def fairgrad_weights(
         # second order: convergence stays quadratic.
         log_step = (step / alpha).clamp(-MAX_LOG_STEP, MAX_LOG_STEP)
         trials = alpha * torch.exp(LENGTHS.to(alpha)[:, None] * log_step)
-        best = trials[_objective(trials, fair, p).argmin()]
+        best = trials.index_select(0, _objective(trials, fair, p).argmin().reshape(1))[0]
         candidate = _scaled_to_ray_minimum(torch.where(decrement < 0.25, trials[0], best), fair, p)
         usable = (info == 0) & torch.isfinite(candidate).all()
         alpha = torch.where(usable, candidate, alpha)
