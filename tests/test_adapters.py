@@ -429,6 +429,7 @@ def test_libmtl_weighting_refuses_rep_grad_and_says_what_it_will_map_to():
         ("fairgrad", {"FairGrad_alpha": 2.0}, {"p": 2.0}),
         ("gradnorm", {"alpha": 0.5}, {"alpha": 0.5}),
         ("db_mtl", {"DB_beta": 0.0, "DB_beta_sigma": 0.0}, {}),
+        ("gradvac", {"GradVac_beta": 0.2, "GradVac_group_type": 0}, {"beta": 0.2}),
     ],
 )
 def test_libmtl_weight_args_become_our_options(name, weight_args, options):

@@ -95,6 +95,10 @@ LIBMTL_OPTIONS: dict[str, dict[str, Renamed | OnlyAt]] = {
     "upgrad": {"UPGrad_norm_eps": Renamed("norm_eps"), "UPGrad_reg_eps": Renamed("reg_eps")},
     "fairgrad": {"FairGrad_alpha": Renamed("p")},
     "gradnorm": {"alpha": Renamed("alpha")},
+    "gradvac": {
+        "GradVac_beta": Renamed("beta"),
+        "GradVac_group_type": OnlyAt(0, "ours corrects whole-model gradients (G has no per-layer blocks)"),
+    },
     "db_mtl": {
         "DB_beta": OnlyAt(
             0.0,
@@ -173,7 +177,8 @@ def libmtl_weighting(
     The Trainer's ``weight_args`` reach ``backward``: LibMTL's names are mapped onto our options
     (:data:`LIBMTL_OPTIONS`: CAGrad's ``calpha`` and ``rescale``, Nash_MTL's ``max_norm``,
     UPGrad's ``UPGrad_norm_eps`` and ``UPGrad_reg_eps``, FairGrad's ``FairGrad_alpha``, GradNorm's
-    ``alpha``, DB_MTL's ``DB_beta`` at 0), and anything else is refused by name.
+    ``alpha``, GradVac's ``GradVac_beta``, DB_MTL's ``DB_beta`` at 0), and anything else is refused
+    by name.
     """
     # A step on a stand-in parameter checks the weighting, its options, the backend and the mode
     # together, so that a bad combination fails here, not at the first training step.
