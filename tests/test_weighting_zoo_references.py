@@ -239,6 +239,14 @@ def test_cr_mogm_alpha_zero_is_the_wrapped_weighting_and_one_freezes_the_start()
         torch.testing.assert_close(frozen(losses, gram), torch.ones(3, dtype=torch.float64))
 
 
+def test_cr_mogm_starts_at_the_first_finite_step():
+    """A first step on a non-finite G (an overflow, skipped by the step) must not become λ_0."""
+    (losses, _, gram), poisoned = random_problem(3, seed=0), torch.full((3, 3), float("inf"), dtype=torch.float64)
+    weighting = CRMOGM("mgda", alpha=0.5)
+    weighting(losses, poisoned)
+    torch.testing.assert_close(weighting(losses, gram), make_weighting("mgda")(losses, gram))
+
+
 def test_cr_mogm_takes_what_its_weighting_reads():
     assert CRMOGM("emtl").gram_use == "diagonal" and CRMOGM("emtl").reads_losses
     assert CRMOGM("upgrad").gram_use == "full" and not CRMOGM("upgrad").reads_losses

@@ -31,8 +31,9 @@ class CRMOGM(StatefulWeighting):
         initial_weights: ``[T]`` λ_0, or None to start from the first wrapped weights.
         **options: options of a weighting given by name.
 
-    State: λ_{k−1} (``smoothed``), on the device. :meth:`reset` clears it and resets the wrapped
-    weighting when it is stateful. The inputs are checked once, by the wrapped weighting.
+    State: λ_{k−1} (``smoothed``) and whether it is set (``started``), on the device. :meth:`reset`
+    clears them and resets the wrapped weighting when it is stateful. The inputs are checked once,
+    by the wrapped weighting.
     """
 
     def __init__(
@@ -56,6 +57,8 @@ class CRMOGM(StatefulWeighting):
         self.contribution_eps = self.weighting.contribution_eps
         #: ``[T]`` λ_{k−1}, or None before the first call.
         self.smoothed: Tensor | None = None
+        #: 0-dim bool: whether ``smoothed`` holds an average yet (False until a usable step).
+        self.started: Tensor | None = None
 
     @property
     def alpha(self) -> float:
@@ -70,6 +73,7 @@ class CRMOGM(StatefulWeighting):
 
     def reset(self) -> None:
         self.smoothed = None
+        self.started = None
         if isinstance(self.weighting, StatefulWeighting):
             self.weighting.reset()
 
@@ -79,11 +83,14 @@ class CRMOGM(StatefulWeighting):
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         current = self.weighting(losses, gram)
         self.smoothed, fresh = continued_state(self.smoothed, tuple(current.shape), current.dtype, current.device)
-        previous = self.smoothed
-        if fresh:
-            previous = current if self.initial_weights is None else _initial(self.initial_weights, current)
+        self.started, _ = continued_state(None if fresh else self.started, (), torch.bool, current.device)
+        start = current if self.initial_weights is None else _initial(self.initial_weights, current)
+        previous = torch.where(self.started, self.smoothed, start)
         smoothed = self.alpha * previous + (1 - self.alpha) * current
-        self.smoothed.copy_(torch.where(finite_inputs(losses, gram), smoothed, previous))
+        # A skipped step (non-finite inputs or weights) neither moves the average nor starts it.
+        usable = finite_inputs(losses, gram) & torch.isfinite(current).all()
+        self.smoothed.copy_(torch.where(usable, smoothed, self.smoothed))
+        self.started.copy_(self.started | usable)
         return smoothed
 
     def __repr__(self) -> str:
