@@ -28,7 +28,7 @@ class GradVac(StatefulWeighting):
     """GradVac task weights ``[T]`` (the column sums of C); the losses give the device and dtype.
 
     Args:
-        beta: in [0, 1], the rate of the targets' moving average (the paper's and TorchJD's
+        beta: in [0, 1], the rate of the targets' moving average (TorchJD's and LibMTL's
             default, 0.5).
         eps: ≥ 0, added to the denominators of the similarity and of the correction (TorchJD's
             1e-8, absolute).
@@ -41,7 +41,7 @@ class GradVac(StatefulWeighting):
 
     A task with a zero gradient is never corrected toward (TorchJD adds a multiple ‖g_i‖ φ̂_ij / ε
     of its zero gradient, harmless to the update but a huge weight on its own head); it keeps
-    weight 1 plus nothing. Its similarities are 0, as in TorchJD.
+    weight 1. Its similarities are 0, as in TorchJD.
     """
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int | None = None):
