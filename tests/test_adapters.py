@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _weighting_cases import fresh_weighting
 from multitask_models import ToyMultiTask, toy_batch
 from packaging.requirements import Requirement
 from torch import nn
 
-from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad, make_weighting
+from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
@@ -195,8 +196,7 @@ def trunk_output_and_losses(model: ToyMultiTask):
 def torchjd_for(name: str):
     """Our weighting ``name`` twice, fresh: one for TorchJD's loop, one for MTLStep (PCGrad and
     GradVac with the same seed, so that both draw the same orders)."""
-    options = {"seed": 0} if name in ("pcgrad", "gradvac") else {}
-    return make_weighting(name, **options), make_weighting(name, **options)
+    return fresh_weighting(name), fresh_weighting(name)
 
 
 @pytest.mark.parametrize("entry", ["backward", "mtl_backward", "summed_gramians"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _weighting_cases import fresh_weighting
 from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch
 
 from emtl_kernels import CRMOGM, PCD, WEIGHTINGS, GradNorm, GradVac, MTLStep, make_weighting
@@ -41,14 +42,6 @@ FULL_GRAM = {
     "gradvac",
     "cr_mogm",
 }
-
-
-def fresh_weighting(name: str):
-    """A new instance of ``name``; PCGrad and GradVac seeded, so that two fresh ones draw the same
-    orders."""
-    if name in ("pcgrad", "gradvac"):
-        return make_weighting(name, seed=0)
-    return make_weighting(name)
 
 
 def per_task_gradients64(model64: ToyMultiTask, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
