@@ -14,7 +14,9 @@ written back as the update. This package makes that one fused step:
   gradient-balancing methods built on the whole Gram matrix (:func:`imtl_g_weights`,
   :func:`mgda_weights`, :func:`pcgrad_weights`, :func:`cagrad_weights`,
   :func:`aligned_mtl_weights`, :func:`upgrad_weights`, :func:`dualproj_weights`,
-  :func:`nash_mtl_weights`): weightings from (losses, Gram matrix) to task weights, on the device.
+  :func:`nash_mtl_weights`, :func:`fairgrad_weights`, :func:`krum_weights`,
+  :func:`db_mtl_weights`, and the stateful :class:`PCD`, :class:`GradVac`, :class:`CRMOGM`,
+  :class:`GradNorm`): weightings from (losses, Gram matrix) to task weights, on the device.
 - :mod:`emtl_kernels.adapters`: TorchJD and LibMTL users' way in (optional imports).
 - :mod:`emtl_kernels.amp`: the step under ``torch.amp.GradScaler`` (weights of the unscaled losses).
 """

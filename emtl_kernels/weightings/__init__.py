@@ -1,8 +1,9 @@
 """Weightings: (losses, Gram matrix) -> T task weights, computed on the device.
 
-Each method is a pure function ``<name>_weights(losses, gram, **options)`` and a small
-:class:`Weighting` class holding its options; :data:`WEIGHTINGS` maps the names that
-``MTLStep(weighting=...)`` accepts to the classes.
+Each stateless method is a pure function ``<name>_weights(losses, gram, **options)`` and a small
+:class:`Weighting` class holding its options; a method with state across steps (PCD, GradVac,
+CR-MOGM, GradNorm) is a :class:`StatefulWeighting` class holding it on the device.
+:data:`WEIGHTINGS` maps the names that ``MTLStep(weighting=...)`` accepts to the classes.
 """
 
 from __future__ import annotations
