@@ -60,7 +60,7 @@ def _extension_build():
             super().build_extension(ext)
 
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/solvers/*.cpp")
     macros = []
     if _build_avx2_variant():
         macros.append(("EMTL_WITH_AVX2_KERNELS", None))

@@ -11,6 +11,10 @@ kernel passes. The Gram pass is timed as the kernels section times it, with the 
 evicted before each sample; the solvers are not, since in a step they read a G that the Gram pass
 has just written.
 
+Where TorchJD is installed, its own weighting of each method (``UPGradWeighting`` and the like, and
+``NashMTL``'s weighting on J, as it takes no Gram matrix) is timed on the same G in the same
+rounds: ``vs_torchjd`` is TorchJD's median over ours (above 1: ours is faster).
+
 On a GPU each weighting is also captured once in a CUDA graph and its replay timed
 (``graph_*``): what a captured step pays for it; a weighting that does not capture has the error
 in ``graph_error`` instead. The eigen-decompositions of IMTL-G and Aligned-MTL run as their
@@ -20,6 +24,7 @@ in ``graph_error`` instead. The eigen-decompositions of IMTL-G and Aligned-MTL r
 from __future__ import annotations
 
 import functools
+import math
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,13 +37,14 @@ from emtl_kernels import backends as emtl_backends
 
 from .timing import Clock, Summary, first_run, measure_interleaved, timed
 
-NUM_TASKS = (2, 8, 32)
+NUM_TASKS = (2, 4, 8, 16, 32)
 #: Columns of the random J the Gram matrix the weightings read is made from.
 GRADIENT_WIDTH = 256
 #: The share of the rows' mean taken off each row of J: what puts the tasks in conflict.
 CONFLICT = 0.5
 GRAM_PASS = "gram pass"
 GRAPH = " (graph)"
+TORCHJD = " (TorchJD)"
 #: Warm-up calls of a weighting on a side stream before its capture: first calls allocate and
 #: load kernels, which a capture must not see.
 CAPTURE_WARMUP = 2
@@ -63,6 +69,28 @@ PLANS = {
 }
 
 
+def torchjd_weightings(num_tasks: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], object]]:
+    """TorchJD 0.18's weighting of each method it has, by our name: ``call(gram, jacobian)``, with
+    its default options (Nash-MTL: ``max_norm=1.0``, as ours). Empty where TorchJD is missing."""
+    try:
+        from torchjd import aggregation
+    except ImportError:
+        return {}
+    on_gram = {
+        "upgrad": aggregation.UPGradWeighting(),
+        "dualproj": aggregation.DualProjWeighting(),
+        "mgda": aggregation.MGDAWeighting(),
+        "cagrad": aggregation.CAGradWeighting(c=0.5),
+        "imtl_g": aggregation.IMTLGWeighting(),
+        "aligned_mtl": aggregation.AlignedMTLWeighting(),
+    }
+    calls = {name: (lambda gram, jacobian, weighting=weighting: weighting(gram)) for name, weighting in on_gram.items()}
+    # Stateful: each call warm-starts from the previous weights, which favours it here.
+    nash = aggregation.NashMTL(n_tasks=num_tasks).weighting
+    calls["nash_mtl"] = lambda gram, jacobian: nash(jacobian)
+    return calls
+
+
 def results(preset: str, device: torch.device) -> list[dict]:
     """One row per (weighting, T) at the sizes of ``preset``, measured on ``device``."""
     plan = PLANS[preset]
@@ -73,8 +101,14 @@ def results(preset: str, device: torch.device) -> list[dict]:
 
 
 def solver_inputs(num_tasks: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Losses ``[T]`` and the float32 Gram matrix ``[T, T]`` of a random ``[T, 256]`` J, the same
-    on every device.
+    """Losses ``[T]`` and the float32 Gram matrix ``[T, T]`` of :func:`solver_jacobian`, the same
+    on every device."""
+    losses, jacobian = solver_jacobian(num_tasks)
+    return losses.to(device), (jacobian @ jacobian.T).to(device)
+
+
+def solver_jacobian(num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Losses ``[T]`` and a random float32 J ``[T, 256]`` on the CPU.
 
     J's Gaussian rows less half their mean conflict (g_i·g_j < 0) in every pair at T = 2, in most
     at T = 8 and in about two pairs of three at T = 32, so that the gradient-balancing methods have
@@ -84,7 +118,7 @@ def solver_inputs(num_tasks: int, device: torch.device) -> tuple[torch.Tensor, t
     gaussian = torch.randn(num_tasks, GRADIENT_WIDTH, generator=generator)
     jacobian = gaussian - CONFLICT * gaussian.mean(0)
     losses = torch.rand(num_tasks, generator=generator) + 0.5
-    return losses.to(device), (jacobian @ jacobian.T).to(device)
+    return losses, jacobian
 
 
 def measure_tasks(num_tasks: int, plan: WeightingPlan, device: torch.device) -> list[dict]:
@@ -93,6 +127,9 @@ def measure_tasks(num_tasks: int, plan: WeightingPlan, device: torch.device) -> 
     calls = {name: functools.partial(weighting(), losses, gram) for name, weighting in WEIGHTINGS.items()}
     solver_clock = Clock(device)
     samplers = {name: timed(call, solver_clock) for name, call in calls.items()}
+    jacobian = solver_jacobian(num_tasks)[1].to(device)
+    for name, call in torchjd_weightings(num_tasks).items():
+        samplers[name + TORCHJD] = timed(functools.partial(call, gram, jacobian), solver_clock)
     errors = {name: first_run(sample)[1] for name, sample in samplers.items()}
     if device.type == "cuda":
         captured, capture_errors = _graph_samplers({n: c for n, c in calls.items() if errors[n] is None}, solver_clock)
@@ -121,6 +158,7 @@ def measure_tasks(num_tasks: int, plan: WeightingPlan, device: torch.device) -> 
             "gram_backend": gram_backend,
             "gram_pass_us": 1e6 * gram_pass.median,
             "error": errors[name],
+            **_versus_torchjd(timings.get(name), timings.get(name + TORCHJD)),
         }
         if device.type == "cuda":
             row.update(_times("graph_", timings.get(name + GRAPH), gram_pass), graph_error=errors.get(name + GRAPH))
@@ -136,6 +174,14 @@ def _times(prefix: str, summary: Summary | None, gram_pass: Summary) -> dict[str
         f"{prefix}min_us": 1e6 * summary.min,
         f"{prefix}vs_gram_pass": summary.median / gram_pass.median,
     }
+
+
+def _versus_torchjd(ours: Summary | None, theirs: Summary | None) -> dict[str, float]:
+    """TorchJD's median in µs and its ratio to ours (above 1: ours is faster); {} where not timed."""
+    if theirs is None:
+        return {}
+    ratio = theirs.median / ours.median if ours is not None else math.nan
+    return {"torchjd_median_us": 1e6 * theirs.median, "vs_torchjd": ratio}
 
 
 def _graph_samplers(calls: dict[str, Callable[[], object]], clock: Clock) -> tuple[dict, dict[str, str | None]]:

@@ -573,10 +573,12 @@ WEIGHTINGS_SUITE = "bench_weightings"
 def _weightings_body(good: list[dict], exhibits: _Exhibits) -> list[str]:
     task_counts = list(dict.fromkeys(row["num_tasks"] for row in good))
     timings = ("", "graph_") if any("graph_median_us" in row for row in good) else ("",)
+    versus_torchjd = any("vs_torchjd" in row for row in good)
     header = ["weighting"]
     for num_tasks in task_counts:
         for prefix in timings:
             header += [f"T={num_tasks}{' graph' if prefix else ''} µs", "× Gram pass"]
+        header += ["TorchJD µs", "TorchJD / ours"] if versus_torchjd else []
     by_case = {(row["weighting"], row["num_tasks"]): row for row in good}
     table = []
     for weighting in dict.fromkeys(row["weighting"] for row in good):
@@ -589,12 +591,18 @@ def _weightings_body(good: list[dict], exhibits: _Exhibits) -> list[str]:
                 # Three significant digits: the solvers' times span orders of magnitude.
                 for cell in (_figure(row[f"{prefix}median_us"], ","), _ratio(row[f"{prefix}vs_gram_pass"], ".3g"))
             ]
+            if versus_torchjd:
+                cells += [_figure(row.get("torchjd_median_us"), ","), _ratio(row.get("vs_torchjd"), ".3g")]
         table.append(cells)
     gram_pass = {row["num_tasks"]: row["gram_pass_us"] for row in good}
     not_captured = ("—", "—") * (len(timings) - 1)
     table.append(
         ["Gram pass"]
-        + [cell for num_tasks in task_counts for cell in (_figure(gram_pass[num_tasks], ","), "1×", *not_captured)]
+        + [
+            cell
+            for num_tasks in task_counts
+            for cell in (_figure(gram_pass[num_tasks], ","), "1×", *not_captured, *("—", "—") * versus_torchjd)
+        ]
     )
     first = good[0]
     errors = [
@@ -609,7 +617,13 @@ def _weightings_body(good: list[dict], exhibits: _Exhibits) -> list[str]:
         "`× Gram pass`: that median over the median of "
         f"the Gram pass (`task_gram`, {first['gram_backend']} backend) over a `[T, P]` float32 matrix, "
         f"P = {_log2(first['gram_numel'])}, timed interleaved with the weightings in the same rounds."
-        + (" `graph`: the weighting captured once in a CUDA graph, its replay timed." if not_captured else ""),
+        + (" `graph`: the weighting captured once in a CUDA graph, its replay timed." if not_captured else "")
+        + (
+            " `TorchJD / ours`: TorchJD 0.18's weighting of the same method on the same G (Nash-MTL: its "
+            "stateful weighting on J, warm-started by the previous call), median over ours, same rounds."
+            if versus_torchjd
+            else ""
+        ),
         "",
         exhibits.table(header, table),
         "",

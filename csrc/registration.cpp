@@ -17,6 +17,18 @@ TORCH_LIBRARY(emtl_kernels, m) {
   m.def("weighted_combine_(Tensor[] pieces, int num_tasks, Tensor weights, Tensor(a!)[] outs, bool accumulate) -> ()");
 }
 
+// The weightings' T×T solves (CPU kernels in cpu/solver_ops.cpp, fake kernels in
+// emtl_kernels/weightings/_compiled.py, which holds these schemas too). Weights come back in
+// float32, or float64 when the losses are (the preferences' dtype for the dual-cone projection).
+TORCH_LIBRARY(emtl_solvers, m) {
+  m.def("project_onto_dual_cone(Tensor gram, Tensor preferences, float norm_eps, float reg_eps) -> Tensor");
+  m.def("mgda_weights(Tensor losses, Tensor gram) -> Tensor");
+  m.def("cagrad_weights(Tensor losses, Tensor gram, float c) -> Tensor");
+  m.def("nash_mtl_weights(Tensor losses, Tensor gram, float reg_eps, float? max_norm, int iterations) -> Tensor");
+  m.def("imtl_g_weights(Tensor losses, Tensor gram) -> Tensor");
+  m.def("aligned_mtl_weights(Tensor losses, Tensor gram, str scale_mode) -> Tensor");
+}
+
 extern "C" {
 // The module itself holds two facts about the build; importing it runs the registrations above.
 PyObject* PyInit__C(void) {

@@ -29,8 +29,9 @@ except ImportError as error:  # pragma: no cover - exercised only without torchj
     raise ImportError("emtl_kernels.adapters.torchjd needs TorchJD (>= 0.18): pip install torchjd") from error
 
 from ..weightings import Weighting, make_weighting
-from ..weightings._solvers import IPM_ITERATIONS, project_onto_dual_cone
+from ..weightings._solvers import IPM_ITERATIONS
 from ..weightings.base import check_count, check_number, compute_dtype
+from ..weightings.upgrad import dual_cone_projections
 
 try:  # TorchJD's marker for weightings that read the Jacobian itself; private, so optional.
     from torchjd.aggregation._weighting_bases import _MatrixWeighting
@@ -135,9 +136,10 @@ class DeviceDualConeProjector(_DualConeProjector):
     """A TorchJD ``DualConeProjector`` that solves on the device, without quadprog.
 
     Same problem and defaults as TorchJD's ``QuadprogProjector`` (G normalised by its trace,
-    ``norm_eps`` = ``reg_eps`` = 1e-4), solved for all rows of U at once by the interior-point
-    method of :func:`~emtl_kernels.weightings._solvers.project_onto_dual_cone`, in the Gramian's
-    dtype, without leaving its device.
+    ``norm_eps`` = ``reg_eps`` = 1e-4), solved in float64 for all rows of U, without leaving the
+    Gramian's device: by the compiled active-set solver on a CPU tensor, by the interior-point
+    method of :func:`~emtl_kernels.weightings._solvers.project_onto_dual_cone` elsewhere
+    (``iterations`` is its iteration count).
     """
 
     def __init__(self, *, norm_eps: float = 1e-4, reg_eps: float = 1e-4, iterations: int = IPM_ITERATIONS):
@@ -148,9 +150,7 @@ class DeviceDualConeProjector(_DualConeProjector):
 
     def __call__(self, U: Tensor, G: Tensor) -> Tensor:
         rows = U.detach().reshape(-1, U.shape[-1]).to(compute_dtype(G))
-        weights = project_onto_dual_cone(
-            G.detach(), rows, norm_eps=self.norm_eps, reg_eps=self.reg_eps, iterations=self.iterations
-        )
+        weights = dual_cone_projections(G.detach(), rows, self.norm_eps, self.reg_eps, self.iterations)
         return weights.reshape(U.shape).to(G.dtype)
 
     def __repr__(self) -> str:

@@ -1,6 +1,9 @@
-"""The small T×T solvers behind the weightings: fixed iteration counts, tensor ops only.
+"""The small T×T solvers behind the weightings on devices other than the CPU (and on the CPU when
+the compiled extension is not built): fixed iteration counts, tensor ops only.
 
-Every solver here runs on the device of its inputs with batched tensor ops and a number of
+On a CPU tensor the weightings call the compiled solvers instead (:mod:`._compiled`). The QP
+solvers here take their problems in float64 (:data:`SOLVE_DTYPE`) whatever the dtype of G, as
+the compiled ones do. Every solver here runs on the device of its inputs with batched tensor ops and a number of
 iterations fixed before it starts. None reads a value on the host or branches in Python on one,
 so a step that uses them can be captured in a CUDA graph and traced by ``torch.compile``: where an
 iteration has converged or a factorisation failed, it stops moving through ``torch.where``, not
@@ -24,12 +27,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-#: Iterations of :func:`minimize_on_orthant`. On the normalised problems of the weightings, 30
-#: bring the KKT residual to about 1e-11 in float64 and to float32 rounding (about 1e-6) in
-#: float32, over random, rank-deficient and 1e-6..1e6-scaled Gram matrices of T ≤ 32 in the tests.
+#: Iterations of :func:`minimize_on_orthant`. On the normalised problems of the weightings, solved
+#: in float64, 30 bring the KKT residual to about 1e-11 over random, rank-deficient and
+#: 1e-6..1e6-scaled Gram matrices of T ≤ 32 in the tests.
 IPM_ITERATIONS = 30
 #: Fraction of the way to the boundary of the orthant that an interior-point step may go.
 TO_BOUNDARY = 0.995
+
+#: The dtype the weightings' QPs and Newton iterations are solved in, whatever the dtype of G:
+#: their accuracy then depends on the conditioning of G, not on float32's rounding.
+SOLVE_DTYPE = torch.float64
 
 EigenSolver = Literal["auto", "lapack", "jacobi"]
 EIGEN_SOLVERS = ("auto", "lapack", "jacobi")
@@ -160,20 +167,21 @@ def project_onto_dual_cone(
     TorchJD's ``QuadprogProjector`` solves the same problem with quadprog on the host: G is
     normalised by its trace (replaced by zeros when the trace is below ``norm_eps``) and made
     definite by ``reg_eps``. Here v = u + x with x ≥ 0 minimising (u + x)ᵀG̃(u + x), by
-    :func:`minimize_on_orthant`, all rows at once.
+    :func:`minimize_on_orthant` in float64, all rows at once; v comes back in the preferences' dtype.
     """
-    dtype = preferences.dtype
+    dtype = SOLVE_DTYPE
     num_tasks = gram.shape[-1]
+    wide_preferences = preferences.to(dtype)
     eye = torch.eye(num_tasks, dtype=dtype, device=gram.device)
     regularized = trace_normalized(gram.to(dtype), norm_eps) + (reg_eps + rounding_ridge(num_tasks, dtype)) * eye
 
     def objective(x: Tensor) -> tuple[Tensor, Tensor]:
-        return (x + preferences) @ regularized, regularized
+        return (x + wide_preferences) @ regularized, regularized
 
     shift = minimize_on_orthant(
         objective, tuple(preferences.shape), dtype=dtype, device=gram.device, iterations=iterations
     )
-    return preferences + shift
+    return (wide_preferences + shift).to(preferences.dtype)
 
 
 def symmetric_eigh(matrix: Tensor, method: EigenSolver = "auto") -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._solvers import EigenSolver, check_eigen_solver, kept_eigenvalues, symmetric_eigh, trace_normalized
 from .base import (
     FunctionWeighting,
@@ -47,7 +48,9 @@ def aligned_mtl_weights(
         scale_mode: the common singular value² σ of the aligned gradients: "min" (default),
             "median" (lower median, as ``torch.median``) or "rmse" (mean) of the kept eigenvalues.
         eigen_solver: "auto" (LAPACK on the CPU, Jacobi sweeps elsewhere, so that a CUDA step
-            never waits on the host), "lapack" or "jacobi".
+            never waits on the host), "lapack" or "jacobi". On a CPU tensor "auto" and "lapack"
+            run the whole method compiled, in float64 (LAPACK's dsyevd); the rank cut stays that
+            of the weights' dtype.
 
     The eigen-decomposition is of G / tr(G): B is unchanged by a common scale of the gradients.
 
@@ -60,6 +63,8 @@ def aligned_mtl_weights(
     """
     check_weighting_inputs(losses, gram)
     _check_options(scale_mode, eigen_solver)
+    if eigen_solver != "jacobi" and _compiled.runs_compiled(gram):
+        return _compiled.ops().aligned_mtl_weights(losses, gram, scale_mode)
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     _, has_gradient = task_norms(gram, dtype)

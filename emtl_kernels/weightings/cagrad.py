@@ -14,7 +14,14 @@ y = Lᵀβ: g_i·u = (L y)_i and ‖u‖ = ‖y‖. The primal becomes the conve
     max_{y, t} t   subject to   b + L y ≥ t·1,   ‖y‖² ≤ r²,      b = G̃π (b_i = g_i·g_0),
 
 and the weights are α = π + L⁻ᵀ y. The multipliers of the task constraints are the paper's w*,
-and α equals its π + (r/‖g_w*‖) w* whenever g_w* ≠ 0.
+and α equals its π + (r/‖g_w*‖) w* whenever g_w* ≠ 0. That interior-point solve, in tensor ops, is
+the path of devices other than the CPU (and of a CPU without the compiled extension).
+
+On a CPU tensor a compiled solver (``torch.ops.emtl_solvers.cagrad_weights``) solves the paper's
+dual exactly instead: min_w bᵀw + r‖g_w‖ is min over s > 0 of the simplex QPs
+min_w bᵀw + (r/2s)‖g_w‖², whose solution w(s) is the dual's where ‖g_w(s)‖ = s. On a fixed free
+set w(s) is affine in s and ‖g_w(s)‖² = q0 + s²·E, so the fixed point is s² = q0 / (1 − E) there;
+s is bracketed and each QP solved by an active-set method (csrc/README.md). Both solve in float64.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._solvers import (
+    SOLVE_DTYPE,
     TO_BOUNDARY,
     cholesky_apply,
     kept_eigenvalues,
@@ -37,9 +46,10 @@ from .base import FunctionWeighting, check_count, check_number, check_weighting_
 
 #: Iterations of the primal-dual interior point of :func:`cagrad_weights` (centering 0.1, so the
 #: duality measure falls about tenfold per iteration once the slacks are feasible). With 40 the
-#: worst improvement min_i g_i·d is within 1e-8·tr(G) of the dual optimum in float64 on the
-#: tests' random, rank-deficient, correlated and 1e-6..1e6-scaled inputs of T ≤ 32 (float32:
-#: 1e-5·tr(G), 1e-3·tr(G) for rank-deficient G), and d stays in the ball to rounding.
+#: worst improvement min_i g_i·d is within 1e-8·tr(G) of the dual optimum (solved in float64) on
+#: the tests' random, rank-deficient, correlated and 1e-6..1e6-scaled inputs of T ≤ 32 given in
+#: float64 (given in float32: 1e-5·tr(G), 1e-3·tr(G) for rank-deficient G, where the ridge of
+#: float32's rounding moves the solution), and d stays in the ball to rounding.
 CAGRAD_ITERATIONS = 40
 _CENTERING = 0.1
 
@@ -65,11 +75,11 @@ def cagrad_weights(
         rescale: divide the weights by 1 + c² or 1 + c, as the authors' code does (its
             ``rescale=1`` and ``rescale=2``); "none" (default) is the paper's Algorithm 1 and
             TorchJD's ``CAGrad``.
-        iterations: interior-point iterations (default :data:`CAGRAD_ITERATIONS` = 40).
+        iterations: interior-point iterations of the tensor-op solver (default
+            :data:`CAGRAD_ITERATIONS` = 40); the compiled CPU solver is exact and ignores it.
 
-    The problem is solved on G / tr(G): the weights do not change when every gradient is scaled
-    by one factor. In float32 the ridge T·eps·I of L Lᵀ blurs tasks whose squared gradient norm
-    is below about T·1e-7·tr(G).
+    The problem is solved in float64 on G / tr(G): the weights do not change when every gradient
+    is scaled by one factor.
 
     Degenerate inputs: T = 1 gives 1 + c. A task with a zero gradient has no constraint (it
     would cap the worst improvement at 0) and keeps its share 1/T of g_0. If g_0 = 0 the ball is
@@ -81,23 +91,36 @@ def cagrad_weights(
     """
     check_weighting_inputs(losses, gram)
     _check_options(c, rescale, iterations)
-    dtype = compute_dtype(losses)
-    num_tasks = losses.numel()
+    if _compiled.runs_compiled(gram):
+        weights = _compiled.ops().cagrad_weights(losses, gram, c)
+    else:
+        weights = _solve_by_interior_point(gram, c, iterations).to(compute_dtype(losses))
+    return weights if rescale == "none" else weights / _RESCALE_DIVISORS[rescale](c)
+
+
+def _solve_by_interior_point(gram: Tensor, c: float, iterations: int) -> Tensor:
+    """The tensor-op solve of :func:`cagrad_weights` (before any rescale), in float64."""
+    dtype = SOLVE_DTYPE
+    num_tasks = gram.shape[-1]
+    # The ridge of G's own dtype: a float32 G may be indefinite by its rounding, which the
+    # Cholesky factor L must not see. It blurs tasks whose squared gradient norm is below about
+    # T·eps·tr(G) of that dtype.
+    ridge = rounding_ridge(num_tasks, gram.dtype)
     _, has_gradient = task_norms(gram, dtype)
-    eye = torch.eye(num_tasks, dtype=dtype, device=losses.device)
+    eye = torch.eye(num_tasks, dtype=dtype, device=gram.device)
     normalized = trace_normalized(gram.to(dtype))
-    mean = torch.full((num_tasks,), 1 / num_tasks, dtype=dtype, device=losses.device)
+    mean = torch.full((num_tasks,), 1 / num_tasks, dtype=dtype, device=gram.device)
     toward_mean = normalized @ mean
     radius = c * (mean @ toward_mean).clamp_min(0).sqrt()
-    factor, info = torch.linalg.cholesky_ex(normalized + rounding_ridge(num_tasks, dtype) * eye)
+    factor, info = torch.linalg.cholesky_ex(normalized + ridge * eye)
     shift, multipliers = _best_shift_in_ball(factor, toward_mean, radius, has_gradient, iterations)
-    weights = _recovered_weights(shift, multipliers, factor, normalized, radius, has_gradient)
+    weights = _recovered_weights(shift, multipliers, factor, normalized, radius, has_gradient, ridge)
     usable = (radius > 0) & (info == 0) & torch.isfinite(weights).all()
-    return torch.where(usable, weights, mean) / _RESCALE_DIVISORS[rescale](c)
+    return torch.where(usable, weights, mean)
 
 
 def _recovered_weights(
-    shift: Tensor, multipliers: Tensor, factor: Tensor, gram: Tensor, radius: Tensor, active: Tensor
+    shift: Tensor, multipliers: Tensor, factor: Tensor, gram: Tensor, radius: Tensor, active: Tensor, ridge: float
 ) -> Tensor:
     """α from the solution, as π + L⁻ᵀy (less its drift along the null space of G) or as the
     paper's π + (r/‖g_w‖) w (w: the multipliers).
@@ -114,7 +137,7 @@ def _recovered_weights(
     from_multipliers = mean + radius / torch.where(cancelled, 1, combined_norm) * w
     shift_weights = torch.linalg.solve_triangular(factor.mT, shift[:, None], upper=True)[:, 0]
     # The paper's weights spend a share of r² of order T·eps/‖g_w‖² on the ridge; a drift, most of it.
-    drifted = rounding_ridge(shift.numel(), gram.dtype) * (shift_weights @ shift_weights) > radius * radius / 2
+    drifted = ridge * (shift_weights @ shift_weights) > radius * radius / 2
     from_shift = mean + torch.where(drifted, _without_null_space(shift_weights, gram), shift_weights)
     worst_s, inside_s = _worst_improvement(from_shift, gram, radius, active)
     worst_m, _ = _worst_improvement(from_multipliers, gram, radius, active)

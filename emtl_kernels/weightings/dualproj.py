@@ -8,8 +8,9 @@ is Jᵀv with (Proposition 1 of 2406.16232)
 
 and the weights are α = v: the update conflicts with no task, (G α)_i ≥ 0. It is the single-QP
 sibling of :mod:`~emtl_kernels.weightings.upgrad` (which projects every g_i and averages), and
-matches TorchJD's ``DualProjWeighting`` (same normalisation and regularisation), solved on the
-device instead of by quadprog on the host.
+matches TorchJD's ``DualProjWeighting`` (same normalisation and regularisation), solved in float64
+by a compiled active-set method on a CPU tensor and by tensor ops on other devices, instead of by
+quadprog on the host.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._solvers import IPM_ITERATIONS, project_onto_dual_cone
+from ._solvers import IPM_ITERATIONS
 from .base import check_weighting_inputs, compute_dtype
-from .upgrad import DualConeWeighting, _check_options
+from .upgrad import DualConeWeighting, _check_options, dual_cone_projections
 
 
 def dualproj_weights(
@@ -42,7 +43,7 @@ def dualproj_weights(
     _check_options(norm_eps, reg_eps, iterations)
     dtype = compute_dtype(losses)
     mean = torch.full((1, losses.numel()), 1 / losses.numel(), dtype=dtype, device=losses.device)
-    return project_onto_dual_cone(gram, mean, norm_eps=norm_eps, reg_eps=reg_eps, iterations=iterations)[0]
+    return dual_cone_projections(gram, mean, norm_eps, reg_eps, iterations)[0]
 
 
 class DualProj(DualConeWeighting):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._solvers import EigenSolver, check_eigen_solver, pinv_apply
 from .base import FunctionWeighting, check_weighting_inputs, compute_dtype, fill_zero_gradient_tasks, task_norms
 
@@ -33,7 +34,9 @@ def imtl_g_weights(losses: Tensor, gram: Tensor, *, eigen_solver: EigenSolver = 
         gram: ``[T, T]`` Gram matrix of the task gradients on the shared parameters.
         eigen_solver: how C⁺ is formed: "auto" (LAPACK on the CPU, Jacobi sweeps elsewhere, so
             that a CUDA step never waits on the host), "lapack" or "jacobi"; see
-            :func:`~emtl_kernels.weightings._solvers.symmetric_eigh`.
+            :func:`~emtl_kernels.weightings._solvers.symmetric_eigh`. On a CPU tensor "auto" and
+            "lapack" run the whole method compiled, in float64 (LAPACK's dsyevd); the rank cut
+            stays that of the weights' dtype.
 
     Degenerate inputs: T = 1 gives weight 1. A task with a zero gradient is left out of C and gets
     the mean weight of the others. Identical (or parallel) gradients share the weight equally in
@@ -45,6 +48,8 @@ def imtl_g_weights(losses: Tensor, gram: Tensor, *, eigen_solver: EigenSolver = 
     """
     check_weighting_inputs(losses, gram)
     check_eigen_solver(eigen_solver)
+    if eigen_solver != "jacobi" and _compiled.runs_compiled(gram):
+        return _compiled.ops().imtl_g_weights(losses, gram)
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     norms, has_gradient = task_norms(gram, dtype)

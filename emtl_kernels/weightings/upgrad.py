@@ -10,8 +10,10 @@ are averaged. The projection of Jᵀu is Jᵀv with v the solution of a non-nega
 
 so with u = e_i / T for task i the weights are α = Σ_i v(e_i / T). Every projection lies in C, so
 the update conflicts with no task: (G α)_i ≥ 0. As in TorchJD (``UPGradWeighting``, which this
-matches), the QP is solved on G / tr(G) + reg_eps · I; TorchJD solves it with quadprog on the host,
-here all T problems are solved at once by an interior-point method on the device.
+matches), the QP is solved on G / tr(G) + reg_eps · I, in float64 whatever the dtype of G. TorchJD
+solves it with quadprog on the host; here, on a CPU tensor, a compiled exact active-set method
+solves it (``torch.ops.emtl_solvers.project_onto_dual_cone``), and on other devices (or without
+the extension) an interior-point method solves all T problems at once with tensor ops.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._solvers import IPM_ITERATIONS, project_onto_dual_cone
 from .base import FunctionWeighting, check_count, check_number, check_weighting_inputs, compute_dtype
 
@@ -43,9 +46,10 @@ def upgrad_weights(
             QP strictly convex, so its solution is unique when G is singular. With it the update
             conflicts with no task up to that ridge and the rounding one, T·eps, beside it:
             (G α)_i ≥ −(reg_eps + T·eps) · tr(G) · α_i.
-        iterations: interior-point iterations (default :data:`IPM_ITERATIONS` = 30: the weights
-            agree with quadprog's to about 1e-10 relative in float64; float32 weights are
-            accurate to about 1e-7 · κ, κ the condition number of G / tr(G) + reg_eps · I).
+        iterations: interior-point iterations of the tensor-op solver (default
+            :data:`IPM_ITERATIONS` = 30, which bring the weights to about 1e-10 of quadprog's);
+            the compiled CPU solver is exact and ignores it. Both solve in float64: float32
+            weights are quadprog's float64 optimum rounded to float32.
 
     Degenerate inputs: T = 1 gives weight 1; G = 0 gives 1/T each. A task with a zero gradient
     takes no part in any projection but its own, and gets weight 1/T. Identical gradients share
@@ -56,8 +60,17 @@ def upgrad_weights(
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     preferences = torch.eye(num_tasks, dtype=dtype, device=losses.device) / num_tasks
-    projections = project_onto_dual_cone(gram, preferences, norm_eps=norm_eps, reg_eps=reg_eps, iterations=iterations)
-    return projections.sum(0)
+    return dual_cone_projections(gram, preferences, norm_eps, reg_eps, iterations).sum(0)
+
+
+def dual_cone_projections(
+    gram: Tensor, preferences: Tensor, norm_eps: float, reg_eps: float, iterations: int
+) -> Tensor:
+    """The weights ``[B, T]`` of the projections of Jᵀu onto the dual cone, one per row u of
+    ``preferences``, in their dtype: compiled on a CPU tensor, tensor ops elsewhere."""
+    if _compiled.runs_compiled(gram):
+        return _compiled.ops().project_onto_dual_cone(gram, preferences, norm_eps, reg_eps)
+    return project_onto_dual_cone(gram, preferences, norm_eps=norm_eps, reg_eps=reg_eps, iterations=iterations)
 
 
 def _check_options(norm_eps: float, reg_eps: float, iterations: int) -> None:

@@ -1,0 +1,39 @@
+// The Gram-based weightings' solves in double, torch-free: (G, options) -> T weights.
+//
+// `gram` is G, n×n row-major, already widened to double. `eps` is the machine epsilon of the
+// weights' dtype, which sizes the rank cuts (the arithmetic is double whatever it is). Each
+// function follows the Python method of the same name in emtl_kernels/weightings/ (degenerate
+// inputs included); csrc/README.md states each algorithm.
+#pragma once
+
+#include <vector>
+
+namespace emtl::solvers {
+
+using Vector = std::vector<double>;
+
+// v_b = argmin vᵀG̃v subject to v ≥ u_b for each row u_b of `preferences` (rows × n), with
+// G̃ = G / tr(G) (0 when tr(G) ≤ 0 or < norm_eps) + reg_eps·I. Returns rows × n.
+Vector project_onto_dual_cone(int n, const Vector& gram, const Vector& preferences, int rows, double norm_eps,
+                              double reg_eps);
+
+// argmin over the simplex of αᵀGα on the tasks with G_ii > 0; the others get the mean weight.
+Vector mgda_weights(int n, const Vector& gram);
+
+// π + (r / ‖g_w‖) w, w the minimiser over the simplex of g_wᵀg_0 + r‖g_w‖ (r = c‖g_0‖), on G / tr(G)
+// with a ridge of 2·n·gram_eps of its diagonal (gram_eps: the rounding of G's dtype).
+Vector cagrad_weights(int n, const Vector& gram, double c, double gram_eps);
+
+// α > 0 with α_i (Gα)_i = 1 (on G + reg_eps·diag(G)), then clipped to ‖Jᵀα‖ ≤ max_norm when
+// max_norm > 0.
+Vector nash_mtl_weights(int n, const Vector& gram, double reg_eps, double max_norm, int iterations);
+
+// D⁻¹ C⁺ 1 normalised to sum 1 (C the correlation matrix, D the gradient norms).
+Vector imtl_g_weights(int n, const Vector& gram, double eps);
+
+enum class ScaleMode { kMin, kMedian, kRmse };
+
+// √σ · V Λ^{-1/2} Vᵀ π on the kept eigenpairs of G / tr(G).
+Vector aligned_mtl_weights(int n, const Vector& gram, ScaleMode scale_mode, double eps);
+
+}  // namespace emtl::solvers

@@ -1,0 +1,404 @@
+"""The compiled CPU solvers (``torch.ops.emtl_solvers.*``): their op contract, their parity with the
+tensor-op solvers they stand in for on the CPU, and their accuracy against float64 references
+(quadprog, cvxpy, TorchJD's own Nash-MTL) at T up to 50, float32 inputs included.
+
+Each reference solves the float64 problem of the G the solver is given: a float32 G is widened
+first, so that what is measured is the solve, not the rounding of G.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from emtl_kernels import _extension
+from emtl_kernels.weightings import (
+    _compiled,
+    aligned_mtl_weights,
+    cagrad_weights,
+    dualproj_weights,
+    imtl_g_weights,
+    mgda_weights,
+    nash_mtl_weights,
+    upgrad_weights,
+)
+
+pytestmark = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the compiled extension is not built")
+
+DTYPES = [torch.float64, torch.float32]
+#: The accuracy target: relative error of the weights (or of the objective) against the float64
+#: optimum, for T ≤ 64 and cond(G) ≤ 1e3, whatever the dtype of G.
+TARGET = 1e-6
+
+
+def random_jacobian(num_tasks: int, numel: int, seed: int, *, conflict: float = 0.5) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(num_tasks, numel, generator=generator, dtype=torch.float64)
+    return rows - conflict * rows.mean(0)
+
+
+def adversarial_gram(kind: str, num_tasks: int) -> Tensor:
+    """Float64 Gram matrices the solvers must survive: rank-deficient, norms over 1e-6..1e6,
+    duplicate tasks, a zero gradient."""
+    generator = torch.Generator().manual_seed(num_tasks)
+    rows = torch.randn(num_tasks, 3 * num_tasks, generator=generator, dtype=torch.float64)
+    if kind == "rank_deficient":
+        rows = torch.randn(num_tasks, 3, generator=generator, dtype=torch.float64) @ rows[:3]
+    elif kind == "scales":
+        rows = rows * torch.logspace(-3, 3, num_tasks, dtype=torch.float64)[:, None]
+    elif kind == "duplicates":
+        rows[1::2] = rows[0::2][: num_tasks // 2]
+    elif kind == "zero_gradient":
+        rows[num_tasks // 3] = 0
+    return rows @ rows.T
+
+
+def as_inputs(gram: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return torch.ones(gram.shape[0], dtype=dtype), gram.to(dtype)
+
+
+def given64(gram: Tensor, dtype: torch.dtype) -> Tensor:
+    """The G a solver sees in ``dtype``, widened back: what its reference must solve."""
+    return gram.to(dtype).double()
+
+
+# --- References ---------------------------------------------------------------------------------
+
+
+def quadprog_dual_cone(gram: Tensor, preference: Tensor, reg_eps: float) -> Tensor:
+    """argmin vᵀG̃v s.t. v ≥ u, G̃ = G / tr(G) + reg_eps·I, by quadprog (as TorchJD solves it)."""
+    import quadprog
+
+    matrix = (gram / gram.trace() + reg_eps * torch.eye(len(gram), dtype=torch.float64)).numpy()
+    num_tasks = len(gram)
+    solution = quadprog.solve_qp(matrix, np.zeros(num_tasks), np.eye(num_tasks), preference.numpy(), 0)[0]
+    return torch.from_numpy(solution)
+
+
+def quadprog_min_norm(gram: Tensor) -> float:
+    """min αᵀ(G / tr(G))α over the simplex, by quadprog (on G plus 1e-14·I so that it factors)."""
+    import quadprog
+
+    num_tasks = len(gram)
+    matrix = (gram / gram.trace()).numpy() + 1e-14 * np.eye(num_tasks)
+    constraints = np.concatenate([np.ones((num_tasks, 1)), np.eye(num_tasks)], 1)
+    bounds = np.concatenate([[1.0], np.zeros(num_tasks)])
+    alpha = quadprog.solve_qp(matrix, np.zeros(num_tasks), constraints, bounds, 1)[0]
+    return float(alpha @ (gram / gram.trace()).numpy() @ alpha)
+
+
+def cvxpy_cagrad_optimum(jacobian: Tensor, c: float) -> float:
+    """max_d min_i g_i·d subject to ‖d − g0‖ ≤ c‖g0‖, on J / √tr(G), by cvxpy (float64)."""
+    import cvxpy as cp
+
+    rows = (jacobian / jacobian.square().sum().sqrt()).numpy()
+    mean = rows.mean(0)
+    direction = cp.Variable(rows.shape[1])
+    worst = cp.Variable()
+    problem = cp.Problem(
+        cp.Maximize(worst), [rows @ direction >= worst, cp.norm(direction - mean) <= c * np.linalg.norm(mean)]
+    )
+    problem.solve(solver=cp.CLARABEL)
+    return float(problem.value)
+
+
+@functools.cache
+def graded_gram(num_tasks: int, condition: float, seed: int) -> Tensor:
+    """G = Q diag(λ) Qᵀ with eigenvalues spread over ``condition``: a Gram matrix of known cond."""
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(num_tasks, num_tasks, generator=generator, dtype=torch.float64))
+    values = torch.logspace(0, -np.log10(condition), num_tasks, dtype=torch.float64)
+    # Shifted so that the mean gradient conflicts with some tasks (negative entries of G).
+    shift = torch.randn(num_tasks, generator=generator, dtype=torch.float64)
+    basis = basis * torch.sign(shift)
+    return basis @ torch.diag(values) @ basis.T
+
+
+# --- Op contract --------------------------------------------------------------------------------
+
+
+def test_opcheck_every_solver_op():
+    ops = _compiled.ops()
+    for dtype in DTYPES:
+        losses, gram = as_inputs(adversarial_gram("random", 5), dtype)
+        preferences = torch.eye(5, dtype=dtype) / 5
+        torch.library.opcheck(ops.project_onto_dual_cone.default, (gram, preferences, 0.0, 1e-4))
+        torch.library.opcheck(ops.mgda_weights.default, (losses, gram))
+        torch.library.opcheck(ops.cagrad_weights.default, (losses, gram, 0.5))
+        torch.library.opcheck(ops.nash_mtl_weights.default, (losses, gram, 1e-9, 1.0, 40))
+        torch.library.opcheck(ops.nash_mtl_weights.default, (losses, gram, 1e-9, None, 40))
+        torch.library.opcheck(ops.imtl_g_weights.default, (losses, gram))
+        torch.library.opcheck(ops.aligned_mtl_weights.default, (losses, gram, "median"))
+    assert set(_compiled.FAKES) == {
+        name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")
+    }
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda ops: ops.mgda_weights(torch.ones(3), torch.ones(2, 2)), "gram must be"),
+        (lambda ops: ops.mgda_weights(torch.ones(2, 2), torch.ones(2, 2)), "losses must be"),
+        (lambda ops: ops.imtl_g_weights(torch.ones(2), torch.ones(2, 2, dtype=torch.int64)), "floating point"),
+        (lambda ops: ops.aligned_mtl_weights(torch.ones(2), torch.eye(2), "max"), "scale_mode"),
+        (lambda ops: ops.project_onto_dual_cone(torch.eye(2), torch.ones(2), 0.0, 0.0), "preferences must be"),
+    ],
+)
+def test_solver_ops_reject_bad_inputs(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(_compiled.ops())
+
+
+def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
+    """On a CPU tensor each Gram-based weighting calls its op, and no tensor-op solver."""
+    calls = []
+    monkeypatch.setattr(_compiled, "ops", lambda: _Recorder(calls))
+    losses, gram = as_inputs(adversarial_gram("random", 4), torch.float32)
+    for function in (upgrad_weights, dualproj_weights, mgda_weights, cagrad_weights, nash_mtl_weights):
+        function(losses, gram)
+    imtl_g_weights(losses, gram)
+    aligned_mtl_weights(losses, gram)
+    assert calls == [
+        "project_onto_dual_cone",
+        "project_onto_dual_cone",
+        "mgda_weights",
+        "cagrad_weights",
+        "nash_mtl_weights",
+        "imtl_g_weights",
+        "aligned_mtl_weights",
+    ]
+
+
+class _Recorder:
+    """``torch.ops.emtl_solvers`` that records the names of the ops called."""
+
+    def __init__(self, calls: list[str]):
+        self.calls = calls
+
+    def __getattr__(self, name: str):
+        def call(*args):
+            self.calls.append(name)
+            return getattr(torch.ops.emtl_solvers, name)(*args)
+
+        return call
+
+
+# --- Parity with the tensor-op solvers ----------------------------------------------------------
+
+#: Each method with the options under test and the relative tolerance of its parity in float64
+#: (the tensor-op solvers stop after fixed iteration counts: about 1e-10 for the interior points).
+PARITY = {
+    "upgrad": (upgrad_weights, {}, 1e-8),
+    "dualproj": (dualproj_weights, {}, 1e-8),
+    "mgda": (mgda_weights, {}, 1e-6),
+    "cagrad": (cagrad_weights, {"c": 0.5}, 1e-6),
+    "nash_mtl": (nash_mtl_weights, {"max_norm": None}, 1e-6),
+    "imtl_g": (imtl_g_weights, {}, 1e-9),
+    "aligned_mtl": (aligned_mtl_weights, {"scale_mode": "median"}, 1e-6),
+}
+
+
+def tensor_op_weights(function, losses: Tensor, gram: Tensor, **options) -> Tensor:
+    """The weights by the tensor-op solvers, as on a device without the compiled ones."""
+    original = _compiled.runs_compiled
+    _compiled.runs_compiled = lambda gram: False
+    try:
+        return function(losses, gram, **options)
+    finally:
+        _compiled.runs_compiled = original
+
+
+@pytest.mark.parametrize("kind", ["random", "zero_gradient"])
+@pytest.mark.parametrize("name", list(PARITY))
+def test_compiled_solvers_match_the_tensor_op_solvers(name, kind):
+    """On well-conditioned G. On graded G (norms over 1e-3..1e3) the interior points stop short:
+    there the compiled solvers meet the references' accuracy (tests below), which the interior
+    points do not."""
+    function, options, rtol = PARITY[name]
+    gram = adversarial_gram(kind, 8)
+    losses, given = as_inputs(gram, torch.float64)
+    compiled = function(losses, given, **options)
+    expected = tensor_op_weights(function, losses, given, **options)
+    # The update Jᵀα, measured in G's metric, relative to the scale Σ|α_i|·‖g_i‖.
+    difference = compiled - expected
+    scale = (expected.abs() * gram.diagonal().sqrt()).sum()
+    assert (difference @ gram @ difference).clamp_min(0).sqrt() <= rtol * scale
+    torch.testing.assert_close(compiled, expected, rtol=1e3 * rtol, atol=1e3 * rtol * expected.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["rank_deficient", "duplicates"])
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "nash_mtl", "imtl_g", "aligned_mtl"])
+def test_compiled_solvers_give_the_tensor_op_update_on_singular_gram(name, kind):
+    """Where G is singular the weights of one update are many: the updates agree."""
+    function, options, rtol = PARITY[name]
+    gram = adversarial_gram(kind, 8)
+    losses, given = as_inputs(gram, torch.float64)
+    difference = function(losses, given, **options) - tensor_op_weights(function, losses, given, **options)
+    scale = gram.diagonal().sqrt().sum()
+    assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e2 * rtol * scale
+
+
+# --- Accuracy against float64 references --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 20), (32, 114), (50, 100), (64, 0)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dual_cone_weights_are_quadprogs_to_the_target(shape, dtype):
+    """TorchJD's test_solution_weights shapes, in float32 too, and T = 64 at cond(G) = 1e3 (no J:
+    numel 0): UPGrad and DualProj within 1e-6 relative of quadprog's float64 solution."""
+    num_tasks, numel = shape
+    if numel:
+        jacobian = random_jacobian(num_tasks, numel, seed=num_tasks)
+        gram = jacobian @ jacobian.T
+    else:
+        gram = graded_gram(num_tasks, 1e3, seed=num_tasks)
+    losses, given = as_inputs(gram, dtype)
+    reference = given64(gram, dtype)
+    unit = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
+    upgrad = sum(quadprog_dual_cone(reference, row, 1e-4) for row in unit)
+    dualproj = quadprog_dual_cone(reference, torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64), 1e-4)
+    rounding = torch.finfo(dtype).eps
+    for weights, expected in ((upgrad_weights(losses, given), upgrad), (dualproj_weights(losses, given), dualproj)):
+        error = (weights.double() - expected).norm() / expected.norm()
+        assert error <= TARGET + rounding
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks,condition", [(8, 1e3), (32, 1e3), (50, 1e3), (64, 1e3), (32, 1e6)])
+def test_mgda_reaches_the_min_norm_to_the_target(num_tasks, condition, dtype):
+    """MGDA's objective αᵀGα within 1e-6 relative of quadprog's float64 optimum; at cond 1e6 too
+    (float32 there reached 1.05e-3 against an optimum of 2.35e-5 before)."""
+    gram = graded_gram(num_tasks, condition, seed=num_tasks)
+    losses, given = as_inputs(gram, dtype)
+    reference = given64(gram, dtype)
+    optimum = quadprog_min_norm(reference)
+    weights = mgda_weights(losses, given).double()
+    assert torch.all(weights >= 0)
+    torch.testing.assert_close(
+        weights.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=4 * torch.finfo(dtype).eps, atol=0
+    )
+    normalized = reference / reference.trace()
+    value = float(weights @ normalized @ weights)
+    assert value <= optimum * (1 + TARGET) + 4 * torch.finfo(dtype).eps * float(normalized.diagonal().max())
+    # KKT: (Gα)_i ≥ αᵀGα, with equality on the support.
+    gradient = normalized @ weights
+    assert torch.all(gradient >= value - 1e-6 * float(normalized.diagonal().max()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [0.5, 0.9])
+@pytest.mark.parametrize("num_tasks", [4, 16, 32])
+def test_cagrad_reaches_the_best_worst_improvement(num_tasks, c, dtype):
+    """CAGrad's d = Jᵀα lies in the ball and its worst improvement is cvxpy's optimum, to 1e-6
+    relative of the mean gradient's scale (float32 at c = 0.9 was wrong before)."""
+    jacobian = random_jacobian(num_tasks, 3 * num_tasks, seed=num_tasks)
+    gram = jacobian @ jacobian.T
+    losses, given = as_inputs(gram, dtype)
+    weights = cagrad_weights(losses, given, c=c).double()
+    normalized = given64(gram, dtype) / given64(gram, dtype).trace()
+    mean = torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
+    radius = c * (mean @ normalized @ mean).sqrt()
+    offset = weights - mean
+    # On the ball's boundary: within the rounding of the weights to their dtype, which α − π
+    # (a tenth of α and less) magnifies.
+    assert (offset @ normalized @ offset).sqrt() <= radius * (1 + 100 * torch.finfo(dtype).eps)
+    # cvxpy on the J whose Gram matrix is G: the float64 J (a float32 G is its rounding).
+    optimum = cvxpy_cagrad_optimum(jacobian, c)
+    worst = float((normalized @ weights).min())
+    mean_norm = float((mean @ normalized @ mean).sqrt())
+    assert worst >= optimum - TARGET * mean_norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [1.0, 2.0])
+@pytest.mark.parametrize("shape", [(20, 10), (20, 5), (4, 3)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cagrad_conflicts_with_no_task_once_the_ball_holds_zero(shape, c, dtype):
+    """c ≥ 1: the ball around g0 holds 0, so the best worst improvement is ≥ 0 (0 where the
+    gradients cancel, T > rank); TorchJD's test_non_conflicting found the compiled solve
+    conflicting on such G before."""
+    num_tasks, numel = shape
+    jacobian = random_jacobian(num_tasks, numel, seed=numel)
+    gram = jacobian @ jacobian.T
+    weights = cagrad_weights(*as_inputs(gram, dtype), c=c).double()
+    normalized = given64(gram, dtype) / given64(gram, dtype).trace()
+    assert torch.isfinite(weights).all()
+    improvements = normalized @ weights
+    # To the rounding of (Gα)_i, whose terms are G_ij α_j.
+    scale = (normalized.abs() @ weights.abs()).max()
+    assert improvements.min() >= -1e2 * torch.finfo(dtype).eps * scale
+    mean = torch.full((num_tasks,), 1 / num_tasks, dtype=torch.float64)
+    offset = weights - mean
+    radius = c * (mean @ normalized @ mean).sqrt()
+    assert (offset @ normalized @ offset).sqrt() <= radius * (1 + 100 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("kind", ["random", "rank_deficient", "scales", "duplicates", "zero_gradient"])
+@pytest.mark.parametrize("num_tasks", [32, 50])
+def test_float32_gram_of_many_tasks_gives_finite_optimal_weights(kind, num_tasks):
+    """Adversarial float32 G at T = 32 and 50: every compiled solver returns finite weights, and
+    the dual-cone projections meet their KKT conditions on the float32 G to 1e-6."""
+    gram = adversarial_gram(kind, num_tasks)
+    losses, given = as_inputs(gram, torch.float32)
+    for function in (upgrad_weights, dualproj_weights, mgda_weights, cagrad_weights, nash_mtl_weights):
+        assert torch.isfinite(function(losses, given)).all(), function.__name__
+    assert torch.isfinite(imtl_g_weights(losses, given)).all()
+    assert torch.isfinite(aligned_mtl_weights(losses, given)).all()
+    reference = given64(gram, torch.float32)
+    regularized = reference / reference.trace() + 1e-4 * torch.eye(num_tasks, dtype=torch.float64)
+    mean = torch.full((1, num_tasks), 1 / num_tasks, dtype=torch.float32)
+    projection = _compiled.ops().project_onto_dual_cone(given, mean, 0.0, 1e-4)[0].double()
+    multipliers = regularized @ projection
+    assert torch.all(projection >= mean[0].double() - 1e-7)
+    assert torch.all(multipliers >= -1e-6 * regularized.diagonal().max())
+    assert ((projection - mean[0].double()) * multipliers).abs().max() <= 1e-6 * regularized.diagonal().max()
+
+
+# --- Nash-MTL against TorchJD -------------------------------------------------------------------
+
+
+def torchjd_nash_mtl(jacobian: Tensor, max_norm: float) -> Tensor:
+    from torchjd.aggregation import NashMTL
+
+    return NashMTL(n_tasks=jacobian.shape[0], max_norm=max_norm).weighting(jacobian)
+
+
+@pytest.mark.parametrize(
+    "jacobian",
+    [
+        torch.tensor([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]], dtype=torch.float64),
+        random_jacobian(5, 12, seed=3),
+    ],
+    ids=["issue_reproducer", "random_5x12"],
+)
+def test_nash_mtl_matches_torchjd(jacobian):
+    """α_i (Gα)_i = 1, as TorchJD's port of the authors' code solves it (ECOS: to about 1e-4), and
+    the same clipping at the shared default max_norm = 1.0."""
+    pytest.importorskip("cvxpy")
+    gram = jacobian @ jacobian.T
+    losses = torch.zeros(len(gram), dtype=torch.float64)
+    unclipped = nash_mtl_weights(losses, gram, max_norm=None)
+    torch.testing.assert_close(
+        unclipped * (gram @ unclipped), torch.ones(len(gram), dtype=torch.float64), rtol=1e-7, atol=0
+    )
+    theirs = torchjd_nash_mtl(jacobian, max_norm=0.0).double()
+    torch.testing.assert_close(unclipped, theirs, rtol=1e-3, atol=0)
+    torch.testing.assert_close((jacobian.T @ unclipped).norm(), (jacobian.T @ theirs).norm(), rtol=1e-3, atol=0)
+    clipped = nash_mtl_weights(losses, gram)
+    torch.testing.assert_close(clipped, torchjd_nash_mtl(jacobian, max_norm=1.0).double(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        (jacobian.T @ clipped).norm(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_torch_compile_traces_each_compiled_solve_in_one_graph(name):
+    """fullgraph=True: the op is one opaque node of the graph (its fake kernel gives the shape)."""
+    function, options, _ = PARITY[name]
+    losses, gram = as_inputs(adversarial_gram("random", 5), torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(functools.partial(function, **options), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(losses, gram), function(losses, gram, **options), rtol=0, atol=0)
