@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from emtl_kernels import make_weighting
+
 NUM_TASKS = [1, 2, 3, 8, 17]
 
 
@@ -16,3 +18,13 @@ def random_problem(num_tasks: int, seed: int, numel: int = 50):
     scales = 10 ** torch.randint(-3, 3, (num_tasks, 1), generator=generator).double()
     jacobian = torch.randn(num_tasks, numel, generator=generator, dtype=torch.float64) * scales
     return losses, jacobian, (jacobian @ jacobian.T).float()
+
+
+#: The weightings that draw random task orders: seeded in :func:`fresh_weighting`.
+RANDOM_ORDERS = ("pcgrad", "gradvac")
+
+
+def fresh_weighting(name: str):
+    """A new instance of ``name`` with its default options; PCGrad and GradVac seeded, so that two
+    fresh ones draw the same orders."""
+    return make_weighting(name, seed=0) if name in RANDOM_ORDERS else make_weighting(name)

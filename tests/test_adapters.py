@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _weighting_cases import fresh_weighting
 from multitask_models import ToyMultiTask, toy_batch
 from packaging.requirements import Requirement
 from torch import nn
 
-from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad, make_weighting
+from emtl_kernels import EMTL, WEIGHTINGS, MTLStep, PCGrad
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
@@ -193,9 +194,9 @@ def trunk_output_and_losses(model: ToyMultiTask):
 
 
 def torchjd_for(name: str):
-    """Our weighting ``name`` twice, fresh: one for TorchJD's loop, one for MTLStep (PCGrad with
-    the same seed, so that both draw the same orders)."""
-    return (PCGrad(seed=0), PCGrad(seed=0)) if name == "pcgrad" else (make_weighting(name), make_weighting(name))
+    """Our weighting ``name`` twice, fresh: one for TorchJD's loop, one for MTLStep (PCGrad and
+    GradVac with the same seed, so that both draw the same orders)."""
+    return fresh_weighting(name), fresh_weighting(name)
 
 
 @pytest.mark.parametrize("entry", ["backward", "mtl_backward", "summed_gramians"])
@@ -425,6 +426,10 @@ def test_libmtl_weighting_refuses_rep_grad_and_says_what_it_will_map_to():
         ("nash_mtl", {"max_norm": 0.5, "update_weights_every": 1, "optim_niter": 20}, {"max_norm": 0.5}),
         ("nash_mtl", {"max_norm": 0.0, "update_weights_every": 1, "optim_niter": 20}, {"max_norm": None}),
         ("mgda", {"mgda_gn": "none"}, {}),
+        ("fairgrad", {"FairGrad_alpha": 2.0}, {"p": 2.0}),
+        ("gradnorm", {"alpha": 0.5}, {"alpha": 0.5}),
+        ("db_mtl", {"DB_beta": 0.0, "DB_beta_sigma": 0.0}, {}),
+        ("gradvac", {"GradVac_beta": 0.2, "GradVac_group_type": 0}, {"beta": 0.2}),
     ],
 )
 def test_libmtl_weight_args_become_our_options(name, weight_args, options):
@@ -458,6 +463,7 @@ def test_libmtl_calpha_changes_the_weights_and_a_change_between_steps_takes_effe
         ("nash_mtl", {}, {"update_weights_every": 2}, ValueError, "update_weights_every=2"),
         ("nash_mtl", {}, {"optim_niter": 5}, ValueError, "optim_niter=5"),
         ("cagrad", {}, {"calpha": 0.5, "rescale": 3}, ValueError, "rescale 0, 1 or 2"),
+        ("db_mtl", {}, {"DB_beta": 0.9, "DB_beta_sigma": 0.0}, ValueError, "DB_beta=0.9 is not supported"),
         ("cagrad", {"c": 0.4}, {"calpha": 0.5}, ValueError, r"calpha=0.5 asks for c=0.5.*c=0.4"),
         (PCGrad(seed=0), {}, {"calpha": 0.5}, TypeError, "weighting given by name"),
     ],

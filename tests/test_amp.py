@@ -7,17 +7,13 @@ import copy
 
 import pytest
 import torch
+from _weighting_cases import fresh_weighting
 from multitask_models import ToyMultiTask, toy_batch
 
-from emtl_kernels import WEIGHTINGS, MTLStep, PCGrad, make_weighting
+from emtl_kernels import WEIGHTINGS, MTLStep, make_weighting
 from emtl_kernels.amp import Unscaled, scaler_step, unscaled
 
 SCALE = 2.0**16
-
-
-def fresh(name: str):
-    # PCGrad draws random orders: two fresh instances with one seed draw the same ones.
-    return PCGrad(seed=0) if name == "pcgrad" else make_weighting(name)
 
 
 @pytest.mark.parametrize("name", list(WEIGHTINGS))
@@ -27,10 +23,10 @@ def test_unscaled_weighting_of_scaled_losses_gives_the_unscaled_step(name):
     the rounding of the scaled backward (none in float32 short of overflow or underflow)."""
     model = ToyMultiTask()
     scaled_model = copy.deepcopy(model)
-    expected = MTLStep(model.trunk.parameters(), fresh(name)).backward(model.losses(*toy_batch(3)))
+    expected = MTLStep(model.trunk.parameters(), fresh_weighting(name)).backward(model.losses(*toy_batch(3)))
 
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    step = MTLStep(scaled_model.trunk.parameters(), unscaled(fresh(name), scaler))
+    step = MTLStep(scaled_model.trunk.parameters(), unscaled(fresh_weighting(name), scaler))
     weights = step.backward(scaler.scale(torch.stack(scaled_model.losses(*toy_batch(3)))))
     torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7 * float(expected.abs().max()))
     scaler.unscale_(torch.optim.SGD(scaled_model.parameters(), lr=0.1))

@@ -347,6 +347,9 @@ def test_weighting_suite_times_every_weighting_beside_the_gram_pass(one_thread):
         (name, num_tasks) for num_tasks in plan.task_counts for name in WEIGHTINGS
     ]
     for row in rows:
+        if row["weighting"] == "krum" and row["num_tasks"] < 3:  # Krum needs three tasks: the row says so
+            assert "needs at least 3 tasks" in row["error"]
+            continue
         assert row["error"] is None, row["error"]
         assert math.isfinite(row["median_us"]) and row["median_us"] >= row["min_us"] > 0
         assert row["gram_numel"] == 2**plan.gram_log2_numel and row["gram_pass_us"] > 0

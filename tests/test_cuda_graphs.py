@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _weighting_cases import RANDOM_ORDERS
 from multitask_models import ToyMultiTask, toy_batch
 
 from emtl_kernels import WEIGHTINGS, MTLStep, available_backends, make_weighting, pcgrad_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: Calls of a function on a side stream before its capture.
+CAPTURE_WARMUP = 2
 
 
 def conflicting_gram(num_tasks: int, seed: int) -> torch.Tensor:
@@ -28,7 +32,7 @@ def capture(function, *args) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
+        for _ in range(CAPTURE_WARMUP):
             function(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
@@ -37,17 +41,30 @@ def capture(function, *args) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     return graph, out
 
 
-@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"pcgrad"}))
+@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - set(RANDOM_ORDERS) - {"krum"}))
 @pytest.mark.parametrize("num_tasks", [2, 8])
 def test_weighting_replays_on_new_inputs(name, num_tasks):
-    weighting = make_weighting(name)
+    """The eager twin makes the calls the captured weighting ran (two warm-up calls, then the
+    replay on the new inputs), so that a stateful weighting's state moves the same way in both."""
+    weighting, twin = make_weighting(name), make_weighting(name)
     losses = torch.rand(num_tasks, device="cuda") + 0.5
     gram = conflicting_gram(num_tasks, seed=0)
+    for _ in range(CAPTURE_WARMUP):
+        twin(losses, gram)
     graph, weights = capture(weighting, losses, gram)
     losses.copy_(torch.rand(num_tasks, device="cuda") + 0.5)
     gram.copy_(conflicting_gram(num_tasks, seed=1))
     graph.replay()
-    torch.testing.assert_close(weights, weighting(losses, gram), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weights, twin(losses, gram), rtol=1e-4, atol=1e-6)
+
+
+def test_krum_replays_on_new_inputs():
+    weighting = make_weighting("krum", n_byzantine=1, n_selected=2)
+    losses, gram = torch.ones(6, device="cuda"), conflicting_gram(6, seed=0)
+    graph, weights = capture(weighting, losses, gram)
+    gram.copy_(conflicting_gram(6, seed=2))
+    graph.replay()
+    torch.testing.assert_close(weights, weighting(losses, gram))
 
 
 def test_pcgrad_replays_with_given_orders():

@@ -10,7 +10,7 @@ from _weighting_cases import random_problem
 from torch import Tensor
 
 import emtl_kernels.weightings
-from emtl_kernels.weightings import WEIGHTINGS, Weighting
+from emtl_kernels.weightings import WEIGHTINGS, FunctionWeighting, StatefulWeighting, Weighting
 from emtl_kernels.weightings.base import check_weighting_inputs
 
 
@@ -48,7 +48,15 @@ def test_weighting_instance_checks_once(name, check_count):
     assert check_count[0] == 1
 
 
-@pytest.mark.parametrize("name", WEIGHTINGS)
+#: The weightings made of a public ``*_weights`` function; the stateful ones are classes only.
+FUNCTION_WEIGHTINGS = [name for name, cls in WEIGHTINGS.items() if issubclass(cls, FunctionWeighting)]
+
+
+def test_every_weighting_is_a_function_or_stateful():
+    assert all(issubclass(cls, (FunctionWeighting, StatefulWeighting)) for cls in WEIGHTINGS.values())
+
+
+@pytest.mark.parametrize("name", FUNCTION_WEIGHTINGS)
 def test_weights_function_checks_once(name, check_count):
     WEIGHTINGS[name].function(*problem())
     assert check_count[0] == 1

@@ -36,7 +36,17 @@ PROPERTY_SETTINGS = settings(max_examples=15, deadline=None, suppress_health_che
 
 #: Weightings whose weights are unique for every G (a strictly convex problem, a closed form or a
 #: minimum-norm solution): relabelling or rescaling must give back the same weights.
-UNIQUE_WEIGHTS = ["emtl", "gradnorm_scaling", "equal", "aligned_mtl", "upgrad", "dualproj", "nash_mtl"]
+UNIQUE_WEIGHTS = [
+    "emtl",
+    "gradnorm_scaling",
+    "equal",
+    "aligned_mtl",
+    "upgrad",
+    "dualproj",
+    "nash_mtl",
+    "fairgrad",
+    "db_mtl",
+]
 #: Weightings whose weights are not unique when G is singular (a face of the simplex, or CAGrad's
 #: multipliers, may hold many optimal weight vectors); only their update Jᵀw is.
 UNIQUE_UPDATE = ["mgda", "cagrad"]
@@ -397,6 +407,7 @@ def extreme_grams(draw) -> tuple[torch.Tensor, torch.dtype]:
 def test_weights_are_finite_for_any_finite_gram(name, gram_and_dtype):
     gram, dtype = gram_and_dtype
     assume(torch.isfinite(gram).all())
+    assume(name != "krum" or gram.shape[0] >= 3)
     weights = make_weighting(name)(losses_for(gram.shape[0]).to(dtype), gram)
     assert weights.shape == (gram.shape[0],) and weights.dtype == dtype
     assert torch.isfinite(weights).all(), weights

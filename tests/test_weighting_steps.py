@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _weighting_cases import fresh_weighting
 from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch
 
-from emtl_kernels import WEIGHTINGS, MTLStep, PCGrad, make_weighting
+from emtl_kernels import CRMOGM, PCD, WEIGHTINGS, GradNorm, GradVac, MTLStep, make_weighting
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
+    db_mtl_weights,
     dualproj_weights,
     emtl_weights,
     equal_weights,
+    fairgrad_weights,
     gradnorm_scaling_weights,
     imtl_g_weights,
+    krum_weights,
     mgda_weights,
     nash_mtl_weights,
     pcgrad_weights,
@@ -23,12 +27,21 @@ from emtl_kernels.weightings import (
 )
 
 #: The weightings that read all of G, which memory mode never forms.
-FULL_GRAM = {"imtl_g", "mgda", "pcgrad", "cagrad", "aligned_mtl", "upgrad", "dualproj", "nash_mtl"}
-
-
-def fresh_weighting(name: str):
-    """A new instance of ``name``; PCGrad seeded, so that two fresh ones draw the same orders."""
-    return PCGrad(seed=0) if name == "pcgrad" else make_weighting(name)
+FULL_GRAM = {
+    "imtl_g",
+    "mgda",
+    "pcgrad",
+    "cagrad",
+    "aligned_mtl",
+    "upgrad",
+    "dualproj",
+    "nash_mtl",
+    "fairgrad",
+    "krum",
+    "pcd",
+    "gradvac",
+    "cr_mogm",
+}
 
 
 def per_task_gradients64(model64: ToyMultiTask, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -108,6 +121,18 @@ TRACED = {
     "upgrad": (upgrad_weights, {"iterations": 2}),
     "dualproj": (dualproj_weights, {"iterations": 2}),
     "nash_mtl": (nash_mtl_weights, {"iterations": 2, "max_norm": 1.0}),
+    "fairgrad": (fairgrad_weights, {"iterations": 2, "p": 2.0}),
+    "krum": (krum_weights, {"n_selected": 2}),
+    "db_mtl": (db_mtl_weights, {}),
+}
+
+#: The stateful weightings, made fresh for tracing (their ``weights`` continue their state), with
+#: the options of ``weights``.
+STATEFUL_TRACED = {
+    "pcd": (lambda: PCD(iterations=2), {}),
+    "gradvac": (GradVac, {"orders": ORDERS}),
+    "cr_mogm": (lambda: CRMOGM("mgda", iterations=2), {}),
+    "gradnorm": (lambda: GradNorm(4), {}),
 }
 
 
@@ -118,7 +143,7 @@ def fixed_problem():
 
 
 def test_every_weighting_is_traced():
-    assert set(TRACED) == set(WEIGHTINGS)
+    assert set(TRACED) | set(STATEFUL_TRACED) == set(WEIGHTINGS)
 
 
 @pytest.mark.parametrize("name", list(TRACED))
@@ -131,6 +156,22 @@ def test_weighting_traces_in_one_graph(name):
     compiled = torch.compile(function, fullgraph=True, backend="eager")
     expected = function(losses, gram, **options)
     torch.testing.assert_close(compiled(losses, gram, **options), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(STATEFUL_TRACED))
+def test_stateful_weighting_traces_in_one_graph(name):
+    """Two steps of a traced stateful weighting against two eager steps of a fresh one: the state
+    update, too, is free of host syncs, and continues the same way."""
+    losses, gram = fixed_problem()
+    torch._dynamo.reset()
+    make, options = STATEFUL_TRACED[name]
+    traced, eager = make(), make()
+    compiled = torch.compile(traced.weights, fullgraph=True, backend="eager")
+    for scale in (1.0, 3.0):
+        expected = eager.weights(losses * scale, gram, **options)
+        torch.testing.assert_close(compiled(losses * scale, gram, **options), expected, rtol=1e-6, atol=1e-7)
+    if isinstance(traced, GradNorm):
+        torch.testing.assert_close(traced.logits.grad, eager.logits.grad)
 
 
 def test_pcgrad_compiles_with_inductor():

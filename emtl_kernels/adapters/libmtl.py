@@ -93,6 +93,20 @@ LIBMTL_OPTIONS: dict[str, dict[str, Renamed | OnlyAt]] = {
         ),
     },
     "upgrad": {"UPGrad_norm_eps": Renamed("norm_eps"), "UPGrad_reg_eps": Renamed("reg_eps")},
+    "fairgrad": {"FairGrad_alpha": Renamed("p")},
+    "gradnorm": {"alpha": Renamed("alpha")},
+    "gradvac": {
+        "GradVac_beta": Renamed("beta"),
+        "GradVac_group_type": OnlyAt(0, "ours corrects whole-model gradients (G has no per-layer blocks)"),
+    },
+    "db_mtl": {
+        "DB_beta": OnlyAt(
+            0.0,
+            "LibMTL's DB_MTL averages the task gradients over steps (default 0.9), a per-coordinate state "
+            "that ours, on the Gram matrix, does not hold; ours is its DB_beta=0",
+        ),
+        "DB_beta_sigma": OnlyAt(0.0, "it shapes the gradient average, which ours does not hold"),
+    },
 }
 
 REP_GRAD_UNSUPPORTED = (
@@ -162,7 +176,9 @@ def libmtl_weighting(
 
     The Trainer's ``weight_args`` reach ``backward``: LibMTL's names are mapped onto our options
     (:data:`LIBMTL_OPTIONS`: CAGrad's ``calpha`` and ``rescale``, Nash_MTL's ``max_norm``,
-    UPGrad's ``UPGrad_norm_eps`` and ``UPGrad_reg_eps``), and anything else is refused by name.
+    UPGrad's ``UPGrad_norm_eps`` and ``UPGrad_reg_eps``, FairGrad's ``FairGrad_alpha``, GradNorm's
+    ``alpha``, GradVac's ``GradVac_beta``, DB_MTL's ``DB_beta`` at 0), and anything else is refused
+    by name.
     """
     # A step on a stand-in parameter checks the weighting, its options, the backend and the mode
     # together, so that a bad combination fails here, not at the first training step.

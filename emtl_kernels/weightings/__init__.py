@@ -1,8 +1,9 @@
 """Weightings: (losses, Gram matrix) -> T task weights, computed on the device.
 
-Each method is a pure function ``<name>_weights(losses, gram, **options)`` and a small
-:class:`Weighting` class holding its options; :data:`WEIGHTINGS` maps the names that
-``MTLStep(weighting=...)`` accepts to the classes.
+Each stateless method is a pure function ``<name>_weights(losses, gram, **options)`` and a small
+:class:`Weighting` class holding its options; a method with state across steps (PCD, GradVac,
+CR-MOGM, GradNorm) is a :class:`StatefulWeighting` class holding it on the device.
+:data:`WEIGHTINGS` maps the names that ``MTLStep(weighting=...)`` accepts to the classes.
 """
 
 from __future__ import annotations
@@ -10,14 +11,22 @@ from __future__ import annotations
 from .aligned_mtl import AlignedMTL, aligned_mtl_weights
 from .base import FunctionWeighting, GramUse, Weighting
 from .cagrad import CAGrad, cagrad_weights
+from .cr_mogm import CRMOGM
+from .db_mtl import DBMTL, db_mtl_weights
 from .dualproj import DualProj, dualproj_weights
 from .emtl import EMTL, emtl_weights, relative_contributions
 from .equal import Equal, equal_weights
+from .fairgrad import FairGrad, fairgrad_weights
+from .gradnorm import GradNorm
 from .gradnorm_scaling import GradNormScaling, gradnorm_scaling_weights
+from .gradvac import GradVac
 from .imtl_g import IMTLG, imtl_g_weights
+from .krum import Krum, krum_weights
 from .mgda import MGDA, mgda_weights
 from .nash_mtl import NashMTL, nash_mtl_weights
+from .pcd import PCD
 from .pcgrad import PCGrad, pcgrad_weights
+from .stateful import StatefulWeighting
 from .upgrad import UPGrad, upgrad_weights
 
 #: Weightings by the name ``MTLStep(weighting=...)`` accepts.
@@ -33,6 +42,13 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "upgrad": UPGrad,
     "dualproj": DualProj,
     "nash_mtl": NashMTL,
+    "fairgrad": FairGrad,
+    "krum": Krum,
+    "pcd": PCD,
+    "gradvac": GradVac,
+    "cr_mogm": CRMOGM,
+    "gradnorm": GradNorm,
+    "db_mtl": DBMTL,
 }
 
 
@@ -48,28 +64,39 @@ def make_weighting(weighting: str | Weighting, **options) -> Weighting:
 
 
 __all__ = [
+    "CRMOGM",
+    "DBMTL",
     "EMTL",
     "IMTLG",
     "MGDA",
+    "PCD",
     "WEIGHTINGS",
     "AlignedMTL",
     "CAGrad",
     "DualProj",
     "Equal",
+    "FairGrad",
     "FunctionWeighting",
+    "GradNorm",
     "GradNormScaling",
+    "GradVac",
     "GramUse",
+    "Krum",
     "NashMTL",
     "PCGrad",
+    "StatefulWeighting",
     "UPGrad",
     "Weighting",
     "aligned_mtl_weights",
     "cagrad_weights",
+    "db_mtl_weights",
     "dualproj_weights",
     "emtl_weights",
     "equal_weights",
+    "fairgrad_weights",
     "gradnorm_scaling_weights",
     "imtl_g_weights",
+    "krum_weights",
     "make_weighting",
     "mgda_weights",
     "nash_mtl_weights",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import FunctionWeighting, check_weighting_inputs, compute_dtype
+from .task_orders import SeededGenerators, check_seed, task_orders
 
 
 def pcgrad_weights(
@@ -46,10 +47,7 @@ def pcgrad_weights(
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     device = losses.device
-    if orders is None:
-        orders = torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=dtype).argsort(dim=1)
-    else:
-        _check_orders(orders, num_tasks, device)
+    orders = task_orders(num_tasks, device, dtype, generator, orders)
     gram = gram.to(dtype)
     sq_norms = gram.diagonal()
     tasks = torch.arange(num_tasks, device=device)
@@ -63,44 +61,24 @@ def pcgrad_weights(
     return coefficients.sum(0)
 
 
-def _check_orders(orders: Tensor, num_tasks: int, device: torch.device) -> None:
-    # Shape, dtype and device only: checking that rows are permutations would read the device.
-    if orders.shape != (num_tasks, num_tasks) or orders.dtype not in (torch.int64, torch.int32):
-        raise ValueError(
-            f"orders must be an integer [T, T] = [{num_tasks}, {num_tasks}] tensor, "
-            f"got {orders.dtype} {tuple(orders.shape)}"
-        )
-    if orders.device != device:
-        raise ValueError(f"orders are on {orders.device}, the losses on {device}")
-
-
 class PCGrad(FunctionWeighting):
     """:func:`pcgrad_weights` with a seeded random source, as a
     :class:`~emtl_kernels.weightings.Weighting`.
 
     Args:
         seed: seed of a ``torch.Generator`` made on the device of the first losses it sees (one
-            per device); each call draws new orders from it. None draws from the device's default
-            generator (``torch.manual_seed``). To capture a step with a seeded generator in a CUDA
-            graph, register the generator with the graph (``CUDAGraph.register_generator_state``).
+            per device, :class:`~emtl_kernels.weightings.task_orders.SeededGenerators`); each call
+            draws new orders from it. None draws from the device's default generator.
     """
 
     function = staticmethod(pcgrad_weights)
 
     def __init__(self, seed: int | None = None):
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        check_seed(seed)
         super().__init__()
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
-
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The generator the orders on ``device`` come from (None: the device's default)."""
-        if self.seed is None:
-            return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+        #: The generator the orders on a device come from (None: the device's default).
+        self.generator = SeededGenerators(seed)
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return self.function(losses, gram, generator=self.generator(losses.device))

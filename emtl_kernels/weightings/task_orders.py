@@ -1,0 +1,54 @@
+"""Random orders in which each task meets the others (PCGrad, GradVac), drawn on the device."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def task_orders(
+    num_tasks: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+    orders: Tensor | None = None,
+) -> Tensor:
+    """``[T, T]`` integer tensor, row i a permutation of 0..T−1: the order in which task i meets
+    the others (the methods skip its own index). ``orders`` when given (checked: shape, dtype and
+    device only, since checking that rows are permutations would read the device); else drawn as
+    the ranks of ``torch.rand(T, T)`` (of ``dtype``) along each row, from ``generator`` (the device's default
+    when None): no host round trip."""
+    if orders is None:
+        return torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=dtype).argsort(dim=1)
+    if orders.shape != (num_tasks, num_tasks) or orders.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"orders must be an integer [T, T] = [{num_tasks}, {num_tasks}] tensor, "
+            f"got {orders.dtype} {tuple(orders.shape)}"
+        )
+    if orders.device != device:
+        raise ValueError(f"orders are on {orders.device}, the losses on {device}")
+    return orders
+
+
+def check_seed(seed: object) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+
+
+class SeededGenerators:
+    """One ``torch.Generator`` per device, each seeded with ``seed`` when first asked for; None
+    (the device's default generator, ``torch.manual_seed``) when ``seed`` is None. To capture a
+    step with a seeded generator in a CUDA graph, register the generator with the graph
+    (``CUDAGraph.register_generator_state``)."""
+
+    def __init__(self, seed: int | None):
+        check_seed(seed)
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
