@@ -333,6 +333,7 @@ class ToyArchitecture(nn.Module):
     is ToyMultiTask's trunk and the decoders its heads, so that its losses are ToyMultiTask's."""
 
     losses = ToyMultiTask.losses
+    features_and_losses = ToyMultiTask.features_and_losses
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__()
