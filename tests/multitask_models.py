@@ -37,6 +37,13 @@ class ToyMultiTask(nn.Module):
         ]
 
 
+class FeaturesToy(ToyMultiTask):
+    """ToyMultiTask whose forward (the one DDP wraps) returns the features with the losses."""
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.features_and_losses(inputs, targets)
+
+
 def toy_batch(num_tasks: int = 3, seed: int = 1, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(32, 6, generator=generator, dtype=torch.float64)

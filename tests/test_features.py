@@ -57,7 +57,7 @@ def test_batched_passes_and_memory_mode_give_the_same_step(mode):
         model = ToyMultiTask()
         step = MTLStep(model.trunk.parameters(), "gradnorm_scaling", **options)
         results.append((features_step(model, step), [p.grad for p in model.parameters()]))
-    (weights, grads), (other_weights, other_grads) = results
+    (weights, _), (other_weights, other_grads) = results
     torch.testing.assert_close(other_weights, weights, rtol=1e-5, atol=1e-7)
     model64 = float64_twin(ToyMultiTask())
     expected = weighted_sum_gradients64(model64, model64.losses(*toy_batch(dtype=torch.float64)), other_weights)
@@ -121,7 +121,9 @@ def test_unweighted_heads_get_their_plain_task_gradients():
     losses64 = model64.losses(*toy_batch(dtype=torch.float64))
     heads_expected = torch.autograd.grad(sum(losses64), list(model64.heads.parameters()), retain_graph=True)
     trunk_expected = weighted_sum_gradients64(model64, losses64, weights)[: len(list(model.trunk.parameters()))]
-    for p, e in zip([*model.trunk.parameters(), *model.heads.parameters()], [*trunk_expected, *heads_expected]):
+    for p, e in zip(
+        [*model.trunk.parameters(), *model.heads.parameters()], [*trunk_expected, *heads_expected], strict=True
+    ):
         torch.testing.assert_close(p.grad.double(), e, **GRAD_TOL)
 
 
@@ -195,7 +197,7 @@ def test_bad_features_raise_before_anything_is_written(name, make, error, match)
 
 def test_a_feature_computed_from_another_raises():
     model = ToyMultiTask()
-    inputs, targets = toy_batch()
+    inputs, _ = toy_batch()
     hidden = model.trunk[:2](inputs)
     features = model.trunk[2:](hidden)
     losses = [head(features).mean() + head.bias.mean() * hidden.mean() for head in model.heads]
