@@ -106,7 +106,9 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
 
     step_rows = saved["steps"]
     backends = available_backends("cpu")
-    per_trunk = 1 + 2 * (1 + 2 * torchjd_installed() + 2 * len(meta["backends"])) + 1
+    # the floor, the one-backward equal step; per weighting the library path, TorchJD's two forms,
+    # MTLStep's speed, memory and features mode a backend; the batched variant
+    per_trunk = 2 + 2 * (1 + 2 * torchjd_installed() + 3 * len(meta["backends"])) + 1
     assert len(step_rows) == per_trunk * len(TINY.steps.trunks)
     for row in step_rows:
         assert row["error"] is None, row["error"]
