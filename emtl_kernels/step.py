@@ -14,9 +14,13 @@ Memory mode instead reduces each task's gradients to a norm as soon as autograd 
 frees them, then runs one more backward of Σ_i w_i L_i: O(P) extra memory, one extra backward.
 
 The skip check (:mod:`.skip_check`) adds nothing to these passes in float32 and bfloat16: the
-combination is certified finite from G and the weights. Float16 storage, and weightings that
-read nothing of G, check the written values instead: one more read of P·s, one masked write of
-P·s, and a copy of ``.grad`` (P·s read and written) first where it already held values.
+combination is certified finite from G and the weights. Float16 storage checks the written
+values instead: one more read of P·s, one masked write of P·s, and a copy of ``.grad`` (P·s read
+and written) first where it already held values.
+
+Two paths cost about one backward: features mode (:mod:`.features`: G from the gradients on the
+trunk's outputs, one backward of the trunk) and weightings that read no gradients (equal
+weighting), which run one backward of Σ_i w_i L_i and check its gradients before writing them.
 
 Nothing here reads a device value on the host: the weights, the non-finite checks and the skip
 all stay tensors, so the step can be captured in a CUDA graph.
@@ -69,12 +73,15 @@ class StepRecord:
 
     #: ``[T]`` the task losses, detached.
     losses: Tensor
-    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``);
-    #: inf where a norm is beyond float32's range (~1.8e19) or a gradient holds inf.
+    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``,
+    #: or in features mode the features: ‖∂L_i/∂z‖²); inf where a norm is beyond float32's range
+    #: (~1.8e19) or a gradient holds inf; NaN for a weighting that reads no gradients (none measured).
     sq_norms: Tensor
-    #: ``[T, T]`` float32 Gram matrix of the task gradients; None in memory mode, which never forms it.
+    #: ``[T, T]`` float32 Gram matrix of the task gradients (G_z in features mode); None in memory
+    #: mode, which never forms it, and for a weighting that reads no gradients.
     gram: Tensor | None
-    #: ``[T]`` r_i = L_i / (‖g_i‖ + eps); NaN for a task with no gradient on the shared parameters.
+    #: ``[T]`` r_i = L_i / (‖g_i‖ + eps), from the same norms (in features mode, features-space
+    #: contributions L_i / ‖∂L_i/∂z‖); NaN for a task with no gradient on the shared parameters.
     relative_contributions: Tensor
     #: ``[T]`` the weights applied; all zero when the step was skipped.
     weights: Tensor
@@ -146,10 +153,12 @@ class MTLStep:
       bfloat16, by a certificate at no cost: every G_ii finite and Σ_i |w_i|·sqrt(G_ii) at most
       half the dtype's largest value. So a task gradient whose norm is beyond float32's range
       (~1.8e19) skips the step (reason "sq_norm") for a weighting that reads G;
-    - that combination in float16 (largest value 65504), or for a weighting that reads nothing
-      of G (equal weighting: skipped only when what it writes is not finite), by reading the values
-      written, which are put back when the step is skipped (one read of them, one masked write,
-      and a copy of ``.grad`` first where it already held values).
+    - that combination in float16 (largest value 65504), by reading the values written, which
+      are put back when the step is skipped (one read of them, one masked write, and a copy of
+      ``.grad`` first where it already held values);
+    - for a weighting that reads nothing of G (equal weighting), its one backward's gradients,
+      before they are written: it is skipped only when what it would write is not finite,
+      whatever the norms; in features mode, the trunk's and heads' gradients likewise.
 
     In float16, the check covers the sum a ``.grad`` holds after the addition; in float32 and
     bfloat16 the value added (their sum with what ``.grad`` held can overflow only beyond

@@ -410,9 +410,9 @@ def test_libmtl_weighting_without_return_weights_returns_none():
     assert all(p.grad is not None for p in model.trunk.parameters())
 
 
-def test_libmtl_weighting_refuses_rep_grad_and_says_what_it_will_map_to():
+def test_libmtl_weighting_refuses_rep_grad_and_says_what_to_use():
     model = libmtl_model(libmtl_weighting("upgrad"), rep_grad=True)
-    with pytest.raises(ValueError, match=r"rep_grad=True .* not supported yet.*features mode.*rep_grad=False"):
+    with pytest.raises(ValueError, match=r"rep_grad=True .* not supported.*rep_grad=False.*features=representation"):
         model.backward(libmtl_training_losses(model))
 
 
