@@ -233,3 +233,14 @@ def test_a_loss_that_reaches_no_feature_keeps_weight_one_and_is_reported():
         weights = step.backward([*losses, extra.square()], features=features)
     assert weights[3] == 1 and step.last.zero_gradient.tolist() == [False, False, False, True]
     torch.testing.assert_close(extra.grad, torch.tensor(2.0))
+
+
+def test_retain_graph_keeps_the_graph_for_a_second_backward():
+    model = ToyMultiTask()
+    features, losses = model.features_and_losses(*toy_batch())
+    step = MTLStep(model.trunk.parameters(), "emtl")
+    step.backward(losses, features=features, retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    step.backward(losses, features=features)
+    for p, once in zip(model.parameters(), first, strict=True):
+        torch.testing.assert_close(p.grad, 2 * once)
