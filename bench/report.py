@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -36,15 +37,21 @@ REPORT_FILE = "report.md"
 HEADLINE_PLOT = "steps_overhead.png"
 
 
-def _ms(seconds: float) -> str:
-    if seconds is None or not math.isfinite(seconds):
+def _figure(value: float | None, thousands_separator: str = "") -> str:
+    """``value`` to three significant digits, or as a whole number when that has four digits or
+    more (never with an exponent); "—" when it is missing or not finite."""
+    if value is None or not math.isfinite(value):
         return "—"
-    milliseconds = seconds * 1e3
-    return f"{milliseconds:.3g}" if milliseconds < 1000 else f"{milliseconds:.0f}"
+    return f"{value:.3g}" if abs(value) < 999.5 else f"{value:{thousands_separator}.0f}"
 
 
-def _ratio(value: float) -> str:
-    return "—" if value is None or not math.isfinite(value) else f"{value:.2f}×"
+def _ms(seconds: float | None) -> str:
+    return _figure(None if seconds is None else seconds * 1e3)
+
+
+def _ratio(value: float | None, digits: str = ".2f") -> str:
+    """``value`` as a ratio (``digits`` its format spec); "—" when it is missing or not finite."""
+    return "—" if value is None or not math.isfinite(value) else f"{value:{digits}}×"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -500,120 +507,114 @@ def _scaling_section(results: dict, exhibits: _Exhibits) -> str:
 DISTRIBUTED_SUITE = "bench_distributed"
 
 
-def _distributed_section(results: dict, exhibits: _Exhibits) -> str:
-    rows = [row for row in results.get("extras", []) if row.get("suite") == DISTRIBUTED_SUITE]
+def _suite_section(
+    results: dict,
+    exhibits: _Exhibits,
+    suite: str,
+    title: str,
+    measured_key: str,
+    body: Callable[[list[dict], _Exhibits], list[str]],
+) -> str:
+    """The section of an extra suite: ``body`` of its measured rows (those with ``measured_key``),
+    then its notes; nothing when the suite has no row."""
+    rows = [row for row in results.get("extras", []) if row.get("suite") == suite]
     if not rows:
         return ""
-    parts = ["## Distributed", ""]
-    good = [row for row in rows if "method" in row]
-    if good:
-        first = good[0]
-        ddp = {
-            (row["world_size"], key): row[key]
-            for row in good
-            if row["method"] == "ddp"
-            for key in ("step_ms", "fastest_ms")
-        }
-
-        def vs_ddp(row: dict, key: str) -> str:
-            return _ratio(row[key] / ddp.get((row["world_size"], key), math.nan))
-
-        header = ["ranks", "method", "step, median ms", "vs plain DDP", "fastest ms", "vs plain DDP"]
-        header += ["payload MB", "sent per rank MB"]
-        table = [
-            [
-                row["world_size"],
-                row["method"],
-                f"{row['step_ms']:.3g}",
-                vs_ddp(row, "step_ms"),
-                f"{row['fastest_ms']:.3g}",
-                vs_ddp(row, "fastest_ms"),
-                f"{row['payload_bytes'] / 1e6:.3f}",
-                f"{row['sent_bytes'] / 1e6:.3f}",
-            ]
-            for row in good
-        ]
-        parts += [
-            f"One training step of a multi-task MLP (T = {first['tasks']} tasks, P = {first['shared_numel']:,} shared "
-            f"and H = {first['head_numel']:,} head parameters, float32, {first['batch_per_rank']} samples a rank) on "
-            "gloo ranks of this CPU, one torch thread a rank, by plain DDP (`sum(losses).backward()`), "
-            "`DistributedMTLStep` in exact and local mode, and `MTLStep` alone on one rank. Times: median and "
-            f"fastest of {first['steps']} steps on rank 0; the ranks share the machine's cores, so read them as "
-            "ratios to plain DDP of the same world size. Bytes are counted from the collectives issued (DDP's "
-            "all-reduce from the sizes of the parameters it reduces); sent per rank under ring algorithms.",
-            "",
-            exhibits.table(header, table),
-            "",
-        ]
+    measured = [row for row in rows if measured_key in row]
+    parts = [f"## {title}", "", *(body(measured, exhibits) if measured else [])]
     parts += [f"- {row['note']}" for row in rows if "note" in row]
     return "\n".join(parts) + "\n"
+
+
+def _distributed_body(good: list[dict], exhibits: _Exhibits) -> list[str]:
+    first = good[0]
+    ddp = {
+        (row["world_size"], key): row[key]
+        for row in good
+        if row["method"] == "ddp"
+        for key in ("step_ms", "fastest_ms")
+    }
+
+    def vs_ddp(row: dict, key: str) -> str:
+        return _ratio(row[key] / ddp.get((row["world_size"], key), math.nan))
+
+    header = ["ranks", "method", "step, median ms", "vs plain DDP", "fastest ms", "vs plain DDP"]
+    header += ["payload MB", "sent per rank MB"]
+    table = [
+        [
+            row["world_size"],
+            row["method"],
+            _figure(row["step_ms"]),
+            vs_ddp(row, "step_ms"),
+            _figure(row["fastest_ms"]),
+            vs_ddp(row, "fastest_ms"),
+            f"{row['payload_bytes'] / 1e6:.3f}",
+            f"{row['sent_bytes'] / 1e6:.3f}",
+        ]
+        for row in good
+    ]
+    return [
+        f"One training step of a multi-task MLP (T = {first['tasks']} tasks, P = {first['shared_numel']:,} shared "
+        f"and H = {first['head_numel']:,} head parameters, float32, {first['batch_per_rank']} samples a rank) on "
+        "gloo ranks of this CPU, one torch thread a rank, by plain DDP (`sum(losses).backward()`), "
+        "`DistributedMTLStep` in exact and local mode, and `MTLStep` alone on one rank. Times: median and "
+        f"fastest of {first['steps']} steps on rank 0; the ranks share the machine's cores, so read them as "
+        "ratios to plain DDP of the same world size. Bytes are counted from the collectives issued (DDP's "
+        "all-reduce from the sizes of the parameters it reduces); sent per rank under ring algorithms.",
+        "",
+        exhibits.table(header, table),
+        "",
+    ]
 
 
 WEIGHTINGS_SUITE = "bench_weightings"
 
 
-def _us(microseconds: float) -> str:
-    if microseconds is None or not math.isfinite(microseconds):
-        return "—"
-    return f"{microseconds:.3g}" if microseconds < 100 else f"{microseconds:,.0f}"
-
-
-def _times_over(value: float) -> str:
-    """A ratio to three significant digits: the solvers' times span orders of magnitude."""
-    return "—" if value is None or not math.isfinite(value) else f"{value:.3g}×"
-
-
-def _weightings_section(results: dict, exhibits: _Exhibits) -> str:
-    rows = [row for row in results.get("extras", []) if row.get("suite") == WEIGHTINGS_SUITE]
-    if not rows:
-        return ""
-    parts = ["## Weighting solvers", ""]
-    good = [row for row in rows if "weighting" in row]
-    if good:
-        task_counts = list(dict.fromkeys(row["num_tasks"] for row in good))
-        timings = ("", "graph_") if any("graph_median_us" in row for row in good) else ("",)
-        header = ["weighting"]
+def _weightings_body(good: list[dict], exhibits: _Exhibits) -> list[str]:
+    task_counts = list(dict.fromkeys(row["num_tasks"] for row in good))
+    timings = ("", "graph_") if any("graph_median_us" in row for row in good) else ("",)
+    header = ["weighting"]
+    for num_tasks in task_counts:
+        for prefix in timings:
+            header += [f"T={num_tasks}{' graph' if prefix else ''} µs", "× Gram pass"]
+    by_case = {(row["weighting"], row["num_tasks"]): row for row in good}
+    table = []
+    for weighting in dict.fromkeys(row["weighting"] for row in good):
+        cells = [weighting]
         for num_tasks in task_counts:
-            for prefix in timings:
-                header += [f"T={num_tasks}{' graph' if prefix else ''} µs", "× Gram pass"]
-        by_case = {(row["weighting"], row["num_tasks"]): row for row in good}
-        table = []
-        for weighting in dict.fromkeys(row["weighting"] for row in good):
-            cells = [weighting]
-            for num_tasks in task_counts:
-                row = by_case[(weighting, num_tasks)]
-                cells += [
-                    cell
-                    for prefix in timings
-                    for cell in (_us(row[f"{prefix}median_us"]), _times_over(row[f"{prefix}vs_gram_pass"]))
-                ]
-            table.append(cells)
-        gram_pass = {row["num_tasks"]: row["gram_pass_us"] for row in good}
-        not_captured = ("—", "—") * (len(timings) - 1)
-        table.append(
-            ["Gram pass"]
-            + [cell for num_tasks in task_counts for cell in (_us(gram_pass[num_tasks]), "1×", *not_captured)]
-        )
-        first = good[0]
-        parts += [
-            "One call of each weighting with its default options on losses `[T]` and the float32 Gram matrix of "
-            "a random `[T, 256]` J whose tasks conflict, median µs of the timed calls; "
-            "`× Gram pass`: that median over the median of "
-            f"the Gram pass (`task_gram`, {first['gram_backend']} backend) over a `[T, P]` float32 matrix, "
-            f"P = {_log2(first['gram_numel'])}, timed interleaved with the weightings in the same rounds."
-            + (" `graph`: the weighting captured once in a CUDA graph, its replay timed." if not_captured else ""),
-            "",
-            exhibits.table(header, table),
-            "",
-        ]
-        parts += [
-            f"- {row['weighting']}, T={row['num_tasks']}{where}: {row[key]}"
-            for row in good
-            for key, where in (("error", ""), ("graph_error", ", CUDA graph"))
-            if row.get(key)
-        ]
-    parts += [f"- {row['note']}" for row in rows if "note" in row]
-    return "\n".join(parts) + "\n"
+            row = by_case[(weighting, num_tasks)]
+            cells += [
+                cell
+                for prefix in timings
+                # Three significant digits: the solvers' times span orders of magnitude.
+                for cell in (_figure(row[f"{prefix}median_us"], ","), _ratio(row[f"{prefix}vs_gram_pass"], ".3g"))
+            ]
+        table.append(cells)
+    gram_pass = {row["num_tasks"]: row["gram_pass_us"] for row in good}
+    not_captured = ("—", "—") * (len(timings) - 1)
+    table.append(
+        ["Gram pass"]
+        + [cell for num_tasks in task_counts for cell in (_figure(gram_pass[num_tasks], ","), "1×", *not_captured)]
+    )
+    first = good[0]
+    errors = [
+        f"- {row['weighting']}, T={row['num_tasks']}{where}: {row[key]}"
+        for row in good
+        for key, where in (("error", ""), ("graph_error", ", CUDA graph"))
+        if row.get(key)
+    ]
+    return [
+        "One call of each weighting with its default options on losses `[T]` and the float32 Gram matrix of "
+        "a random `[T, 256]` J whose tasks conflict, median µs of the timed calls; "
+        "`× Gram pass`: that median over the median of "
+        f"the Gram pass (`task_gram`, {first['gram_backend']} backend) over a `[T, P]` float32 matrix, "
+        f"P = {_log2(first['gram_numel'])}, timed interleaved with the weightings in the same rounds."
+        + (" `graph`: the weighting captured once in a CUDA graph, its replay timed." if not_captured else ""),
+        "",
+        exhibits.table(header, table),
+        "",
+        *errors,
+    ]
 
 
 def _extras_section(results: dict, exhibits: _Exhibits) -> str:
@@ -670,8 +671,8 @@ def write_report(results: dict, out_dir: Path) -> Path:
         _steps_section(results, exhibits),
         _kernels_section(results, exhibits),
         _scaling_section(results, exhibits),
-        _distributed_section(results, exhibits),
-        _weightings_section(results, exhibits),
+        _suite_section(results, exhibits, DISTRIBUTED_SUITE, "Distributed", "method", _distributed_body),
+        _suite_section(results, exhibits, WEIGHTINGS_SUITE, "Weighting solvers", "weighting", _weightings_body),
         _extras_section(results, exhibits),
         METHOD,
     ]

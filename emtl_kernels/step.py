@@ -80,8 +80,9 @@ class StepRecord:
     #: ``[T, T]`` float32 Gram matrix of the task gradients (G_z in features mode); None in memory
     #: mode, which never forms it, and for a weighting that reads no gradients.
     gram: Tensor | None
-    #: ``[T]`` r_i = L_i / (‖g_i‖ + eps), from the same norms (in features mode, features-space
-    #: contributions L_i / ‖∂L_i/∂z‖); NaN for a task with no gradient on the shared parameters.
+    #: ``[T]`` r_i = L_i / (‖g_i‖ + ε), ε the weighting's ``contribution_eps``, from the same norms
+    #: (in features mode, features-space contributions L_i / ‖∂L_i/∂z‖); NaN for a task with no
+    #: gradient on the shared parameters.
     relative_contributions: Tensor
     #: ``[T]`` the weights applied; all zero when the step was skipped.
     weights: Tensor
@@ -112,10 +113,9 @@ class MTLStep:
             (``requires_grad=False``) are left out; all others must be dense leaf tensors on one
             device with one dtype (float32, bfloat16 or float16). One without elements
             contributes nothing; it gets an empty ``.grad`` when a loss reaches it.
-        weighting: a name from :data:`~emtl_kernels.WEIGHTINGS` ("emtl" (default),
-            "gradnorm_scaling", "equal", "imtl_g", "mgda", "pcgrad", "cagrad", "aligned_mtl",
-            "upgrad", "dualproj", "nash_mtl") or a :class:`~emtl_kernels.weightings.Weighting`
-            instance. Those that read all of G need ``mode="speed"``.
+        weighting: a name from :data:`emtl_kernels.weightings.WEIGHTINGS` ("emtl" by default)
+            or a :class:`~emtl_kernels.weightings.Weighting` instance. Those that read all of G
+            need ``mode="speed"``.
         backend: kernels for the Gram and combine passes: "auto" or a name from
             :func:`emtl_kernels.available_backends`.
         mode: "speed" keeps the T task gradients (T·P extra memory) and combines them with one
@@ -196,8 +196,7 @@ class MTLStep:
             )
         if batched_backward and mode == "memory":
             raise ValueError("batched_backward keeps all T task gradients at once: use it with mode='speed'")
-        if backend != "auto" and backend not in backends.backend_names():
-            raise ValueError(f"unknown backend {backend!r}; known: auto, {', '.join(backends.backend_names())}")
+        backends.check_backend_name(backend)
         if head_gradients not in ("weighted", "unweighted"):
             raise ValueError(f"head_gradients must be 'weighted' or 'unweighted', got {head_gradients!r}")
         if not self.reduces_over_ranks:
@@ -495,7 +494,7 @@ class MTLStep:
             losses=loss_vector,
             sq_norms=sq_norms,
             gram=gram if gram_formed else None,
-            relative_contributions=relative_contributions(loss_vector, gram, eps=getattr(self.weighting, "eps", 1e-8)),
+            relative_contributions=relative_contributions(loss_vector, gram, eps=self.weighting.contribution_eps),
             weights=torch.where(skipped, 0.0, weights),
             zero_gradient=sq_norms == 0,
             skipped=skipped,

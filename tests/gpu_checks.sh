@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a CUDA machine checks that CI cannot, in stages (each fits one device call):
 #   tests     the extension built with its CUDA kernels; the GPU tests (Triton compiled for the
-#             device, native CUDA kernels, CUDA-graph capture of the passes and of whole steps)
+#             device, native CUDA kernels, the op contract and parity on CUDA, "auto" and the
+#             float64 asserts, CUDA-graph capture of the passes and of whole steps)
 #   sanitize  compute-sanitizer memcheck and racecheck over every CUDA kernel
 #   bench     the kernel section at the GPU targets' sizes (P = 2^20, 2^24, 2^27), and ncu
 #             profiles of each backend's passes at P = 2^24
@@ -24,9 +25,9 @@ for stage in $stages; do
   case $stage in
     tests)
       timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_triton_backend.py \
-        2>&1 | tee "$logs/pytest.log" | tail -15
-      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ops_parity.py tests/test_native_backend.py -k cuda \
-        2>&1 | tee -a "$logs/pytest.log" | tail -8 ;;
+        tests/test_ops_auto.py tests/test_ops_asserts.py 2>&1 | tee "$logs/pytest.log" | tail -15
+      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_ops_parity.py tests/test_native_backend.py \
+        tests/test_ops_contract.py -k cuda 2>&1 | tee -a "$logs/pytest.log" | tail -8 ;;
     sanitize)
       for tool in memcheck racecheck; do
         timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 python3 tests/sanitizer_workload.py \

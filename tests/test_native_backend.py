@@ -79,8 +79,12 @@ def test_ops_compile_with_fullgraph():
     compiled = torch.compile(balanced_step, fullgraph=True, backend="inductor")
     gram = compiled(pieces, 3, compiled_outs)
     assert torch.equal(gram, balanced_step(pieces, 3, eager_outs))
+    # Inductor fuses 1 / (sqrt(x) + eps) into code whose last bit can differ from eager's on some
+    # CPUs, so the weights agree to float32 rounding only, and the outputs through them to that
+    # rounding on the scale of the sum (cancellation makes small elements' relative error larger).
+    eps = torch.finfo(torch.float32).eps
     for compiled_out, eager_out in zip(compiled_outs, eager_outs, strict=True):
-        assert torch.equal(compiled_out, eager_out)
+        torch.testing.assert_close(compiled_out, eager_out, rtol=0, atol=4 * eps * eager_out.abs().max().item())
 
 
 # ---- determinism

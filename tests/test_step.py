@@ -348,3 +348,19 @@ def test_step_warns_when_ranks_would_not_be_reduced(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MTLStep([param])
+
+
+@pytest.mark.parametrize(
+    "weighting,options,eps",
+    [("emtl", {"eps": 0.5}, 0.5), ("gradnorm_scaling", {"eps": 0.25}, 0.25), ("mgda", {}, Weighting.contribution_eps)],
+)
+def test_relative_contributions_use_the_weightings_contribution_eps(weighting, options, eps):
+    model = ToyMultiTask()
+    step = MTLStep(model.trunk.parameters(), weighting, **options)
+    run_step(model, step)
+    assert step.weighting.contribution_eps == eps
+    model64 = float64_twin(model)
+    losses64 = model64.losses(*toy_batch(3, dtype=torch.float64))
+    norms = shared_gradients64(model64, losses64).norm(dim=1)
+    expected = torch.stack(losses64).detach() / (norms + eps)
+    torch.testing.assert_close(step.last.relative_contributions.double(), expected, rtol=1e-4, atol=0)

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from test_weightings import NUM_TASKS, random_problem
+from _weighting_cases import NUM_TASKS, random_problem
 from torch import Tensor
 
 from emtl_kernels.weightings import (

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _weighting_cases import NUM_TASKS, random_problem
 
 from emtl_kernels import (
     EMTL,
@@ -17,19 +18,6 @@ from emtl_kernels import (
     make_weighting,
     relative_contributions,
 )
-
-NUM_TASKS = [1, 2, 3, 8, 17]
-
-
-def random_problem(num_tasks: int, seed: int, numel: int = 50):
-    """Losses spread over orders of magnitude, a task-gradient matrix and its float32 Gram."""
-    generator = torch.Generator().manual_seed(seed)
-    losses = torch.rand(num_tasks, generator=generator, dtype=torch.float64) * 10 ** torch.randint(
-        -2, 3, (num_tasks,), generator=generator
-    )
-    scales = 10 ** torch.randint(-3, 3, (num_tasks, 1), generator=generator).double()
-    jacobian = torch.randn(num_tasks, numel, generator=generator, dtype=torch.float64) * scales
-    return losses, jacobian, (jacobian @ jacobian.T).float()
 
 
 def emtl64(losses, jacobian, lam, eps, min_weight):
@@ -140,8 +128,7 @@ def test_weighting_objects_declare_what_they_read_and_match_their_functions(weig
     assert weighting.gram_use == gram_use
     losses, _jacobian, gram = random_problem(5, seed=2)
     by_function = {"EMTL": emtl_weights, "GradNormScaling": gradnorm_scaling_weights, "Equal": equal_weights}
-    options = {k: v for k, v in vars(weighting).items() if k != "gram_use"}
-    expected = by_function[type(weighting).__name__](losses, gram, **options)
+    expected = by_function[type(weighting).__name__](losses, gram, **weighting.options)
     assert torch.equal(weighting(losses, gram), expected)
 
 

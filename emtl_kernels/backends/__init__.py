@@ -52,11 +52,18 @@ def backend_names() -> tuple[str, ...]:
     return tuple(name for name, _ in AUTO_ORDER)
 
 
-def _load(name: str) -> Backend:
-    if name not in _BACKENDS:
-        if name in _IMPORT_ERRORS:
-            raise RuntimeError(f"backend {name!r} cannot run: {_IMPORT_ERRORS[name]}")
+def check_backend_name(name: str) -> None:
+    """Raise a ValueError unless ``name`` is "auto" or one of :func:`backend_names`."""
+    if name != "auto" and name not in backend_names():
         raise ValueError(f"unknown backend {name!r}; known: {', '.join(('auto', *backend_names()))}")
+
+
+def _load(name: str) -> Backend:
+    check_backend_name(name)
+    if name == "auto":
+        return AUTO
+    if name in _IMPORT_ERRORS:
+        raise RuntimeError(f"backend {name!r} cannot run: {_IMPORT_ERRORS[name]}")
     return _BACKENDS[name]
 
 

@@ -33,6 +33,10 @@ class Weighting:
     #: non-finite value (a gradient norm beyond float32's range among them); one that does not
     #: (equal weighting) is skipped only when what the step writes is not finite.
     reads_gram: bool = True
+    #: ε in the relative contributions r_i = L_i / (‖g_i‖ + ε) a step records
+    #: (``StepRecord.relative_contributions``); a weighting with an ``eps`` of its own on the
+    #: gradient norms (EMTL, gradient-norm scaling) records with that one.
+    contribution_eps: float = 1e-8
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         raise NotImplementedError
@@ -46,7 +50,9 @@ class FunctionWeighting(Weighting):
     """A :class:`Weighting` made of a pure weights function and fixed keyword options.
 
     Subclasses set :attr:`function` (a ``staticmethod``) and give ``__init__`` the options with
-    their defaults, check them, and pass them on to ``super().__init__``.
+    their defaults, check them, and pass them on to ``super().__init__``. The function is a public
+    ``*_weights`` function, which checks its inputs itself: calling the weighting checks them once,
+    there.
     """
 
     #: ``function(losses, gram, **options) -> weights``.
@@ -54,6 +60,9 @@ class FunctionWeighting(Weighting):
 
     def __init__(self, **options):
         self.options = options
+
+    def __call__(self, losses: Tensor, gram: Tensor) -> Tensor:
+        return self.weights(losses, gram)
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return self.function(losses, gram, **self.options)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_number, check_weighting_inputs, compute_dtype, masked_mean, task_norms
+from .base import FunctionWeighting, check_number, check_weighting_inputs, compute_dtype, masked_mean, task_norms
 
 
 def relative_contributions(losses: Tensor, gram: Tensor, *, eps: float = 1e-8) -> Tensor:
@@ -69,18 +69,14 @@ def _check_hyperparameters(lam: float, eps: float, min_weight: float | None) -> 
         raise ValueError(f"min_weight must be a finite number or None, got {min_weight!r}")
 
 
-class EMTL(Weighting):
+class EMTL(FunctionWeighting):
     """:func:`emtl_weights` with fixed hyperparameters, as a :class:`Weighting`."""
 
     gram_use = "diagonal"
     reads_losses = True
+    function = staticmethod(emtl_weights)
 
     def __init__(self, lam: float = 0.1, eps: float = 1e-8, min_weight: float | None = 0.0):
         _check_hyperparameters(lam, eps, min_weight)
-        self.lam, self.eps, self.min_weight = lam, eps, min_weight
-
-    def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return emtl_weights(losses, gram, lam=self.lam, eps=self.eps, min_weight=self.min_weight)
-
-    def __repr__(self) -> str:
-        return f"EMTL(lam={self.lam}, eps={self.eps}, min_weight={self.min_weight})"
+        super().__init__(lam=lam, eps=eps, min_weight=min_weight)
+        self.contribution_eps = eps

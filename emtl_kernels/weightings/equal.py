@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_weighting_inputs, compute_dtype
+from .base import FunctionWeighting, check_weighting_inputs, compute_dtype
 
 
 def equal_weights(losses: Tensor, gram: Tensor) -> Tensor:
@@ -14,11 +14,9 @@ def equal_weights(losses: Tensor, gram: Tensor) -> Tensor:
     return torch.ones_like(losses, dtype=compute_dtype(losses))
 
 
-class Equal(Weighting):
+class Equal(FunctionWeighting):
     """:func:`equal_weights` as a :class:`Weighting` (reads nothing of G)."""
 
     gram_use = "diagonal"
     reads_gram = False
-
-    def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return equal_weights(losses, gram)
+    function = staticmethod(equal_weights)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_number, check_weighting_inputs, compute_dtype, masked_mean, task_norms
+from .base import FunctionWeighting, check_number, check_weighting_inputs, compute_dtype, masked_mean, task_norms
 
 Target = Literal["mean_norm", "sum_norm"]
 _TARGETS = ("mean_norm", "sum_norm")
@@ -51,16 +51,13 @@ def _check_options(target: str, eps: float) -> None:
     check_number("eps", eps)
 
 
-class GradNormScaling(Weighting):
+class GradNormScaling(FunctionWeighting):
     """:func:`gradnorm_scaling_weights` with fixed options, as a :class:`Weighting`."""
+
+    function = staticmethod(gradnorm_scaling_weights)
 
     def __init__(self, target: Target = "mean_norm", eps: float = 1e-8):
         _check_options(target, eps)
-        self.target, self.eps = target, eps
+        super().__init__(target=target, eps=eps)
+        self.contribution_eps = eps
         self.gram_use = "diagonal" if target == "mean_norm" else "diagonal_and_total"
-
-    def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return gradnorm_scaling_weights(losses, gram, target=self.target, eps=self.eps)
-
-    def __repr__(self) -> str:
-        return f"GradNormScaling(target={self.target!r}, eps={self.eps})"

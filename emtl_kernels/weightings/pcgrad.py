@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Weighting, check_weighting_inputs, compute_dtype
+from .base import FunctionWeighting, check_weighting_inputs, compute_dtype
 
 
 def pcgrad_weights(
@@ -74,7 +74,7 @@ def _check_orders(orders: Tensor, num_tasks: int, device: torch.device) -> None:
         raise ValueError(f"orders are on {orders.device}, the losses on {device}")
 
 
-class PCGrad(Weighting):
+class PCGrad(FunctionWeighting):
     """:func:`pcgrad_weights` with a seeded random source, as a
     :class:`~emtl_kernels.weightings.Weighting`.
 
@@ -85,9 +85,12 @@ class PCGrad(Weighting):
             graph, register the generator with the graph (``CUDAGraph.register_generator_state``).
     """
 
+    function = staticmethod(pcgrad_weights)
+
     def __init__(self, seed: int | None = None):
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
+        super().__init__()
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -100,7 +103,7 @@ class PCGrad(Weighting):
         return self._generators[device]
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        return pcgrad_weights(losses, gram, generator=self.generator(losses.device))
+        return self.function(losses, gram, generator=self.generator(losses.device))
 
     def __repr__(self) -> str:
         return f"PCGrad(seed={self.seed})"

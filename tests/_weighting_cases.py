@@ -1,0 +1,18 @@
+"""Weighting problems shared by the weighting tests: task losses, their gradients and Gram matrix."""
+
+from __future__ import annotations
+
+import torch
+
+NUM_TASKS = [1, 2, 3, 8, 17]
+
+
+def random_problem(num_tasks: int, seed: int, numel: int = 50):
+    """Losses spread over orders of magnitude, a task-gradient matrix and its float32 Gram."""
+    generator = torch.Generator().manual_seed(seed)
+    losses = torch.rand(num_tasks, generator=generator, dtype=torch.float64) * 10 ** torch.randint(
+        -2, 3, (num_tasks,), generator=generator
+    )
+    scales = 10 ** torch.randint(-3, 3, (num_tasks, 1), generator=generator).double()
+    jacobian = torch.randn(num_tasks, numel, generator=generator, dtype=torch.float64) * scales
+    return losses, jacobian, (jacobian @ jacobian.T).float()
