@@ -9,9 +9,11 @@ Koltun 2018) and LibMTL's ``rep_grad``, for every weighting: about one backward 
 extra memory. G_z approximates G: the weights differ from those of the exact step, the update is
 exact for the weights it uses.
 
-The graph is checked before anything runs (host-side walks, no device work): every feature must
-depend on the shared parameters, and no loss may reach them other than through the features, else
-the trunk's backward would miss part of its gradient.
+The graph is checked before anything runs (host-side walks, no device work): the features must
+depend on the shared parameters, none may be computed from another (the passes through the heads
+take total derivatives, which would then count a path twice), and no loss may reach the shared
+parameters other than through the features, else the trunk's backward would miss part of its
+gradient.
 """
 
 from __future__ import annotations
