@@ -24,6 +24,8 @@ from .presets import Preset
 SUITES = {
     "bench_distributed": "the distributed step over gloo ranks",
     "bench_weightings": "weighting solver times",
+    "large_model_steps": "every step path on a model of real size, × the plain backward",
+    "cheap_modes_accuracy": "features mode and norm_params against the exact step, over training",
 }
 
 ENTRY_POINT = "results"

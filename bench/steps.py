@@ -7,8 +7,12 @@ The paths, all on the same model and batch:
    ``torch.cat`` into T×P, norms, weighted sum, split and copy into ``.grad``.
 3. ``torchjd``: TorchJD's ``mtl_backward`` and ``jac_to_grad`` (:mod:`bench.torchjd_path`), in
    its default form and with ``optimize_gramian_computation`` ("gramian"), when installed.
-4. ``mtlstep``: :class:`emtl_kernels.MTLStep` in speed and memory mode, for each measured
-   backend (and speed mode with one vectorised backward, "speed+batched").
+4. ``mtlstep``: :class:`emtl_kernels.MTLStep` in speed and memory mode and in features mode
+   (``backward(losses, features=...)``), for each measured backend (and speed mode with one
+   vectorised backward, "speed+batched"); on request, norms on the last shared layer
+   ("norm_params"). Memory mode is left out for weightings that read all of G.
+5. ``mtlstep/one-backward/equal``: MTLStep with equal weighting, which reads no gradients and
+   runs one backward of the sum: its cost over the floor is the step's own.
 
 Paths 2 to 4 run for each weighting (EMTL and gradient-norm scaling by default).
 
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emtl_kernels import MTLStep
+from emtl_kernels import MTLStep, make_weighting
 
 from .library_path import LibraryStyleStep
 from .memory import peak_bytes
@@ -94,18 +98,47 @@ def _floor_path() -> StepPath:
     return StepPath("floor", run)
 
 
+#: MTLStep's variants: speed and memory mode, speed mode with one vectorised backward, features
+#: mode, and norms on the last shared layer.
+MTLSTEP_VARIANTS = ("speed", "memory", "speed+batched", "features", "norm_params")
+
+
 def _mtlstep_path(model: MultiTaskModel, weighting: str, variant: str, backend: str) -> StepPath:
-    mode = "memory" if variant == "memory" else "speed"
+    if variant not in MTLSTEP_VARIANTS:
+        raise ValueError(f"unknown MTLStep variant {variant!r}; known: {', '.join(MTLSTEP_VARIANTS)}")
     step = _MarkedMTLStep(
-        model.trunk.parameters(), weighting, backend=backend, mode=mode, batched_backward=variant == "speed+batched"
+        model.trunk.parameters(),
+        weighting,
+        backend=backend,
+        mode="memory" if variant == "memory" else "speed",
+        batched_backward=variant == "speed+batched",
+        norm_params=model.last_shared_layer().parameters() if variant == "norm_params" else None,
     )
+    # Only speed mode's task gradients end where its post-backward part starts: the other
+    # variants run a backward after them.
+    separable = variant in ("speed", "speed+batched")
 
     def run(features, losses, clock):
         step.clock, step.gradient_interval = clock, None
-        step.backward(losses)
-        return None if step.gradient_interval is None else [step.gradient_interval]
+        step.backward(losses, features=features if variant == "features" else None)
+        return [step.gradient_interval] if separable and step.gradient_interval is not None else None
 
     return StepPath("mtlstep", run, weighting, variant, backend)
+
+
+def _one_backward_path(model: MultiTaskModel, backend: str) -> StepPath:
+    step = MTLStep(model.trunk.parameters(), "equal", backend=backend)
+
+    def run(features, losses, clock):
+        step.backward(losses)
+        return None
+
+    return StepPath("mtlstep", run, "equal", "one-backward", backend)
+
+
+def runs_in(weighting: str, variant: str) -> bool:
+    """Whether ``variant`` serves ``weighting``: memory mode never forms all of G."""
+    return variant != "memory" or make_weighting(weighting).gram_use != "full"
 
 
 def _library_path(model: MultiTaskModel, weighting: str) -> StepPath:
@@ -133,19 +166,28 @@ def make_paths(
     *,
     weightings: Sequence[str] = WEIGHTINGS,
     torchjd_variants: Sequence[str | None] = (None, "gramian"),
-    mtlstep_variants: Sequence[str] = ("speed", "memory"),
+    mtlstep_variants: Sequence[str] = ("speed", "memory", "features"),
     batched_variant: bool = True,
+    baselines_for: Sequence[str] | None = None,
 ) -> list[StepPath]:
-    """Every path to measure on ``model``: the floor first, then, per weighting, the library
-    path, TorchJD (when installed) and MTLStep in each variant on each backend. The batched
-    variant runs for the first weighting only, on the first backend."""
+    """Every path to measure on ``model``: the floor and the one-backward equal step first, then,
+    per weighting, the library path, TorchJD (when installed) and MTLStep in each variant that
+    serves it on each backend. The batched variant runs for the first weighting only, on the
+    first backend; the library path and TorchJD for ``baselines_for`` (every weighting by default)."""
     paths = [_floor_path()]
+    if backends:
+        paths.append(_one_backward_path(model, backends[0]))
     for index, weighting in enumerate(weightings):
-        paths.append(_library_path(model, weighting))
-        if torchjd_installed():
-            paths += [_torchjd_path(model, weighting, variant) for variant in torchjd_variants]
+        if baselines_for is None or weighting in baselines_for:
+            paths.append(_library_path(model, weighting))
+            if torchjd_installed():
+                paths += [_torchjd_path(model, weighting, variant) for variant in torchjd_variants]
         for backend in backends:
-            paths += [_mtlstep_path(model, weighting, variant, backend) for variant in mtlstep_variants]
+            paths += [
+                _mtlstep_path(model, weighting, variant, backend)
+                for variant in mtlstep_variants
+                if runs_in(weighting, variant)
+            ]
         if batched_variant and index == 0 and backends:
             paths.append(_mtlstep_path(model, weighting, "speed+batched", backends[0]))
     return paths

@@ -84,6 +84,14 @@ class MultiTaskModel(nn.Module):
         self.spec = spec
         self.trunk, features = _TRUNKS[spec.kind](**spec.options)
         self.heads = nn.ModuleList(nn.Linear(features, 1) for _ in range(num_tasks))
+        #: The dtype the forward runs in under ``torch.autocast`` (None: the parameters' dtype).
+        self.autocast_dtype: torch.dtype | None = None
+
+    def last_shared_layer(self) -> nn.Module:
+        """The trunk's last layer with parameters (an encoder layer, a linear or a convolution):
+        the ``norm_params`` of the cheap approximation."""
+        layers = self.trunk.encoder.layers if isinstance(self.trunk, _EncoderTrunk) else self.trunk
+        return [layer for layer in layers if any(True for _ in layer.parameters())][-1]
 
     @property
     def num_tasks(self) -> int:
@@ -103,11 +111,13 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, list[Tensor]]:
         inputs, targets = batch
-        features = self.trunk(inputs)
-        losses = [
-            LOSS_SCALES[i % len(LOSS_SCALES)] * (head(features).squeeze(-1) - targets[:, i]).square().mean()
-            for i, head in enumerate(self.heads)
-        ]
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(inputs.device.type, self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            features = self.trunk(inputs)
+            losses = [
+                LOSS_SCALES[i % len(LOSS_SCALES)] * (head(features).squeeze(-1) - targets[:, i]).square().mean()
+                for i, head in enumerate(self.heads)
+            ]
         return features, losses
 
 

@@ -39,6 +39,7 @@ class Unscaled(Weighting):
         self.scaler = scaler
         self.gram_use = weighting.gram_use
         self.reads_losses = weighting.reads_losses
+        self.reads_gram = weighting.reads_gram
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         # scaler.scale(1) is the current scale on the losses' device (1 when the scaler is disabled).

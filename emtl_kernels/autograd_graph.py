@@ -7,14 +7,18 @@ from collections.abc import Iterable
 from torch import Tensor
 
 
-def graph_leaves(roots: Iterable[Tensor]) -> list[Tensor]:
+def graph_leaves(roots: Iterable[Tensor], *, stop_at: Iterable[Tensor] = ()) -> list[Tensor]:
     """The leaf tensors that require grad and that a backward from ``roots`` would reach, in a
-    fixed (depth-first) order, each once.
+    fixed (depth-first) order, each once. With ``stop_at`` (non-leaf tensors), the backward stops
+    at them: what lies only below them is not reached.
 
     The step needs the task heads' parameters to give them their gradient, and a user hands it
     only the shared ones: the rest are found here, by walking the graph's nodes (host-side Python,
     no device work).
     """
+    # An edge into a node is (node, which of its outputs); a tensor is the edge (grad_fn, output_nr).
+    # A node may have several outputs: reached by another one, it is walked through.
+    stops = {(id(t.grad_fn), t.output_nr) for t in stop_at if t.grad_fn is not None}
     leaves: dict[int, Tensor] = {}
     # The visited nodes themselves, not only their ids: a node's Python object may die once
     # nothing holds it (torch builds differ), and a later node's object may then take its id.
@@ -28,8 +32,30 @@ def graph_leaves(roots: Iterable[Tensor]) -> list[Tensor]:
         if type(node).__name__ == "AccumulateGrad":
             leaf = _leaf_of(node)
             leaves.setdefault(id(leaf), leaf)
-        stack.extend(child for child, _ in reversed(node.next_functions) if child is not None)
+        stack.extend(
+            child
+            for child, output in reversed(node.next_functions)
+            if child is not None and (id(child), output) not in stops
+        )
     return list(leaves.values())
+
+
+def depends_on(tensor: Tensor, others: Iterable[Tensor]) -> bool:
+    """Whether a backward from ``tensor`` would reach any of ``others`` (non-leaf tensors)."""
+    targets = {(id(t.grad_fn), t.output_nr) for t in others if t.grad_fn is not None}
+    seen: dict[int, object] = {}
+    stack = [tensor.grad_fn] if tensor.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        for child, output in node.next_functions:
+            if (id(child), output) in targets:
+                return True
+            if child is not None:
+                stack.append(child)
+    return False
 
 
 def _leaf_of(node) -> Tensor:

@@ -14,9 +14,13 @@ Memory mode instead reduces each task's gradients to a norm as soon as autograd 
 frees them, then runs one more backward of Σ_i w_i L_i: O(P) extra memory, one extra backward.
 
 The skip check (:mod:`.skip_check`) adds nothing to these passes in float32 and bfloat16: the
-combination is certified finite from G and the weights. Float16 storage, and weightings that
-read nothing of G, check the written values instead: one more read of P·s, one masked write of
-P·s, and a copy of ``.grad`` (P·s read and written) first where it already held values.
+combination is certified finite from G and the weights. Float16 storage checks the written
+values instead: one more read of P·s, one masked write of P·s, and a copy of ``.grad`` (P·s read
+and written) first where it already held values.
+
+Two paths cost about one backward: features mode (:mod:`.features`: G from the gradients on the
+trunk's outputs, one backward of the trunk) and weightings that read no gradients (equal
+weighting), which run one backward of Σ_i w_i L_i and check its gradients before writing them.
 
 Nothing here reads a device value on the host: the weights, the non-finite checks and the skip
 all stay tensors, so the step can be captured in a CUDA graph.
@@ -37,6 +41,13 @@ from torch import Tensor
 
 from . import backends
 from .autograd_graph import graph_leaves
+from .features import (
+    check_every_feature_reached,
+    checked_features,
+    feature_jacobian,
+    split_at_features,
+    weighted_cotangents,
+)
 from .grad_writes import (
     accumulate_grad,
     backups_of,
@@ -62,13 +73,16 @@ class StepRecord:
 
     #: ``[T]`` the task losses, detached.
     losses: Tensor
-    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``);
-    #: inf where a norm is beyond float32's range (~1.8e19) or a gradient holds inf.
+    #: ``[T]`` float32 squared gradient norms ‖g_i‖² on the shared parameters (or ``norm_params``,
+    #: or in features mode the features: ‖∂L_i/∂z‖²); inf where a norm is beyond float32's range
+    #: (~1.8e19) or a gradient holds inf; NaN for a weighting that reads no gradients (none measured).
     sq_norms: Tensor
-    #: ``[T, T]`` float32 Gram matrix of the task gradients; None in memory mode, which never forms it.
+    #: ``[T, T]`` float32 Gram matrix of the task gradients (G_z in features mode); None in memory
+    #: mode, which never forms it, and for a weighting that reads no gradients.
     gram: Tensor | None
-    #: ``[T]`` r_i = L_i / (‖g_i‖ + ε), ε the weighting's ``contribution_eps``; NaN for a task with
-    #: no gradient on the shared parameters.
+    #: ``[T]`` r_i = L_i / (‖g_i‖ + ε), ε the weighting's ``contribution_eps``, from the same norms
+    #: (in features mode, features-space contributions L_i / ‖∂L_i/∂z‖); NaN for a task with no
+    #: gradient on the shared parameters.
     relative_contributions: Tensor
     #: ``[T]`` the weights applied; all zero when the step was skipped.
     weights: Tensor
@@ -139,10 +153,12 @@ class MTLStep:
       bfloat16, by a certificate at no cost: every G_ii finite and Σ_i |w_i|·sqrt(G_ii) at most
       half the dtype's largest value. So a task gradient whose norm is beyond float32's range
       (~1.8e19) skips the step (reason "sq_norm") for a weighting that reads G;
-    - that combination in float16 (largest value 65504), or for a weighting that reads nothing
-      of G (equal weighting: skipped only when what it writes is not finite), by reading the values
-      written, which are put back when the step is skipped (one read of them, one masked write,
-      and a copy of ``.grad`` first where it already held values).
+    - that combination in float16 (largest value 65504), by reading the values written, which
+      are put back when the step is skipped (one read of them, one masked write, and a copy of
+      ``.grad`` first where it already held values);
+    - for a weighting that reads nothing of G (equal weighting), its one backward's gradients,
+      before they are written: it is skipped only when what it would write is not finite,
+      whatever the norms; in features mode, the trunk's and heads' gradients likewise.
 
     In float16, the check covers the sum a ``.grad`` holds after the addition; in float32 and
     bfloat16 the value added (their sum with what ``.grad`` held can overflow only beyond
@@ -192,18 +208,45 @@ class MTLStep:
         self.num_tasks: int | None = None
         self.last: StepRecord | None = None
 
-    def backward(self, losses: Tensor | Sequence[Tensor], *, retain_graph: bool = False) -> Tensor:
+    def backward(
+        self,
+        losses: Tensor | Sequence[Tensor],
+        *,
+        features: Tensor | Sequence[Tensor] | None = None,
+        retain_graph: bool = False,
+    ) -> Tensor:
         """Write the gradient of Σ_i w_i L_i into ``.grad`` and return the weights ``[T]``.
 
         ``losses`` is a 1-D tensor of T losses or a sequence of T scalar losses, each with a
         graph to the shared parameters; T is fixed by the first call that succeeds. A step whose
         values are not finite is skipped (see :class:`MTLStep`); a call that raises changes
         nothing.
+
+        ``features`` (features mode, :mod:`emtl_kernels.features`): the trunk's outputs that the
+        heads read, a tensor or a sequence of tensors. The weights are then computed from the
+        Gram matrix G_z of the task gradients on the features (T backward passes through the
+        heads only), and one backward of the trunk writes the update: about the cost of one
+        backward, an approximation of the weights (the update is exactly the gradient of
+        Σ_i w_i L_i for the weights used). ``mode`` and ``batched_backward`` apply to the
+        passes through the heads; ``norm_params`` cannot be combined with it. :attr:`last`
+        records G_z, and the norms and relative contributions from it, in features space.
+
+        A weighting that reads no gradients (``Weighting.reads_gram`` false: equal weighting)
+        runs one backward of Σ_i w_i L_i in every mode, features or not; :attr:`last` then holds
+        NaN for what it did not measure (squared norms, relative contributions).
         """
         loss_list = self._checked_losses(losses)
         loss_vector = torch.stack([loss.detach() for loss in loss_list])
+        if features is not None:
+            feature_list = checked_features(features, self.shared_params[0].device)
+            if self.norm_params is not None:
+                raise ValueError("features and norm_params choose the gradients to weigh by: give one of them")
+            if self.weighting.reads_gram:
+                return self._commit(self._backward_through_features(loss_list, loss_vector, feature_list, retain_graph))
         heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
-        if self.mode == "speed" and self.norm_params is None:
+        if not self.weighting.reads_gram:
+            record = self._backward_once(loss_list, loss_vector, heads, retain_graph)
+        elif self.mode == "speed" and self.norm_params is None:
             record = self._combine_task_gradients(loss_list, loss_vector, heads, retain_graph)
         else:
             record = self._backward_weighted_sum(loss_list, loss_vector, heads, retain_graph)
@@ -280,21 +323,26 @@ class MTLStep:
 
     # The pieces of a speed-mode step, shared with the distributed step. ``per_task[i]`` holds task
     # i's gradients on the shared parameters (in order), then on the heads; None where it has none.
-    def _reached(self, per_task: Sequence[Sequence[Tensor | None]], params: Sequence[Tensor]) -> list[int]:
+    def _reached(
+        self, per_task: Sequence[Sequence[Tensor | None]], params: Sequence[Tensor], *, what: str | None = None
+    ) -> list[int]:
         """Indices of ``params`` (the first columns of ``per_task``) some loss reaches; warns for
         each loss that reaches none, raises when no loss reaches any."""
-        return self._reached_from([[g is not None for g in grads[: len(params)]] for grads in per_task], params)
+        return self._reached_from([[g is not None for g in grads[: len(params)]] for grads in per_task], params, what)
 
-    def _reached_from(self, reaches: Sequence[Sequence[bool]], params: Sequence[Tensor]) -> list[int]:
-        """``reaches[i][k]``: whether loss i reaches ``params[k]`` (known from the graph, not from values)."""
+    def _reached_from(
+        self, reaches: Sequence[Sequence[bool]], params: Sequence[Tensor], what: str | None = None
+    ) -> list[int]:
+        """``reaches[i][k]``: whether loss i reaches ``params[k]`` (known from the graph, not from
+        values); ``what`` names ``params`` in the messages (by default, which parameters they are)."""
+        what = what or self._scope_name(params)
         reached = [k for k in range(len(params)) if any(row[k] for row in reaches)]
         if not reached:
-            raise ValueError(f"no loss reaches any of the {self._scope_name(params)}")
+            raise ValueError(f"no loss reaches any of the {what}")
         for i, row in enumerate(reaches):
             if not any(row):
                 warnings.warn(
-                    f"loss {i} has no path to the {self._scope_name(params)}: it keeps weight 1 and is reported "
-                    "in step.last.zero_gradient",
+                    f"loss {i} has no path to the {what}: it keeps weight 1 and is reported in step.last.zero_gradient",
                     stacklevel=_caller_stacklevel(),
                 )
         return reached
@@ -335,14 +383,56 @@ class MTLStep:
         weighted_loss = sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))
         grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
         num_shared = len(self.shared_params)
-        _refuse_sparse([grads], range(num_shared), self.shared_params, "shared parameters")
-        params = self.shared_params + heads
         additions = grads[:num_shared] + (head_grads if unweighted else grads[num_shared:])
+        self._write_checked(self.shared_params + heads, additions, check)
+        return self._record(loss_vector, gram, weights, check, gram_formed=self.mode == "speed")
+
+    def _write_checked(self, params: Sequence[Tensor], additions: Sequence[Tensor | None], check: SkipCheck) -> None:
+        """``param.grad += addition`` for each pair (the shared parameters first), unless the step
+        is skipped, its additions read once for the skip check before anything is written."""
+        num_shared = len(self.shared_params)
+        _refuse_sparse([additions], range(num_shared), self.shared_params, "shared parameters")
         check.require_finite(values_to_check(params, additions))
         skipped = check.skipped
         for param, grad in zip(params, additions, strict=True):
             accumulate_grad(param, grad, skipped)
-        return self._record(loss_vector, gram, weights, check, gram_formed=self.mode == "speed")
+
+    # Features mode: G from the gradients on the features, one backward of the trunk.
+    def _backward_through_features(self, losses, loss_vector, features, retain_graph) -> StepRecord:
+        heads, trunk_others = split_at_features(losses, features, self._shared_ids)
+        # The graph below the features stays for the trunk's backward: these passes stop at them.
+        per_task = self._task_gradients(losses, features + heads, retain_graph)
+        check_every_feature_reached(per_task, len(features))
+        self._reached(per_task, features, what="features")
+        jacobian = feature_jacobian(per_task, features)
+        gram = task_gram(jacobian, backend=self.backend)
+        weights = self._weights(loss_vector, gram)
+        check = self._skip_check(loss_vector, gram, weights)
+        head_grads = head_sums(per_task, len(features), weights if self.head_gradients == "weighted" else None)
+        cotangents = weighted_cotangents(jacobian, torch.where(check.skipped, 0.0, weights), features, self.backend)
+        trunk = self.shared_params + trunk_others
+        grads = torch.autograd.grad(features, trunk, cotangents, retain_graph=retain_graph, allow_unused=True)
+        self._write_checked(trunk + heads, [*grads, *head_grads], check)
+        return self._record(loss_vector, gram, weights, check, gram_formed=True)
+
+    # Weightings that read no gradients: one backward of Σ w_i L_i.
+    def _backward_once(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
+        num_tasks = len(losses)
+        unmeasured = torch.full((num_tasks, num_tasks), math.nan, dtype=torch.float32, device=loss_vector.device)
+        weights = self._weights(loss_vector, unmeasured)
+        check = self._skip_check(loss_vector, unmeasured, weights)
+        unweighted = self.head_gradients == "unweighted"
+        # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
+        head_grads: list[Tensor | None] = []
+        if unweighted and heads:
+            head_grads = list(torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True))
+        targets = self.shared_params if unweighted else self.shared_params + heads
+        weighted_loss = sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))
+        grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
+        if all(grad is None for grad in grads[: len(self.shared_params)]):
+            raise ValueError("no loss reaches any of the shared parameters")
+        self._write_checked(self.shared_params + heads, grads + head_grads, check)
+        return self._record(loss_vector, unmeasured, weights, check, gram_formed=False)
 
     def _gram_from_norms(self, losses, scope, heads) -> tuple[Tensor, list[Tensor | None]]:
         """A T×T matrix with the exact diagonal ‖g_i‖² (and, where the weighting reads it, the

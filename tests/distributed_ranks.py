@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multitask_models import ToyMultiTask, toy_batch
+from multitask_models import FeaturesToy, ToyMultiTask, toy_batch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -123,6 +123,37 @@ def ddp_exact(rank, world_size):
 
 def ddp_local(rank, world_size):
     return ddp_step(rank, world_size, "local")
+
+
+def ddp_features(rank: int, world_size: int) -> dict:
+    """Features mode in both syncs, and a second training step through DDP afterwards."""
+    results = {}
+    for sync in ("exact", "local"):
+        model = FeaturesToy()
+        ddp = DistributedDataParallel(model)
+        step = DistributedMTLStep(ddp, model.trunk.parameters(), sync=sync, **WEIGHTING)
+        features, losses = ddp(*local_batch(rank, world_size))
+        step.backward(losses, features=features)
+        results[sync] = step_result(step, [p.grad.clone() for p in model.parameters()])
+        sum(ddp(*local_batch(rank, world_size))[1]).backward()  # plain DDP still works after the step
+    return results
+
+
+def features_nan_on_one_rank(rank: int, world_size: int) -> dict:
+    """Features mode: rank 1's first loss is NaN; every rank skips and no .grad changes."""
+    model = FeaturesToy()
+    ddp = DistributedDataParallel(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), **WEIGHTING)
+    features, losses = ddp(*local_batch(rank, world_size))
+    if rank == 1:
+        losses[0] = losses[0] * float("nan")
+    step.backward(losses, features=features)
+    return {
+        "skipped": bool(step.last.skipped),
+        "grads_unchanged": all(bool((p.grad == 7.0).all()) for p in model.parameters()),
+    }
 
 
 def fsdp_exact(rank: int, world_size: int) -> dict:
@@ -247,6 +278,8 @@ SCENARIOS = {
     for f in (
         ddp_exact,
         ddp_local,
+        ddp_features,
+        features_nan_on_one_rank,
         fsdp_exact,
         nan_on_one_rank,
         inf_head_gradient_on_one_rank,

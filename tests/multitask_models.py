@@ -24,11 +24,24 @@ class ToyMultiTask(nn.Module):
         return self.losses(inputs, targets)
 
     def losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        return self.features_and_losses(inputs, targets)[1]
+
+    def features_and_losses(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The trunk's output the heads read, and the task losses."""
         features = self.trunk(inputs)
-        return [
+        return features, [
             LOSS_SCALES[i % len(LOSS_SCALES)] * (head(features).squeeze(-1) - targets[:, i]).square().mean()
             for i, head in enumerate(self.heads)
         ]
+
+
+class FeaturesToy(ToyMultiTask):
+    """ToyMultiTask whose forward (the one DDP wraps) returns the features with the losses."""
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.features_and_losses(inputs, targets)
 
 
 def toy_batch(num_tasks: int = 3, seed: int = 1, dtype=torch.float32):

@@ -334,6 +334,7 @@ class ToyArchitecture(nn.Module):
     is ToyMultiTask's trunk and the decoders its heads, so that its losses are ToyMultiTask's."""
 
     losses = ToyMultiTask.losses
+    features_and_losses = ToyMultiTask.features_and_losses
 
     def __init__(self, task_name, encoder_class, decoders, rep_grad, multi_input, device, **kwargs):
         super().__init__()
@@ -410,9 +411,9 @@ def test_libmtl_weighting_without_return_weights_returns_none():
     assert all(p.grad is not None for p in model.trunk.parameters())
 
 
-def test_libmtl_weighting_refuses_rep_grad_and_says_what_it_will_map_to():
+def test_libmtl_weighting_refuses_rep_grad_and_says_what_to_use():
     model = libmtl_model(libmtl_weighting("upgrad"), rep_grad=True)
-    with pytest.raises(ValueError, match=r"rep_grad=True .* not supported yet.*features mode.*rep_grad=False"):
+    with pytest.raises(ValueError, match=r"rep_grad=True .* not supported.*rep_grad=False.*features=representation"):
         model.backward(libmtl_training_losses(model))
 
 

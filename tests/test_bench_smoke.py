@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from bench import bench_weightings, roofline
+from bench import bench_weightings, cheap_modes_accuracy, large_model_steps, roofline
 from bench.backends import measured_backends
 from bench.environment import caption
 from bench.extras import SUITES
@@ -106,7 +106,9 @@ def test_tiny_preset_runs_end_to_end_and_the_report_rebuilds_from_json(tmp_path,
 
     step_rows = saved["steps"]
     backends = available_backends("cpu")
-    per_trunk = 1 + 2 * (1 + 2 * torchjd_installed() + 2 * len(meta["backends"])) + 1
+    # the floor, the one-backward equal step; per weighting the library path, TorchJD's two forms,
+    # MTLStep's speed, memory and features mode a backend; the batched variant
+    per_trunk = 2 + 2 * (1 + 2 * torchjd_installed() + 3 * len(meta["backends"])) + 1
     assert len(step_rows) == per_trunk * len(TINY.steps.trunks)
     for row in step_rows:
         assert row["error"] is None, row["error"]
@@ -439,3 +441,31 @@ def test_cpu_limit_targets_hold_each_pass_to_its_limit_in_its_own_job():
     gpu = {"meta": {"device_type": "cuda", "backends": ["native"]}, "kernels": rows}
     assert not distance_table(gpu)
     assert all(t["verdict"] == "not judged" for t in evaluate(gpu) if "(CPU," in t["target"])
+
+
+def test_large_model_step_script_runs_its_cpu_configuration(tmp_path, one_thread):
+    """The GPU script's tiny configuration: every path measured, ratios to the floor of its run."""
+    report = large_model_steps.main(["--config", "tiny", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "large_model_steps_tiny.json").read_text())["rows"]
+    paths = {row["path"] for row in rows}
+    assert {"floor", "mtlstep/one-backward/equal/auto", "mtlstep/features/emtl/auto"} <= paths
+    assert {"mtlstep/speed/emtl/auto", "mtlstep/memory/emtl/auto", "mtlstep/norm_params/emtl/auto"} <= paths
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert row["x_floor"] > 0 and row["peak_mib"] >= 0
+    assert next(row for row in rows if row["path"] == "floor")["x_floor"] == 1
+    assert "| 2 | mtlstep/features/emtl/auto |" in report.read_text()
+
+
+def test_cheap_modes_accuracy_script_compares_with_the_exact_step(tmp_path, one_thread):
+    report = cheap_modes_accuracy.main(
+        ["--epochs", "1", "--seeds", "1", "--weightings", "mgda", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "cheap_modes_accuracy.json").read_text())["rows"]
+    assert [row["mode"] for row in rows] == ["exact", "features", "norm_params"]
+    for row in rows[1:]:
+        assert -1 <= row["cosine_min"] <= row["cosine_p10"] <= row["cosine_median"] <= 1 + 1e-9
+        assert 0 <= row["weight_error_median"] <= row["weight_error_p90"]
+    assert all(0 <= row["digit_mean"] <= 1 for row in rows)
+    assert (tmp_path / "cheap_modes_accuracy.png").stat().st_size > 0
+    assert "| mgda | features |" in report.read_text()

@@ -83,7 +83,9 @@ def test_pcgrad_replays_with_given_orders():
 # Equal weighting checks the values it writes (and puts them back when skipped) instead of the
 # certificate from G: both ways of deciding the skip capture.
 @pytest.mark.parametrize("weighting", ["emtl", "upgrad", "equal"])
-def test_whole_training_step_replays(backend, weighting):
+# Features mode: G_z from the passes through the heads, the trunk's backward of the cotangents.
+@pytest.mark.parametrize("features", [False, True], ids=["parameters", "features"])
+def test_whole_training_step_replays(backend, weighting, features):
     model = ToyMultiTask().cuda()
     inputs, targets = (t.cuda() for t in toy_batch())
     if backend not in available_backends(torch.device("cuda")):
@@ -92,7 +94,8 @@ def test_whole_training_step_replays(backend, weighting):
 
     def train_step():
         model.zero_grad(set_to_none=False)
-        step.backward(model.losses(inputs, targets))
+        trunk_output, losses = model.features_and_losses(inputs, targets)
+        step.backward(losses, features=trunk_output if features else None)
 
     graph, _ = capture(train_step)
     inputs.copy_(inputs.flip(0) * 0.5)

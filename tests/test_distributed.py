@@ -10,7 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_ranks import SCENARIOS, STALL_TIMEOUT_S, WEIGHTING, local_batch, run_ranks
-from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch, weighted_sum_gradients64
+from multitask_models import (
+    FeaturesToy,
+    ToyMultiTask,
+    float64_twin,
+    shared_gradients64,
+    toy_batch,
+    weighted_sum_gradients64,
+)
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -105,6 +112,37 @@ def test_local_mode_matches_its_definition(ranks):
     assert torch.all(expected["gram"].diagonal() > exact["gram"].diagonal())
 
 
+def features_expectation(sync: str):
+    """Features mode on the global batch, float64: G_z exact (its ranks' blocks side by side),
+    W times it in local mode; the weights of that G_z; the gradient of Σ_i w_i L_i."""
+    model64 = float64_twin(ToyMultiTask())
+    features, losses = model64.features_and_losses(*toy_batch(dtype=torch.float64))
+    rows = torch.stack([torch.autograd.grad(loss, features, retain_graph=True)[0].reshape(-1) for loss in losses])
+    gram = rows @ rows.T * (WORLD if sync == "local" else 1)
+    weights = weights64(torch.stack(losses).detach(), gram)
+    return {
+        "losses": torch.stack(losses).detach(),
+        "gram": gram,
+        "weights": weights,
+        "grads": weighted_sum_gradients64(model64, losses, weights),
+    }
+
+
+@pytest.mark.parametrize("sync", ["exact", "local"])
+def test_features_mode_on_ranks_is_features_mode_on_the_global_batch(ranks, sync):
+    expected = features_expectation(sync)
+    for result in successful(ranks["ddp_features"]):
+        assert_matches(result[sync], expected)
+        # Plain DDP plus one all-reduce of the losses and G_z's upper triangle, one of the skip flag
+        # (and, on the first call, the check that ranks agree).
+        assert result[sync]["payload"] == {"all_reduce": 4 * (3 + 6 + 1), "all_gather": 8 * 3 * WORLD}
+
+
+def test_features_mode_skips_on_every_rank(ranks):
+    for result in successful(ranks["features_nan_on_one_rank"]):
+        assert result["skipped"] and result["grads_unchanged"]
+
+
 def test_fsdp2_matches_ddp(ranks):
     for ddp, fsdp in zip(successful(ranks["ddp_exact"]), successful(ranks["fsdp_exact"]), strict=True):
         torch.testing.assert_close(fsdp["weights"], ddp["weights"], rtol=1e-5, atol=0)
@@ -176,8 +214,8 @@ def one_rank_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def fsdp_model():
-    model = ToyMultiTask()
+def fsdp_model(model_class=ToyMultiTask):
+    model = model_class()
     for layer in (model.trunk[0], model.trunk[2]):
         fully_shard(layer)
     fully_shard(model)
@@ -221,6 +259,27 @@ def test_one_rank_with_unweighted_heads_equals_mtlstep(one_rank_group, wrap, syn
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
     grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
     assert_float32_close(grads, expected_grads, tol=1e-5)
+
+
+@pytest.mark.parametrize("sync", ["exact", "local"])
+def test_one_rank_features_mode_equals_mtlstep(one_rank_group, sync):
+    model, reference = FeaturesToy(), FeaturesToy()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), sync=sync, **WEIGHTING)
+    features, losses = ddp(*toy_batch())
+    weights = step.backward(losses, features=features)
+    features, losses = reference(*toy_batch())
+    expected = MTLStep(reference.trunk.parameters(), **WEIGHTING).backward(losses, features=features)
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
+    assert_float32_close([p.grad for p in model.parameters()], [p.grad for p in reference.parameters()], tol=1e-5)
+
+
+def test_features_mode_under_fsdp_raises(one_rank_group):
+    model = fsdp_model(FeaturesToy)
+    step = DistributedMTLStep(model, model.trunk.parameters(), **WEIGHTING)
+    features, losses = model(*toy_batch())
+    with pytest.raises(ValueError, match="features mode runs under DistributedDataParallel only"):
+        step.backward(losses, features=features)
 
 
 class SparseHeadModel(torch.nn.Module):

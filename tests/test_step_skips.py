@@ -132,7 +132,7 @@ def test_equal_weighting_never_skips_on_finite_gradients(options, existing):
     weights = step.backward(finite_beyond_float32_squares(shared))
     assert not bool(step.last.skipped)
     assert torch.equal(weights, torch.ones(2))
-    assert torch.isinf(step.last.sq_norms[0])  # the norm itself is beyond float32: reported as it is
+    assert bool(step.last.sq_norms.isnan().all())  # one backward of the sum: no norm is measured
     shared64 = shared.detach().double().requires_grad_()
     expected = torch.autograd.grad(sum(finite_beyond_float32_squares(shared64)), shared64)[0]
     if existing:

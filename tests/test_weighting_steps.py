@@ -85,7 +85,10 @@ def test_step_weights_are_the_weighting_of_the_float64_gram(name):
     losses64 = model64.losses(*toy_batch(3, dtype=torch.float64))
     jacobian = shared_gradients64(model64, losses64)
     gram64 = jacobian @ jacobian.T
-    torch.testing.assert_close(step.last.gram.double(), gram64, rtol=1e-5, atol=1e-6 * float(gram64.diagonal().max()))
+    if make_weighting(name).reads_gram:  # one that does not runs one backward of the sum: no G
+        torch.testing.assert_close(
+            step.last.gram.double(), gram64, rtol=1e-5, atol=1e-6 * float(gram64.diagonal().max())
+        )
     expected = fresh_weighting(name)(step.last.losses, gram64)
     assert expected.dtype == weights.dtype == torch.float32
     rtol = 1e-4 if name == "aligned_mtl" else 1e-5

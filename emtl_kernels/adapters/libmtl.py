@@ -29,7 +29,10 @@ weighting does not do. Options of ours go to :func:`libmtl_weighting`.
 Differences from LibMTL's own weightings: none in the heads by default (they receive the
 unweighted Σ_i ∇_φi L_i, as LibMTL's gradient-based weightings give them; ``head_gradients=
 "weighted"`` gives them w_i ∇_φi L_i, :class:`~emtl_kernels.MTLStep`'s default); ``rep_grad=True``
-(gradients with respect to the shared representation) is not supported yet. The weights returned
+(gradients with respect to the shared representation) is refused: LibMTL's architecture then
+hands each head a detached copy of the representation, so the losses no longer reach the trunk
+and MTLStep's features mode (``backward(losses, features=z)``, which takes the same gradients)
+cannot follow them; outside a LibMTL Trainer, features mode is the rep_grad of every weighting. The weights returned
 are those of the update (LibMTL's CAGrad returns the simplex weights of its dual problem instead).
 """
 
@@ -110,9 +113,11 @@ LIBMTL_OPTIONS: dict[str, dict[str, Renamed | OnlyAt]] = {
 }
 
 REP_GRAD_UNSUPPORTED = (
-    "rep_grad=True (task gradients with respect to the shared representation) is not supported yet: "
-    "it is to map to MTLStep's features mode, which emtl-kernels does not have yet. Use rep_grad=False, "
-    "which balances the task gradients on the shared parameters"
+    "rep_grad=True (task gradients with respect to the shared representation) is not supported: LibMTL's "
+    "architecture then feeds each head a detached copy of the representation, cut from the graph that "
+    "MTLStep's features mode walks. Use rep_grad=False here (the task gradients on the shared parameters), "
+    "or, in your own loop, MTLStep's features mode, step.backward(losses, features=representation), which "
+    "does what rep_grad does for every weighting"
 )
 
 

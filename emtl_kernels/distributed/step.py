@@ -54,10 +54,17 @@ if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
 from ..autograd_graph import graph_leaves
+from ..features import (
+    check_every_feature_reached,
+    checked_features,
+    feature_jacobian,
+    split_at_features,
+    weighted_cotangents,
+)
 from ..grad_writes import accumulate_grad, give_empty_grads, grad_destinations, values_to_check
 from ..ops import task_gram, weighted_combine
 from ..skip_check import SkipCheck, combination_bounded
-from ..step import HeadGradients, MTLStep, StepRecord, task_rows
+from ..step import HeadGradients, MTLStep, StepRecord, head_sums, task_rows
 from ..task_gradients import TaskGradients
 from ..weightings import Weighting
 from .buckets import Bucket, fill_bucket, plan_buckets
@@ -146,13 +153,30 @@ class DistributedMTLStep(MTLStep):
         self._collectives = Collectives(self.data_parallel.group)
         self.communication: CommunicationLog | None = None
 
-    def backward(self, losses: Tensor | Sequence[Tensor], *, retain_graph: bool = False) -> Tensor:
+    def backward(
+        self,
+        losses: Tensor | Sequence[Tensor],
+        *,
+        features: Tensor | Sequence[Tensor] | None = None,
+        retain_graph: bool = False,
+    ) -> Tensor:
         """Write the rank-averaged gradient of Σ_i w_i L_i into ``.grad``; return the weights ``[T]``.
 
         ``losses`` are this rank's T losses, as for :meth:`MTLStep.backward`. Every rank must call
         it, with the same T. A step is skipped on every rank or on none: the checks read values
         every rank holds alike (reduced or gathered), or, where they read this rank's own values
         (local mode, FSDP2), the ranks agree by one all-reduce of one number.
+
+        ``features`` (DDP only): this rank's features, as for :meth:`MTLStep.backward`. Each rank
+        holds the gradients on its own samples' features, so the global J_z is the ranks' blocks
+        side by side and has no cross-rank terms: one all-reduce of the Gram partials gives the
+        exact G_z (``sync="exact"``: Σ_r G_z^(r) / W², as for a global loss that is the mean of the
+        ranks'), or their mean (``sync="local"``: Σ_r G_z^(r) / W, W times the exact one, as the
+        local mode of the exact step counts each rank's batch). Either way the communication is
+        plain DDP's plus one all-reduce of T(T+3)/2 numbers and one of one number (the skip): DDP's
+        own backward of the trunk and heads writes the update. The skip check reads the losses,
+        G_z, the weights, the heads' gradients and the cotangents; the trunk's backward of finite
+        cotangents is written as DDP writes it.
         """
         first_call = self.num_tasks is None
         loss_list = self._checked_losses(losses)
@@ -160,6 +184,13 @@ class DistributedMTLStep(MTLStep):
         if first_call:
             self._check_ranks_agree(len(loss_list))
         loss_vector = torch.stack([loss.detach() for loss in loss_list])
+        if features is not None:
+            feature_list = checked_features(features, self.shared_params[0].device)
+            if self.data_parallel.kind == "fsdp":
+                raise ValueError(
+                    "features mode runs under DistributedDataParallel only: under fully_shard, pass no features"
+                )
+            return self._commit(self._through_features_replicated(loss_list, loss_vector, feature_list, retain_graph))
         if self.data_parallel.kind == "fsdp":
             return self._commit(self._exact_sharded(loss_list, loss_vector, retain_graph))
         heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
@@ -187,9 +218,11 @@ class DistributedMTLStep(MTLStep):
                 "build the step on the same shared parameters and call backward with the same T losses"
             )
 
-    def _refuse_sparse_heads(self, heads: list[Tensor], per_task) -> None:
+    def _refuse_sparse_heads(self, heads: list[Tensor], per_task, offset: int | None = None) -> None:
+        """Raise where a head gets a sparse gradient; the heads' columns of ``per_task`` start at
+        ``offset`` (after the shared parameters by default)."""
         names = {id(p): name for name, p in self.data_parallel.module.named_parameters()}
-        offset = len(self.shared_params)
+        offset = len(self.shared_params) if offset is None else offset
         for j, head in enumerate(heads):
             if any(grads[offset + j] is not None and grads[offset + j].is_sparse for grads in per_task):
                 raise ValueError(
@@ -294,18 +327,33 @@ class DistributedMTLStep(MTLStep):
             check.require(combination_bounded(weights, sq_norms_bound, jacobian.dtype, copies=world))
             self._agree_across_ranks(check)
             combined = weighted_combine(jacobian, torch.where(check.skipped, 0.0, weights), backend=self.backend)
-        skipped = check.skipped
-        params = list(targets)
         grads = [g.view_as(p) for g, p in zip(combined, targets, strict=True)]
-        for head, grad in zip(heads, head_grads, strict=True):
-            if grad is not None:
-                params.append(head)
-                grads.append(torch.where(skipped, 0.0, grad))
-        # DDP reduces in the hooks autograd runs when it accumulates into .grad. A backward through
-        # identity views hands it the local combination just as loss.backward() would: DDP averages
-        # it in its buckets (with any communication hook) and adds it to .grad.
-        with torch.enable_grad():
-            torch.autograd.backward([p.view_as(p) for p in params], grads)
+        _backward_by_ddp([*targets, *heads], [*grads, *_unless(check.skipped, head_grads)], retain_graph=False)
+        return self._record(losses, gram, weights, check, gram_formed=True)
+
+    # DDP, features mode: G_z from the ranks' Gram partials, DDP's own backward of the trunk.
+    def _through_features_replicated(self, loss_list, loss_vector, features, retain_graph) -> StepRecord:
+        comm = self._collectives
+        heads, trunk_others = split_at_features(loss_list, features, self._shared_ids)
+        self.data_parallel.check_covers(heads + trunk_others, "the task-specific tensors the losses reach")
+        per_task = self._task_gradients(loss_list, features + heads, retain_graph)
+        self._refuse_sparse_heads(heads, per_task, offset=len(features))
+        check_every_feature_reached(per_task, len(features))
+        self._reached(per_task, features, what="features")
+        jacobian = feature_jacobian(per_task, features)
+        loss_sum, gram_sum = comm.sum_losses_and_gram(loss_vector, task_gram(jacobian, backend=self.backend))
+        world = comm.world_size
+        losses = loss_sum / world
+        gram = gram_sum / (world**2 if self.sync == "exact" else world)
+        weights = self._weights(losses, gram)
+        check = self._skip_check(losses, gram, weights)
+        head_grads = head_sums(per_task, len(features), weights if self.head_gradients == "weighted" else None)
+        check.require_finite(head_grads)
+        cotangents = weighted_cotangents(jacobian, torch.where(check.skipped, 0.0, weights), features, self.backend)
+        check.require_finite(cotangents)
+        check.require(comm.all_true(check.update_finite))
+        additions = _unless(check.skipped, [*cotangents, *head_grads])
+        _backward_by_ddp([*features, *heads], additions, retain_graph=retain_graph)
         return self._record(losses, gram, weights, check, gram_formed=True)
 
     # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.
@@ -379,6 +427,28 @@ class DistributedMTLStep(MTLStep):
             for p, grad in zip(params, saved, strict=True):
                 p.grad = grad
         return per_task
+
+
+def _backward_by_ddp(outputs: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_graph: bool) -> None:
+    """One backward of ``outputs`` (parameters, or tensors computed from them) with cotangents
+    ``grads`` (None: left out), through DDP's hooks.
+
+    DDP reduces in the hooks autograd runs when it accumulates into .grad. A backward through
+    identity views of the parameters hands it their gradients just as loss.backward() would: DDP
+    averages them in its buckets (with any communication hook) and adds them to .grad.
+    """
+    pairs = [(output, grad) for output, grad in zip(outputs, grads, strict=True) if grad is not None]
+    with torch.enable_grad():
+        torch.autograd.backward(
+            [output.view_as(output) if output.is_leaf else output for output, _ in pairs],
+            [grad for _, grad in pairs],
+            retain_graph=retain_graph,
+        )
+
+
+def _unless(skipped: Tensor, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """``grads``, zeros where the step is skipped."""
+    return [None if grad is None else torch.where(skipped, 0.0, grad) for grad in grads]
 
 
 def _local(tensor: Tensor) -> Tensor:
