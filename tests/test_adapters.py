@@ -195,7 +195,8 @@ def trunk_output_and_losses(model: ToyMultiTask):
 def torchjd_for(name: str):
     """Our weighting ``name`` twice, fresh: one for TorchJD's loop, one for MTLStep (PCGrad with
     the same seed, so that both draw the same orders)."""
-    return (PCGrad(seed=0), PCGrad(seed=0)) if name == "pcgrad" else (make_weighting(name), make_weighting(name))
+    options = {"seed": 0} if name in ("pcgrad", "rlw") else {}
+    return make_weighting(name, **options), make_weighting(name, **options)
 
 
 @pytest.mark.parametrize("entry", ["backward", "mtl_backward", "summed_gramians"])

@@ -9,15 +9,15 @@ import pytest
 import torch
 from multitask_models import ToyMultiTask, toy_batch
 
-from emtl_kernels import WEIGHTINGS, MTLStep, PCGrad, make_weighting
+from emtl_kernels import WEIGHTINGS, MTLStep, make_weighting
 from emtl_kernels.amp import Unscaled, scaler_step, unscaled
 
 SCALE = 2.0**16
 
 
 def fresh(name: str):
-    # PCGrad draws random orders: two fresh instances with one seed draw the same ones.
-    return PCGrad(seed=0) if name == "pcgrad" else make_weighting(name)
+    # PCGrad and RLW draw at random: two fresh instances with one seed draw the same.
+    return make_weighting(name, seed=0) if name in ("pcgrad", "rlw") else make_weighting(name)
 
 
 @pytest.mark.parametrize("name", list(WEIGHTINGS))

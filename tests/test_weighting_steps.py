@@ -7,19 +7,26 @@ import pytest
 import torch
 from multitask_models import ToyMultiTask, float64_twin, shared_gradients64, toy_batch
 
-from emtl_kernels import WEIGHTINGS, MTLStep, PCGrad, make_weighting
+from emtl_kernels import WEIGHTINGS, MTLStep, make_weighting
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
     dualproj_weights,
+    dwa_weights,
     emtl_weights,
     equal_weights,
+    famo_weights,
+    gls_weights,
     gradnorm_scaling_weights,
     imtl_g_weights,
+    imtl_l_weights,
     mgda_weights,
     nash_mtl_weights,
     pcgrad_weights,
+    rlw_weights,
+    stch_weights,
     upgrad_weights,
+    uw_weights,
 )
 
 #: The weightings that read all of G, which memory mode never forms.
@@ -27,8 +34,8 @@ FULL_GRAM = {"imtl_g", "mgda", "pcgrad", "cagrad", "aligned_mtl", "upgrad", "dua
 
 
 def fresh_weighting(name: str):
-    """A new instance of ``name``; PCGrad seeded, so that two fresh ones draw the same orders."""
-    return PCGrad(seed=0) if name == "pcgrad" else make_weighting(name)
+    """A new instance of ``name``; PCGrad and RLW seeded, so that two fresh ones draw the same."""
+    return make_weighting(name, seed=0) if name in ("pcgrad", "rlw") else make_weighting(name)
 
 
 def per_task_gradients64(model64: ToyMultiTask, losses: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -108,6 +115,13 @@ TRACED = {
     "upgrad": (upgrad_weights, {"iterations": 2}),
     "dualproj": (dualproj_weights, {"iterations": 2}),
     "nash_mtl": (nash_mtl_weights, {"iterations": 2, "max_norm": 1.0}),
+    "uw": (uw_weights, {"log_vars": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "dwa": (dwa_weights, {"history": torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 2.5, 3.0, 1.0]])}),
+    "famo": (famo_weights, {"logits": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "gls": (gls_weights, {}),
+    "imtl_l": (imtl_l_weights, {"log_scales": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "rlw": (rlw_weights, {"draws": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "stch": (stch_weights, {"mu": 0.1, "reference": torch.tensor([0.1, 0.0, 0.2, 0.0])}),
 }
 
 

@@ -59,11 +59,11 @@ class LearnedLossScales(Weighting):
         self.init = float(init)
         #: The scales s, ``[T]`` float32. With ``num_tasks`` None they are a lazy parameter that
         #: the first call makes on the losses' device: an optimiser may hold it before.
-        self.scales: nn.Parameter = (
+        self.scales: Tensor = (
             UninitializedParameter() if num_tasks is None else nn.Parameter(torch.full((num_tasks,), self.init))
         )
 
-    def parameters(self) -> Iterator[nn.Parameter]:
+    def parameters(self) -> Iterator[Tensor]:
         """The learnable scales, for the optimiser."""
         yield self.scales
 

@@ -13,11 +13,16 @@ from torch import Tensor
 from .base import Weighting, check_weighting_inputs, compute_dtype
 
 
-def rlw_weights(losses: Tensor, gram: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+def rlw_weights(
+    losses: Tensor, gram: Tensor, *, generator: torch.Generator | None = None, draws: Tensor | None = None
+) -> Tensor:
     """softmax of T standard normal draws ``[T]``, on the losses' device; neither G nor the losses
-    are read. ``generator`` (on that device) defaults to the device's default generator."""
+    are read. ``generator`` (on that device) defaults to the device's default generator;
+    ``draws`` ``[T]`` are the draws to take instead (to replay a step), overriding it."""
     check_weighting_inputs(losses, gram)
-    return _draw(losses, generator)
+    if draws is not None and draws.shape != losses.shape:
+        raise ValueError(f"draws must be [T] = [{losses.numel()}], got {tuple(draws.shape)}")
+    return _draw(losses, generator) if draws is None else torch.softmax(draws.to(compute_dtype(losses)), dim=0)
 
 
 def _draw(losses: Tensor, generator: torch.Generator | None) -> Tensor:
