@@ -57,8 +57,9 @@ class LearnedLossScales(Weighting):
         if not isinstance(init, (int, float)) or isinstance(init, bool) or not math.isfinite(init):
             raise ValueError(f"init must be a finite number, got {init!r}")
         self.init = float(init)
-        #: The scales s, ``[T]`` float32. With ``num_tasks`` None they are a lazy parameter that
-        #: the first call makes on the losses' device: an optimiser may hold it before.
+        #: The scales s, ``[T]``: float32 when made now; with ``num_tasks`` None a lazy parameter
+        #: that the first call makes on the losses' device, in their compute dtype (an optimiser
+        #: may hold it before).
         self.scales: Tensor = (
             UninitializedParameter() if num_tasks is None else nn.Parameter(torch.full((num_tasks,), self.init))
         )
@@ -70,7 +71,7 @@ class LearnedLossScales(Weighting):
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         if isinstance(self.scales, UninitializedParameter):
             with torch.no_grad():
-                self.scales.materialize((losses.numel(),), device=losses.device, dtype=torch.float32)
+                self.scales.materialize((losses.numel(),), device=losses.device, dtype=compute_dtype(losses))
                 self.scales.fill_(self.init)
         return _scaled(losses, self.scales, self.sign, self.factor)
 
