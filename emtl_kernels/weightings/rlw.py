@@ -22,12 +22,14 @@ def rlw_weights(
     check_weighting_inputs(losses, gram)
     if draws is not None and draws.shape != losses.shape:
         raise ValueError(f"draws must be [T] = [{losses.numel()}], got {tuple(draws.shape)}")
-    return _draw(losses, generator) if draws is None else torch.softmax(draws.to(compute_dtype(losses)), dim=0)
+    return _draw(losses, generator, draws)
 
 
-def _draw(losses: Tensor, generator: torch.Generator | None) -> Tensor:
-    draws = torch.randn(losses.numel(), generator=generator, dtype=compute_dtype(losses), device=losses.device)
-    return torch.softmax(draws, dim=0)
+def _draw(losses: Tensor, generator: torch.Generator | None, draws: Tensor | None = None) -> Tensor:
+    dtype = compute_dtype(losses)
+    if draws is None:
+        draws = torch.randn(losses.numel(), generator=generator, dtype=dtype, device=losses.device)
+    return torch.softmax(draws.to(dtype), dim=0)
 
 
 class RLW(Weighting):
