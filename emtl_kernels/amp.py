@@ -42,9 +42,22 @@ class Unscaled(Weighting):
         self.reads_gram = weighting.reads_gram
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
+        inverse = self._inverse_scale(losses)
+        return self.weighting(losses * inverse, gram * (inverse * inverse).to(gram.dtype))
+
+    def after_backward(self, losses: Tensor, skipped: Tensor) -> None:
+        """The inner weighting's state sees the unscaled losses too. A learnable loss scale (UW,
+        IMTL-L) gets its gradient unscaled: step it with an optimiser the scaler does not unscale."""
+        self.weighting.after_backward(losses * self._inverse_scale(losses), skipped)
+
+    def after_optimizer_step(self, losses: Tensor) -> None:
+        """``losses``: measured after the optimiser step, unscaled (the scale may have changed since)."""
+        self.weighting.after_optimizer_step(losses)
+
+    def _inverse_scale(self, losses: Tensor) -> Tensor:
         # scaler.scale(1) is the current scale on the losses' device (1 when the scaler is disabled).
         inverse = 1 / self.scaler.scale(torch.ones((), dtype=torch.float32, device=losses.device))
-        return self.weighting(losses * inverse.to(losses.dtype), gram * (inverse * inverse).to(gram.dtype))
+        return inverse.to(losses.dtype)
 
     def __repr__(self) -> str:
         return f"unscaled({self.weighting!r})"

@@ -263,6 +263,23 @@ class MTLStep:
         optimizer.step()
         return True
 
+    def after_optimizer_step(self, losses: Tensor | Sequence[Tensor]) -> None:
+        """Hand the weighting the losses of the same batch measured after ``optimizer.step()``,
+        for one that learns from the change the step made (FAMO); nothing for the others.
+
+        ``losses``: the T losses (a 1-D tensor or a sequence of scalars; no graph needed).
+        """
+        self._record_of_last_call()
+        if isinstance(losses, Tensor):
+            loss_vector = losses.detach()
+        else:
+            loss_vector = torch.stack([torch.as_tensor(loss).detach() for loss in losses])
+        if loss_vector.shape != (self.num_tasks,):
+            raise ValueError(
+                f"after_optimizer_step needs the T={self.num_tasks} losses, got shape {tuple(loss_vector.shape)}"
+            )
+        self.weighting.after_optimizer_step(loss_vector)
+
     def _record_of_last_call(self) -> StepRecord:
         if self.last is None:
             raise RuntimeError("no backward() has run on this step yet")
@@ -272,6 +289,7 @@ class MTLStep:
         """The call succeeded: its T is the step's from now on, its record the last."""
         self.num_tasks = record.losses.numel()
         self.last = record
+        self.weighting.after_backward(record.losses, record.skipped)
         return record.weights
 
     # Speed mode: J is kept, the update is one fused combine pass.

@@ -20,11 +20,11 @@ def random_problem(num_tasks: int, seed: int, numel: int = 50):
     return losses, jacobian, (jacobian @ jacobian.T).float()
 
 
-#: The weightings that draw random task orders: seeded in :func:`fresh_weighting`.
-RANDOM_ORDERS = ("pcgrad", "gradvac")
+#: The weightings that draw at random (task orders, weights): seeded in :func:`fresh_weighting`.
+RANDOM_DRAWS = ("pcgrad", "gradvac", "rlw")
 
 
 def fresh_weighting(name: str):
-    """A new instance of ``name`` with its default options; PCGrad and GradVac seeded, so that two
-    fresh ones draw the same orders."""
-    return make_weighting(name, seed=0) if name in RANDOM_ORDERS else make_weighting(name)
+    """A new instance of ``name`` with its default options; PCGrad, GradVac and RLW seeded, so that
+    two fresh ones draw the same."""
+    return make_weighting(name, seed=0) if name in RANDOM_DRAWS else make_weighting(name)

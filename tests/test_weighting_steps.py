@@ -14,16 +14,23 @@ from emtl_kernels.weightings import (
     cagrad_weights,
     db_mtl_weights,
     dualproj_weights,
+    dwa_weights,
     emtl_weights,
     equal_weights,
     fairgrad_weights,
+    famo_weights,
+    gls_weights,
     gradnorm_scaling_weights,
     imtl_g_weights,
+    imtl_l_weights,
     krum_weights,
     mgda_weights,
     nash_mtl_weights,
     pcgrad_weights,
+    rlw_weights,
+    stch_weights,
     upgrad_weights,
+    uw_weights,
 )
 
 #: The weightings that read all of G, which memory mode never forms.
@@ -127,6 +134,13 @@ TRACED = {
     "fairgrad": (fairgrad_weights, {"iterations": 2, "p": 2.0}),
     "krum": (krum_weights, {"n_selected": 2}),
     "db_mtl": (db_mtl_weights, {}),
+    "uw": (uw_weights, {"log_vars": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "dwa": (dwa_weights, {"history": torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 2.5, 3.0, 1.0]])}),
+    "famo": (famo_weights, {"logits": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "gls": (gls_weights, {}),
+    "imtl_l": (imtl_l_weights, {"log_scales": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "rlw": (rlw_weights, {"draws": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
+    "stch": (stch_weights, {"mu": 0.1, "reference": torch.tensor([0.1, 0.0, 0.2, 0.0])}),
 }
 
 #: The stateful weightings, made fresh for tracing (their ``weights`` continue their state), with

@@ -14,20 +14,27 @@ from .cagrad import CAGrad, cagrad_weights
 from .cr_mogm import CRMOGM
 from .db_mtl import DBMTL, db_mtl_weights
 from .dualproj import DualProj, dualproj_weights
+from .dwa import DWA, dwa_weights
 from .emtl import EMTL, emtl_weights, relative_contributions
 from .equal import Equal, equal_weights
 from .fairgrad import FairGrad, fairgrad_weights
+from .famo import FAMO, famo_weights
+from .gls import GLS, gls_weights
 from .gradnorm import GradNorm
 from .gradnorm_scaling import GradNormScaling, gradnorm_scaling_weights
 from .gradvac import GradVac
 from .imtl_g import IMTLG, imtl_g_weights
+from .imtl_l import IMTLL, imtl_l_weights
 from .krum import Krum, krum_weights
 from .mgda import MGDA, mgda_weights
 from .nash_mtl import NashMTL, nash_mtl_weights
 from .pcd import PCD
 from .pcgrad import PCGrad, pcgrad_weights
+from .rlw import RLW, rlw_weights
 from .stateful import StatefulWeighting
+from .stch import STCH, stch_weights
 from .upgrad import UPGrad, upgrad_weights
+from .uw import UW, uw_weights
 
 #: Weightings by the name ``MTLStep(weighting=...)`` accepts.
 WEIGHTINGS: dict[str, type[Weighting]] = {
@@ -49,6 +56,14 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "cr_mogm": CRMOGM,
     "gradnorm": GradNorm,
     "db_mtl": DBMTL,
+    # Loss-based: they read no gradients.
+    "uw": UW,
+    "dwa": DWA,
+    "famo": FAMO,
+    "gls": GLS,
+    "imtl_l": IMTLL,
+    "rlw": RLW,
+    "stch": STCH,
 }
 
 
@@ -66,10 +81,17 @@ def make_weighting(weighting: str | Weighting, **options) -> Weighting:
 __all__ = [
     "CRMOGM",
     "DBMTL",
+    "DWA",
     "EMTL",
+    "FAMO",
+    "GLS",
     "IMTLG",
+    "IMTLL",
     "MGDA",
     "PCD",
+    "RLW",
+    "STCH",
+    "UW",
     "WEIGHTINGS",
     "AlignedMTL",
     "CAGrad",
@@ -91,16 +113,23 @@ __all__ = [
     "cagrad_weights",
     "db_mtl_weights",
     "dualproj_weights",
+    "dwa_weights",
     "emtl_weights",
     "equal_weights",
     "fairgrad_weights",
+    "famo_weights",
+    "gls_weights",
     "gradnorm_scaling_weights",
     "imtl_g_weights",
+    "imtl_l_weights",
     "krum_weights",
     "make_weighting",
     "mgda_weights",
     "nash_mtl_weights",
     "pcgrad_weights",
     "relative_contributions",
+    "rlw_weights",
+    "stch_weights",
     "upgrad_weights",
+    "uw_weights",
 ]

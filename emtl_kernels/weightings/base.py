@@ -45,6 +45,16 @@ class Weighting:
         check_weighting_inputs(losses, gram)
         return self.weights(losses, gram)
 
+    def after_backward(self, losses: Tensor, skipped: Tensor) -> None:
+        """Called by the step once it has written (or skipped) the update weighted by this
+        weighting: ``losses`` ``[T]`` as given to the weights, ``skipped`` the step's 0-dim bool.
+        A stateful weighting updates its state here, with tensor ops (a loss history, the
+        gradient of its own learnable parameters); the others have nothing to do."""
+
+    def after_optimizer_step(self, losses: Tensor) -> None:
+        """The losses ``[T]`` of the same batch after the optimiser step, for a weighting that
+        learns from the change the step made (FAMO); nothing for the others."""
+
 
 class FunctionWeighting(Weighting):
     """A :class:`Weighting` made of a pure weights function and fixed keyword options.
