@@ -398,7 +398,7 @@ class MTLStep:
         weights = self._weights(loss_vector, gram)
         check = self._skip_check(loss_vector, gram, weights)
         targets = self.shared_params if unweighted else self.shared_params + heads
-        weighted_loss = sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))
+        weighted_loss = weighted_sum(losses, weights)
         grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
         num_shared = len(self.shared_params)
         additions = grads[:num_shared] + (head_grads if unweighted else grads[num_shared:])
@@ -435,22 +435,33 @@ class MTLStep:
 
     # Weightings that read no gradients: one backward of Σ w_i L_i.
     def _backward_once(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
-        num_tasks = len(losses)
+        unmeasured, weights, check = self._weights_from_losses(loss_vector)
+        grads = self._weighted_sum_gradients(losses, weights, heads, retain_graph)
+        self._write_checked(self.shared_params + heads, grads, check)
+        return self._record(loss_vector, unmeasured, weights, check, gram_formed=False)
+
+    def _weights_from_losses(self, loss_vector: Tensor) -> tuple[Tensor, Tensor, SkipCheck]:
+        """For a weighting that reads no gradients: the Gram matrix it did not measure (NaN), its
+        weights from ``loss_vector``, and the skip check they start."""
+        num_tasks = loss_vector.numel()
         unmeasured = torch.full((num_tasks, num_tasks), math.nan, dtype=torch.float32, device=loss_vector.device)
         weights = self._weights(loss_vector, unmeasured)
-        check = self._skip_check(loss_vector, unmeasured, weights)
+        return unmeasured, weights, self._skip_check(loss_vector, unmeasured, weights)
+
+    def _weighted_sum_gradients(self, losses, weights: Tensor, heads, retain_graph) -> list[Tensor | None]:
+        """The gradients of Σ_i w_i L_i on the shared parameters, then on ``heads`` (Σ_i ∇L_i there
+        with ``head_gradients="unweighted"``); None where no loss reaches one. Nothing is written."""
         unweighted = self.head_gradients == "unweighted"
         # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
         head_grads: list[Tensor | None] = []
         if unweighted and heads:
             head_grads = list(torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True))
         targets = self.shared_params if unweighted else self.shared_params + heads
-        weighted_loss = sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))
+        weighted_loss = weighted_sum(losses, weights)
         grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
         if all(grad is None for grad in grads[: len(self.shared_params)]):
             raise ValueError("no loss reaches any of the shared parameters")
-        self._write_checked(self.shared_params + heads, grads + head_grads, check)
-        return self._record(loss_vector, unmeasured, weights, check, gram_formed=False)
+        return grads + head_grads
 
     def _gram_from_norms(self, losses, scope, heads) -> tuple[Tensor, list[Tensor | None]]:
         """A T×T matrix with the exact diagonal ‖g_i‖² (and, where the weighting reads it, the
@@ -653,6 +664,11 @@ def head_sums(per_task, start: int, weights: Tensor | None) -> list[Tensor | Non
         summed_terms([(i, grads[j]) for i, grads in enumerate(per_task) if grads[j] is not None], weights)
         for j in range(start, len(per_task[0]))
     ]
+
+
+def weighted_sum(losses: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """Σ_i w_i L_i, with a graph through the losses (the weights are constants)."""
+    return sum(w * loss for w, loss in zip(weights.unbind(0), losses, strict=True))  # type: ignore[return-value]
 
 
 def _added(total: Tensor | None, grad: Tensor | None) -> Tensor | None:

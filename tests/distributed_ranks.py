@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multitask_models import FeaturesToy, ToyMultiTask, toy_batch
+from multitask_models import CountedTrunk, FeaturesToy, ToyMultiTask, toy_batch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from emtl_kernels.distributed import DistributedMTLStep
+from emtl_kernels.weightings import GLS
 
 #: How long a collective may wait for the other ranks before it raises.
 COLLECTIVE_TIMEOUT_S = 30
@@ -156,12 +157,27 @@ def features_nan_on_one_rank(rank: int, world_size: int) -> dict:
     }
 
 
-def fsdp_exact(rank: int, world_size: int) -> dict:
-    model = ToyMultiTask()
+def fully_sharded(model: ToyMultiTask) -> nn.Module:
+    """``model`` under FSDP2: each trunk layer with parameters, then the whole model."""
     for layer in model.trunk:
         if any(True for _ in layer.parameters()):
             fully_shard(layer)
-    fully_shard(model)
+    return fully_shard(model)
+
+
+def wrapped_for(model: ToyMultiTask, wrap: str) -> nn.Module:
+    """``model`` under FSDP2 (``wrap`` "fsdp") or DDP (``wrap`` "exact" or "local": the sync)."""
+    return fully_sharded(model) if wrap == "fsdp" else DistributedDataParallel(model)
+
+
+def full_grads(model: nn.Module, wrap: str) -> list[torch.Tensor]:
+    """Every parameter's whole ``.grad`` (gathered from the shards under FSDP2)."""
+    return [p.grad.full_tensor() if wrap == "fsdp" else p.grad.clone() for p in model.parameters()]
+
+
+def fsdp_exact(rank: int, world_size: int) -> dict:
+    model = ToyMultiTask()
+    fully_sharded(model)
     step = DistributedMTLStep(model, model.trunk.parameters(), **WEIGHTING)
     step.backward(model(*local_batch(rank, world_size)))
     return step_result(step, [p.grad.full_tensor() for p in model.parameters()])
@@ -210,25 +226,63 @@ def inf_head_gradient_on_one_rank(rank: int, world_size: int) -> dict:
     results = {}
     for wrap in ("exact", "local", "fsdp"):
         model = SpikedMultiTask(offset=0.0 if rank == 1 else 1.0)
-        if wrap == "fsdp":
-            for layer in model.trunk:
-                if any(True for _ in layer.parameters()):
-                    fully_shard(layer)
-            wrapped: nn.Module = fully_shard(model)
-        else:
-            wrapped = DistributedDataParallel(model)
+        wrapped = wrapped_for(model, wrap)
         for p in model.parameters():
             p.grad = torch.full_like(p, 7.0)
         sync = "local" if wrap == "local" else "exact"
         step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, **WEIGHTING)
         step.backward(wrapped(*local_batch(rank, world_size)))
-        grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
+        grads = full_grads(model, wrap)
         results[wrap] = {
             "skipped": bool(step.last.skipped),
             "reasons": step.last.why_skipped(),
             "grads_unchanged": all(bool((g == 7.0).all()) for g in grads),
         }
     return results
+
+
+class RecordedGLS(GLS):
+    """GLS (weights from the losses only) that keeps what each ``after_backward`` was handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed: list[tuple[torch.Tensor, bool]] = []
+
+    def after_backward(self, losses: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.handed.append((losses.clone(), bool(skipped)))
+
+
+def loss_weighting_step(rank: int, world_size: int, nan_on_rank_1: bool) -> dict:
+    """GLS under exact and local DDP and FSDP2, every .grad 7 first; rank 1's second loss NaN
+    where ``nan_on_rank_1``. Adds the backward passes through the trunk and the weighting's hook
+    calls to the step's result."""
+    results = {}
+    for wrap in ("exact", "local", "fsdp"):
+        model = CountedTrunk()
+        wrapped = wrapped_for(model, wrap)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 7.0)
+        weighting = RecordedGLS()
+        sync = "local" if wrap == "local" else "exact"
+        step = DistributedMTLStep(wrapped, model.trunk.parameters(), weighting, sync=sync)
+        losses = wrapped(*local_batch(rank, world_size))
+        if nan_on_rank_1 and rank == 1:
+            losses[1] = losses[1] * float("nan")
+        step.backward(losses)
+        results[wrap] = {
+            **step_result(step, full_grads(model, wrap)),
+            "backwards": model.calls[0],
+            "handed": weighting.handed,
+        }
+    return results
+
+
+def loss_weighting(rank, world_size):
+    return loss_weighting_step(rank, world_size, nan_on_rank_1=False)
+
+
+def loss_weighting_nan_on_one_rank(rank, world_size):
+    return loss_weighting_step(rank, world_size, nan_on_rank_1=True)
 
 
 def ranks_disagree_on_tasks(rank: int, world_size: int) -> dict:
@@ -283,6 +337,8 @@ SCENARIOS = {
         fsdp_exact,
         nan_on_one_rank,
         inf_head_gradient_on_one_rank,
+        loss_weighting,
+        loss_weighting_nan_on_one_rank,
         ranks_disagree_on_tasks,
         rank_stalls,
         rank_raises,

@@ -37,6 +37,25 @@ class ToyMultiTask(nn.Module):
         ]
 
 
+class CountedTrunk(ToyMultiTask):
+    """ToyMultiTask that counts, in ``calls[0]``, the backward passes that go through its trunk
+    (those that compute the gradient on the trunk's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = [0]
+
+    def features_and_losses(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features, losses = super().features_and_losses(inputs, targets)
+        features.register_hook(self._count)
+        return features, losses
+
+    def _count(self, grad: torch.Tensor) -> None:
+        self.calls[0] += 1
+
+
 class FeaturesToy(ToyMultiTask):
     """ToyMultiTask whose forward (the one DDP wraps) returns the features with the losses."""
 

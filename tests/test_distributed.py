@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from distributed_ranks import SCENARIOS, STALL_TIMEOUT_S, WEIGHTING, local_batch, run_ranks
 from multitask_models import (
+    CountedTrunk,
     FeaturesToy,
     ToyMultiTask,
     float64_twin,
@@ -25,6 +26,7 @@ from emtl_kernels import MTLStep, available_backends, gradnorm_scaling_weights
 from emtl_kernels.distributed import DistributedMTLStep
 from emtl_kernels.distributed.buckets import fill_bucket, plan_buckets
 from emtl_kernels.task_gradients import TaskGradients
+from emtl_kernels.weightings import gls_weights
 
 WORLD = 2
 
@@ -179,6 +181,42 @@ def test_an_inf_gradient_on_one_rank_skips_the_step_on_every_rank(ranks, wrap):
         assert result[wrap]["grads_unchanged"]
 
 
+def loss_weighting_expectation():
+    """GLS on the global batch, float64: the losses, their weights, and 7 (every .grad before the
+    step) plus the gradient of Σ_i w_i L_i on every parameter."""
+    model64 = float64_twin(CountedTrunk())
+    losses = model64(*toy_batch(dtype=torch.float64))
+    loss_vector = torch.stack(losses).detach()
+    weights = gls_weights(loss_vector, torch.full((3, 3), float("nan"), dtype=torch.float64))
+    grads = weighted_sum_gradients64(model64, losses, weights)
+    return {"losses": loss_vector, "weights": weights, "grads": [7.0 + g for g in grads]}
+
+
+@pytest.mark.parametrize("wrap", ["exact", "local", "fsdp"])
+def test_a_loss_weighting_runs_one_backward_of_the_global_batch_weighted_sum(ranks, wrap):
+    expected = loss_weighting_expectation()
+    for result in successful(ranks["loss_weighting"]):
+        run = result[wrap]
+        assert run["backwards"] == 1 and not run["skipped"] and run["gram"] is None
+        torch.testing.assert_close(run["losses"].double(), expected["losses"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(run["weights"].double(), expected["weights"], rtol=1e-5, atol=0)
+        assert_float32_close(run["grads"], expected["grads"])
+        ((handed_losses, handed_skipped),) = run["handed"]
+        assert torch.equal(handed_losses, run["losses"]) and not handed_skipped
+        # Plain DDP's (or FSDP's) own reduction, plus one all-reduce of the T losses and one of the
+        # skip flag (and, on the first call, the check that ranks agree).
+        assert run["payload"] == {"all_reduce": 4 * (3 + 1), "all_gather": 8 * 3 * WORLD}
+
+
+@pytest.mark.parametrize("wrap", ["exact", "local", "fsdp"])
+def test_a_loss_weighting_skips_a_nan_loss_on_one_rank_on_every_rank(ranks, wrap):
+    for result in successful(ranks["loss_weighting_nan_on_one_rank"]):
+        run = result[wrap]
+        assert run["skipped"] and torch.equal(run["weights"], torch.zeros(3))
+        assert all(bool((g == 7.0).all()) for g in run["grads"])
+        assert [skipped for _, skipped in run["handed"]] == [True]
+
+
 def test_ranks_disagreeing_on_the_number_of_tasks_raise_on_every_rank(ranks):
     for result in ranks["ranks_disagree_on_tasks"]:
         assert "ValueError: ranks disagree" in result["error"]
@@ -222,9 +260,9 @@ def fsdp_model(model_class=ToyMultiTask):
     return model
 
 
-def single_process_result(**options):
+def single_process_result(weighting=WEIGHTING, **options):
     model = ToyMultiTask()
-    step = MTLStep(model.trunk.parameters(), **WEIGHTING, **options)
+    step = MTLStep(model.trunk.parameters(), **weighting, **options)
     weights = step.backward(model(*toy_batch()))
     return weights, [p.grad for p in model.parameters()]
 
@@ -249,13 +287,15 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     assert step.communication.sent_bytes == 0
 
 
+# GLS reads the losses only: one backward of Σ_i w_i L_i, and one more of Σ_i L_i for the heads.
+@pytest.mark.parametrize("weighting", [WEIGHTING, {"weighting": "gls"}], ids=["gradnorm_scaling", "gls"])
 @pytest.mark.parametrize("wrap,sync", [("ddp", "exact"), ("ddp", "local"), ("fsdp", "exact")])
-def test_one_rank_with_unweighted_heads_equals_mtlstep(one_rank_group, wrap, sync):
+def test_one_rank_with_unweighted_heads_equals_mtlstep(one_rank_group, wrap, sync, weighting):
     model = fsdp_model() if wrap == "fsdp" else ToyMultiTask()
     wrapped = model if wrap == "fsdp" else DistributedDataParallel(model)
-    step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, head_gradients="unweighted", **WEIGHTING)
+    step = DistributedMTLStep(wrapped, model.trunk.parameters(), sync=sync, head_gradients="unweighted", **weighting)
     weights = step.backward(wrapped(*toy_batch()))
-    expected_weights, expected_grads = single_process_result(head_gradients="unweighted")
+    expected_weights, expected_grads = single_process_result(weighting, head_gradients="unweighted")
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=0)
     grads = [p.grad.full_tensor() if wrap == "fsdp" else p.grad for p in model.parameters()]
     assert_float32_close(grads, expected_grads, tol=1e-5)

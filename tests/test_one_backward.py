@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from multitask_models import ToyMultiTask, float64_twin, toy_batch, weighted_sum_gradients64
+from multitask_models import CountedTrunk, ToyMultiTask, float64_twin, toy_batch, weighted_sum_gradients64
 from torch import nn
 
 from emtl_kernels import MTLStep
@@ -18,34 +18,6 @@ MODES = {
     "unweighted_heads": {"head_gradients": "unweighted"},
     "features": {},
 }
-
-
-class CountedIdentity(torch.autograd.Function):
-    """Identity whose backward counts its calls in ``calls[0]``."""
-
-    @staticmethod
-    def forward(ctx, tensor, calls):
-        ctx.calls = calls
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.calls[0] += 1
-        return grad, None
-
-
-class CountedTrunk(ToyMultiTask):
-    """ToyMultiTask whose trunk output counts the backward passes that go through the trunk."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = [0]
-
-    def features_and_losses(self, inputs, targets):
-        features = CountedIdentity.apply(self.trunk(inputs), self.calls)
-        return features, [
-            (head(features).squeeze(-1) - targets[:, i]).square().mean() for i, head in enumerate(self.heads)
-        ]
 
 
 def step_for(model: ToyMultiTask, name: str) -> MTLStep:

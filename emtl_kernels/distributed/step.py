@@ -21,6 +21,17 @@ combination. The update is exactly the global-batch gradient of Σ_i w_i L_i; on
 are approximate, since mean_r J_r J_rᵀ counts each rank's sampling noise that the mean J_r
 averages away (norms come out larger, more so for smaller local batches).
 
+A weighting that reads no gradients (``Weighting.reads_gram`` false: equal weighting and the
+loss-based ones) runs one backward in every mode, as :class:`~emtl_kernels.MTLStep` does: one
+all-reduce of the T losses gives their global-batch mean, hence the same weights on every rank
+(in local mode too: there is no G to approximate; RLW's random draws agree where the ranks seed
+its generator alike), and the wrapper's own backward of
+Σ_i w_i L_i writes the update, heads included. Under DDP each rank takes its gradients of
+Σ_i w_i L_i, checks them, and hands them to DDP's reduction; under FSDP2 FSDP's backward
+reduce-scatters them, and the step checks the shards before it adds them to ``.grad``
+(``head_gradients="unweighted"`` costs one more backward there, of Σ_i L_i, as FSDP reduces the
+whole model's gradients in each; under DDP that one runs through the heads only).
+
 Communication per step (P shared elements, H head elements, W ranks; payload, in elements;
 T(T+3)/2 = the T losses and the T(T+1)/2 entries of G's upper triangle):
 
@@ -29,16 +40,19 @@ T(T+3)/2 = the T losses and the T(T+1)/2 entries of G's upper triangle):
     local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2, all-reduce 1 (the skip)
     exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2,
                  all-reduce 1 (the skip)
+    no G read:   DDP, either sync: all-reduce P + H (DDP's own), all-reduce T (the losses),
+                 all-reduce 1 (the skip); FSDP2: reduce-scatter P + H once (FSDP's own), the same two
 
 Under ring algorithms each rank sends (W−1)/W of a reduce-scatter's or an all-gather's payload
 and 2(W−1)/W of an all-reduce's: on the shared parameters exact DDP sends (T+1)/2 times what
-plain DDP sends, local mode the same.
+plain DDP sends, local mode the same, and a weighting that reads no gradients T + 1 numbers more.
 
 A step is skipped on every rank or on none (:class:`~emtl_kernels.MTLStep` says what skips one).
 Exact DDP's checks read values every rank holds alike: the all-reduced losses and G, the
 averaged heads, the gathered update. Local mode and FSDP2 check each rank's own values (its
 combination before DDP averages it, its shards of the heads), and one all-reduce of one number
-makes the decision common.
+makes the decision common. So does the one-backward path of a weighting that reads no
+gradients, whose checks read each rank's own gradients (the losses it checks are all-reduced).
 """
 
 from __future__ import annotations
@@ -64,7 +78,7 @@ from ..features import (
 from ..grad_writes import accumulate_grad, give_empty_grads, grad_destinations, values_to_check
 from ..ops import task_gram, weighted_combine
 from ..skip_check import SkipCheck, combination_bounded
-from ..step import HeadGradients, MTLStep, StepRecord, head_sums, task_rows
+from ..step import HeadGradients, MTLStep, StepRecord, head_sums, task_rows, weighted_sum
 from ..task_gradients import TaskGradients
 from ..weightings import Weighting
 from .buckets import Bucket, fill_bucket, plan_buckets
@@ -96,7 +110,8 @@ class DistributedMTLStep(MTLStep):
             "local" (DDP only): weights from the Gram matrices averaged over ranks, zero extra
             gradient communication; an approximation.
         bucket_cap_mb: size of one task's gradients in one reduce-scatter bucket (exact DDP;
-            25 MiB, as DDP's buckets). Exact mode always communicates, even under ``no_sync()``.
+            25 MiB, as DDP's buckets). Exact mode always communicates, even under ``no_sync()``,
+            except for a weighting that reads no gradients: DDP's own reduction writes that update.
 
     After :meth:`backward`, :attr:`last` holds the :class:`~emtl_kernels.StepRecord` (the same on
     every rank: global losses and Gram matrix) and :attr:`communication` the
@@ -190,11 +205,18 @@ class DistributedMTLStep(MTLStep):
                 raise ValueError(
                     "features mode runs under DistributedDataParallel only: under fully_shard, pass no features"
                 )
-            return self._commit(self._through_features_replicated(loss_list, loss_vector, feature_list, retain_graph))
+            if self.weighting.reads_gram:
+                return self._commit(
+                    self._through_features_replicated(loss_list, loss_vector, feature_list, retain_graph)
+                )
         if self.data_parallel.kind == "fsdp":
+            if not self.weighting.reads_gram:
+                return self._commit(self._backward_once_sharded(loss_list, loss_vector, retain_graph))
             return self._commit(self._exact_sharded(loss_list, loss_vector, retain_graph))
         heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
         self.data_parallel.check_covers(heads, "the task-specific tensors the losses reach")
+        if not self.weighting.reads_gram:
+            return self._commit(self._backward_once_replicated(loss_list, loss_vector, heads, retain_graph))
         per_task = self._task_gradients(loss_list, self.shared_params + heads, retain_graph)
         self._refuse_sparse_heads(heads, per_task)
         reached, jacobian = self._jacobian_on(per_task, self.shared_params)
@@ -219,8 +241,8 @@ class DistributedMTLStep(MTLStep):
             )
 
     def _refuse_sparse_heads(self, heads: list[Tensor], per_task, offset: int | None = None) -> None:
-        """Raise where a head gets a sparse gradient; the heads' columns of ``per_task`` start at
-        ``offset`` (after the shared parameters by default)."""
+        """Raise where one of ``heads`` (the parameters DDP reduces) gets a sparse gradient; their
+        columns of ``per_task`` start at ``offset`` (after the shared parameters by default)."""
         names = {id(p): name for name, p in self.data_parallel.module.named_parameters()}
         offset = len(self.shared_params) if offset is None else offset
         for j, head in enumerate(heads):
@@ -382,13 +404,48 @@ class DistributedMTLStep(MTLStep):
         else:
             outs = [_local(grad) for grad, k in zip(grads, reached, strict=True) if k in held]
             self._write_combination(shard, outs, accumulate, weights, gram.diagonal(), check)
-        skipped = check.skipped
-        for head, grad in zip(heads, head_grads, strict=True):
-            if grad is not None:
-                if head.grad is None:
-                    head.grad = torch.zeros_like(head)
-                _local(head.grad).add_(torch.where(skipped, 0.0, grad))
+        _add_to_shards(heads, head_grads, check.skipped)
         return self._record(losses, gram, weights, check, gram_formed=True)
+
+    # Weightings that read no gradients: weights from the ranks' mean losses, one backward.
+    def _mean_losses(self, loss_vector: Tensor) -> Tensor:
+        """The global-batch losses, the mean of the ranks' (one all-reduce of T numbers)."""
+        self._collectives.all_reduce_sum(loss_vector)
+        return loss_vector / self._collectives.world_size
+
+    def _backward_once_replicated(self, loss_list, loss_vector, heads, retain_graph) -> StepRecord:
+        """DDP, exact and local mode alike: the weights read only the mean losses, the same on
+        every rank, so DDP's own reduction of this rank's gradients of Σ_i w_i L_i is the update."""
+        losses = self._mean_losses(loss_vector)
+        unmeasured, weights, check = self._weights_from_losses(losses)
+        grads = self._weighted_sum_gradients(loss_list, weights, heads, retain_graph)
+        targets = self.shared_params + heads
+        self._refuse_sparse_heads(targets, [grads], offset=0)
+        # Each rank reads its own gradients: a non-finite one on any rank skips the step on all.
+        check.require_finite(grads)
+        check.require(self._collectives.all_true(check.update_finite))
+        _backward_by_ddp(targets, _unless(check.skipped, grads), retain_graph=False)
+        return self._record(losses, unmeasured, weights, check, gram_formed=False)
+
+    def _backward_once_sharded(self, loss_list, loss_vector, retain_graph) -> StepRecord:
+        """FSDP2: FSDP's own backward of Σ_i w_i L_i reduce-scatters the update into the shards,
+        which are checked before they are added (unweighted heads: one more backward, of Σ_i L_i,
+        whose heads' gradients are kept: FSDP runs it through the whole model)."""
+        losses = self._mean_losses(loss_vector)
+        unmeasured, weights, check = self._weights_from_losses(losses)
+        heads = [p for p in self.data_parallel.params if id(p) not in self._shared_ids]
+        sums = [weighted_sum(loss_list, weights)]
+        if self.head_gradients == "unweighted" and heads:
+            sums.append(sum(loss_list))
+        passes = self._sharded_task_gradients(sums, self.shared_params + heads, retain_graph)
+        num_shared = len(self.shared_params)
+        grads = [*passes[0][:num_shared], *passes[-1][num_shared:]]
+        if all(grad is None for grad in grads[:num_shared]):
+            raise ValueError("no loss reaches any of the shared parameters")
+        check.require_finite(grads)
+        check.require(self._collectives.all_true(check.update_finite))
+        _add_to_shards(self.shared_params + heads, grads, check.skipped)
+        return self._record(losses, unmeasured, weights, check, gram_formed=False)
 
     def _sharded_task_gradients(self, loss_list, params, retain_graph) -> list[tuple[Tensor | None, ...]]:
         """Per task, this rank's shard of its gradients on ``params`` as FSDP's own backward leaves
@@ -449,6 +506,16 @@ def _backward_by_ddp(outputs: Sequence[Tensor], grads: Sequence[Tensor | None], 
 def _unless(skipped: Tensor, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     """``grads``, zeros where the step is skipped."""
     return [None if grad is None else torch.where(skipped, 0.0, grad) for grad in grads]
+
+
+def _add_to_shards(params: Sequence[Tensor], grads: Sequence[Tensor | None], skipped: Tensor) -> None:
+    """Add each gradient shard to its parameter's local ``.grad`` shard (zeros first where it has
+    none), nothing where it is None; zeros when the step is skipped."""
+    for param, grad in zip(params, grads, strict=True):
+        if grad is not None:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            _local(param.grad).add_(torch.where(skipped, 0.0, grad))
 
 
 def _local(tensor: Tensor) -> Tensor:
