@@ -207,3 +207,11 @@ def test_config_on_adversarial_gram_is_finite_and_matches_torchjd(dtype):
         assert_config_matches_torchjd(jacobian, rtol=1e-9)
     gram = (jacobian @ jacobian.T).to(dtype)
     assert torch.isfinite(config_weights(torch.ones(8, dtype=dtype), gram)).all()
+
+
+def test_config_jacobi_sweeps_give_the_lapack_weights():
+    """The eigen-solver of devices other than the CPU, run here: the same C⁺, to float64 rounding."""
+    jacobian = gradients(8, seed=9) * torch.logspace(-3, 3, 8, dtype=torch.float64)[:, None]
+    losses, gram = torch.ones(8, dtype=torch.float64), jacobian @ jacobian.T
+    expected = config_weights(losses, gram, eigen_solver="lapack")
+    assert_weights_close(config_weights(losses, gram, eigen_solver="jacobi"), expected, rtol=1e-12)
