@@ -15,8 +15,9 @@ written back as the update. This package makes that one fused step:
   :func:`mgda_weights`, :func:`pcgrad_weights`, :func:`cagrad_weights`,
   :func:`aligned_mtl_weights`, :func:`upgrad_weights`, :func:`dualproj_weights`,
   :func:`nash_mtl_weights`, :func:`fairgrad_weights`, :func:`krum_weights`,
-  :func:`db_mtl_weights`, and the stateful :class:`PCD`, :class:`GradVac`, :class:`CRMOGM`,
-  :class:`GradNorm`): weightings from (losses, Gram matrix) to task weights, on the device.
+  :func:`db_mtl_weights`, :func:`config_weights`, and the stateful :class:`PCD`,
+  :class:`GradVac`, :class:`CRMOGM`, :class:`GradNorm`): weightings from (losses, Gram matrix)
+  to task weights, on the device.
 - :mod:`emtl_kernels.adapters`: TorchJD and LibMTL users' way in (optional imports).
 - :mod:`emtl_kernels.amp`: the step under ``torch.amp.GradScaler`` (weights of the unscaled losses).
 """
@@ -38,6 +39,7 @@ from .weightings import (
     WEIGHTINGS,
     AlignedMTL,
     CAGrad,
+    ConFIG,
     DualProj,
     Equal,
     FairGrad,
@@ -52,6 +54,7 @@ from .weightings import (
     Weighting,
     aligned_mtl_weights,
     cagrad_weights,
+    config_weights,
     db_mtl_weights,
     dualproj_weights,
     emtl_weights,
@@ -83,6 +86,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "CommunicationLog",
+    "ConFIG",
     "DistributedMTLStep",
     "DualProj",
     "Equal",
@@ -102,6 +106,7 @@ __all__ = [
     "aligned_mtl_weights",
     "available_backends",
     "cagrad_weights",
+    "config_weights",
     "db_mtl_weights",
     "dualproj_weights",
     "emtl_weights",

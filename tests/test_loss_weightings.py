@@ -12,7 +12,7 @@ from multitask_models import ToyMultiTask, toy_batch
 from torchjd import scalarization
 
 from emtl_kernels import MTLStep
-from emtl_kernels.weightings import DWA, FAMO, GLS, IMTLL, RLW, STCH, UW, Weighting, stch_weights
+from emtl_kernels.weightings import COSMOS, DWA, FAMO, GLS, IMTLL, PBI, RLW, STCH, UW, Weighting, stch_weights
 
 NUM_TASKS = 3
 NO_SKIP = torch.tensor(False)
@@ -52,7 +52,11 @@ def their_gradient(scalarizer, theta: torch.Tensor, losses: torch.Tensor) -> tor
     return grad
 
 
-@pytest.mark.parametrize("name", ["GLS", "STCH", "STCH_preference"])
+def preference64(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["GLS", "STCH", "STCH_preference", "COSMOS", "COSMOS_linear", "PBI", "PBI_preference"])
 def test_stateless_weights_are_the_gradient_of_the_torchjd_scalarisation(name):
     ours, theirs = {
         "GLS": (GLS(), scalarization.GeometricMean()),
@@ -63,6 +67,16 @@ def test_stateless_weights_are_the_gradient_of_the_torchjd_scalarisation(name):
                 0.5, torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.1, 1.0, 0.0]).double()
             ),
         ),
+        "COSMOS": (COSMOS(lam=2.0), scalarization.COSMOS(2.0, preference64(1 / 3, 1 / 3, 1 / 3))),
+        "COSMOS_linear": (
+            COSMOS(lam=0.0, preference=[0.6, 0.1, 0.3]),
+            scalarization.COSMOS(0.0, preference64(0.6, 0.1, 0.3)),
+        ),
+        "PBI": (PBI(), scalarization.PBI(5.0, preference64(1.0, 1.0, 1.0))),
+        "PBI_preference": (
+            PBI(theta=0.5, preference=preference64(0.2, 0.5, 0.3), reference=[0.05, 1.0, 0.0]),
+            scalarization.PBI(0.5, preference64(0.2, 0.5, 0.3), preference64(0.05, 1.0, 0.0)),
+        ),
     }[name]
     theta, losses_of = problem()
     for batch in range(3):
@@ -70,6 +84,20 @@ def test_stateless_weights_are_the_gradient_of_the_torchjd_scalarisation(name):
         losses = losses_of(point)
         expected = their_gradient(theirs, point, losses)
         torch.testing.assert_close(our_gradient(ours, point, losses), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_pbi_on_the_preference_ray_is_finite_as_torchjd(num_tasks):
+    """Losses less z on the ray (always so at T = 1): d₂ = √ε, TorchJD's ε ours too, so the
+    gradient is the unit preference, not 0/0. Both divide the rounding of f − d₁d (eps·‖f‖) by
+    √ε = 1e-6, so they agree to θ·1e-9, not to float64 rounding."""
+    preference = preference64(1.0, 2.0, 3.0)[:num_tasks]
+    losses = (0.7 * preference + 0.1).requires_grad_()
+    reference = torch.full((num_tasks,), 0.1, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(scalarization.PBI(5.0, preference, reference)(losses), losses)
+    ours = PBI(preference=preference, reference=reference)(losses.detach(), unread(losses))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-8)
+    torch.testing.assert_close(ours, preference / preference.norm(), rtol=0, atol=1e-8)
 
 
 def test_stch_log_losses_is_libmtl_after_warm_up():
@@ -227,9 +255,15 @@ def test_bad_options_are_refused():
         (lambda: FAMO(lr=-1), "lr"),
         (lambda: STCH(mu=0), "mu"),
         (lambda: STCH(preference="abc"), "preference"),
+        (lambda: COSMOS(lam=-1.0), "lam"),
+        (lambda: COSMOS(preference=1.0), "preference"),
+        (lambda: PBI(theta=math.nan), "theta"),
+        (lambda: PBI(reference="abc"), "reference"),
         (lambda: RLW(seed=1.5), "seed"),
     ]:
         with pytest.raises(ValueError, match=error):
             make()
     with pytest.raises(ValueError, match="T=3"):
         UW(num_tasks=3)(torch.ones(2), torch.eye(2))
+    with pytest.raises(ValueError, match="T=2 losses"):
+        PBI(preference=[1.0, 2.0, 3.0])(torch.ones(2), torch.eye(2))

@@ -12,6 +12,8 @@ from emtl_kernels import CRMOGM, PCD, WEIGHTINGS, GradNorm, GradVac, MTLStep, ma
 from emtl_kernels.weightings import (
     aligned_mtl_weights,
     cagrad_weights,
+    config_weights,
+    cosmos_weights,
     db_mtl_weights,
     dualproj_weights,
     dwa_weights,
@@ -26,6 +28,7 @@ from emtl_kernels.weightings import (
     krum_weights,
     mgda_weights,
     nash_mtl_weights,
+    pbi_weights,
     pcgrad_weights,
     rlw_weights,
     stch_weights,
@@ -48,6 +51,7 @@ FULL_GRAM = {
     "pcd",
     "gradvac",
     "cr_mogm",
+    "config",
 }
 
 
@@ -134,6 +138,7 @@ TRACED = {
     "fairgrad": (fairgrad_weights, {"iterations": 2, "p": 2.0}),
     "krum": (krum_weights, {"n_selected": 2}),
     "db_mtl": (db_mtl_weights, {}),
+    "config": (config_weights, {"preference": torch.tensor([0.5, 1.0, 2.0, 1.0])}),
     "uw": (uw_weights, {"log_vars": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
     "dwa": (dwa_weights, {"history": torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 2.5, 3.0, 1.0]])}),
     "famo": (famo_weights, {"logits": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
@@ -141,6 +146,8 @@ TRACED = {
     "imtl_l": (imtl_l_weights, {"log_scales": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
     "rlw": (rlw_weights, {"draws": torch.tensor([0.5, -1.0, 0.0, 2.0])}),
     "stch": (stch_weights, {"mu": 0.1, "reference": torch.tensor([0.1, 0.0, 0.2, 0.0])}),
+    "cosmos": (cosmos_weights, {"lam": 2.0, "preference": torch.tensor([0.1, 0.2, 0.3, 0.4])}),
+    "pbi": (pbi_weights, {"preference": torch.tensor([0.1, 0.2, 0.3, 0.4]), "reference": torch.zeros(4)}),
 }
 
 #: The stateful weightings, made fresh for tracing (their ``weights`` continue their state), with

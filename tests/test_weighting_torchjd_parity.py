@@ -1,11 +1,13 @@
-"""The weightings TorchJD 0.18 also has (FairGrad, Krum, GradVac, PCD, CR-MOGM) against TorchJD's,
-on the same Gram matrix, at T ∈ {1, 2, 3, 8, 16} in float64 and float32; the stateful ones over
-several steps, their state compared too."""
+"""The weightings TorchJD 0.18 also has (FairGrad, Krum, GradVac, PCD, CR-MOGM, ConFIG) against
+TorchJD's, on the same Gram matrix (ConFIG, an aggregator there: Jᵀw against its output on J), at
+T ∈ {1, 2, 3, 8, 16} in float64 and float32; the stateful ones over several steps, their state
+compared too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torchjd.aggregation import ConFIG as TorchJDConFIG
 from torchjd.aggregation import (
     CRMOGMWeighting,
     FairGradWeighting,
@@ -15,7 +17,7 @@ from torchjd.aggregation import (
     UPGradWeighting,
 )
 
-from emtl_kernels.weightings import CRMOGM, PCD, GradVac, fairgrad_weights, krum_weights
+from emtl_kernels.weightings import CRMOGM, PCD, GradVac, config_weights, fairgrad_weights, krum_weights
 
 NUM_TASKS = [1, 2, 3, 8, 16]
 DTYPES = [torch.float64, torch.float32]
@@ -152,3 +154,64 @@ def test_cr_mogm_around_upgrad_matches_torchjd_over_steps(initial, num_tasks, dt
         losses, gram = gram_of(num_tasks, seed=300 + step, dtype=dtype)
         expected = theirs(gram)
         assert_weights_close(ours(losses, gram), expected, rtol=1e-3 if dtype == torch.float32 else 1e-8)
+
+
+def assert_config_matches_torchjd(jacobian: torch.Tensor, rtol: float, preference=None) -> None:
+    """Jᵀw from our weights on G = JJᵀ against TorchJD's ConFIG on J, relative to ‖Σ_i |g_i|‖."""
+    losses = torch.ones(jacobian.shape[0], dtype=jacobian.dtype)
+    weights = config_weights(losses, jacobian @ jacobian.T, preference=preference)
+    assert weights.dtype == jacobian.dtype and torch.isfinite(weights).all()
+    pref_vector = None if preference is None else torch.as_tensor(preference, dtype=jacobian.dtype)
+    expected = TorchJDConFIG(pref_vector)(jacobian)
+    scale = float(jacobian.abs().sum(0).norm())
+    torch.testing.assert_close(jacobian.T @ weights, expected, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tasks", NUM_TASKS)
+def test_config_matches_torchjd(num_tasks, dtype):
+    """The pseudo-inverse of U there, of C = UUᵀ here (float64): the same update to rounding."""
+    for seed in range(3):
+        jacobian = gradients(num_tasks, seed=400 + seed).to(dtype)
+        preference = torch.linspace(0.5, 2.0, num_tasks).tolist() if seed == 2 else None
+        assert_config_matches_torchjd(jacobian, 1e-5 if dtype == torch.float32 else 1e-12, preference)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]],  # a zero gradient: left out
+        [[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]],  # opposite: the unit gradients cancel, update 0
+        [[1.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0, 1.0, 1.0]],  # parallel pair: C singular
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]],  # no gradient at all
+    ],
+)
+def test_config_degenerate_cases_match_torchjd(rows):
+    assert_config_matches_torchjd(torch.tensor(rows, dtype=torch.float64), rtol=1e-12)
+
+
+def test_config_zero_gradient_task_gets_the_mean_weight():
+    jacobian = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    weights = config_weights(torch.ones(3, dtype=torch.float64), jacobian @ jacobian.T)
+    torch.testing.assert_close(weights, torch.ones(3, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_config_on_adversarial_gram_is_finite_and_matches_torchjd(dtype):
+    """Norms over twelve decades, a duplicated and a negated task, rank below T: C, not G, is
+    inverted, so the update still matches in float64 and stays finite in float32."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(6, 40, generator=generator, dtype=torch.float64)
+    jacobian = torch.cat([base, base[:1], -base[1:2]]) * 10.0 ** torch.arange(-6, 6, 1.5, dtype=torch.float64)[:, None]
+    if dtype == torch.float64:
+        assert_config_matches_torchjd(jacobian, rtol=1e-9)
+    gram = (jacobian @ jacobian.T).to(dtype)
+    assert torch.isfinite(config_weights(torch.ones(8, dtype=dtype), gram)).all()
+
+
+def test_config_jacobi_sweeps_give_the_lapack_weights():
+    """The eigen-solver of devices other than the CPU, run here: the same C⁺, to float64 rounding."""
+    jacobian = gradients(8, seed=9) * torch.logspace(-3, 3, 8, dtype=torch.float64)[:, None]
+    losses, gram = torch.ones(8, dtype=torch.float64), jacobian @ jacobian.T
+    expected = config_weights(losses, gram, eigen_solver="lapack")
+    assert_weights_close(config_weights(losses, gram, eigen_solver="jacobi"), expected, rtol=1e-12)

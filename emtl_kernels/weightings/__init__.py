@@ -11,6 +11,8 @@ from __future__ import annotations
 from .aligned_mtl import AlignedMTL, aligned_mtl_weights
 from .base import FunctionWeighting, GramUse, Weighting
 from .cagrad import CAGrad, cagrad_weights
+from .config import ConFIG, config_weights
+from .cosmos import COSMOS, cosmos_weights
 from .cr_mogm import CRMOGM
 from .db_mtl import DBMTL, db_mtl_weights
 from .dualproj import DualProj, dualproj_weights
@@ -28,6 +30,7 @@ from .imtl_l import IMTLL, imtl_l_weights
 from .krum import Krum, krum_weights
 from .mgda import MGDA, mgda_weights
 from .nash_mtl import NashMTL, nash_mtl_weights
+from .pbi import PBI, pbi_weights
 from .pcd import PCD
 from .pcgrad import PCGrad, pcgrad_weights
 from .rlw import RLW, rlw_weights
@@ -56,6 +59,7 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "cr_mogm": CRMOGM,
     "gradnorm": GradNorm,
     "db_mtl": DBMTL,
+    "config": ConFIG,
     # Loss-based: they read no gradients.
     "uw": UW,
     "dwa": DWA,
@@ -64,6 +68,8 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "imtl_l": IMTLL,
     "rlw": RLW,
     "stch": STCH,
+    "cosmos": COSMOS,
+    "pbi": PBI,
 }
 
 
@@ -79,6 +85,7 @@ def make_weighting(weighting: str | Weighting, **options) -> Weighting:
 
 
 __all__ = [
+    "COSMOS",
     "CRMOGM",
     "DBMTL",
     "DWA",
@@ -88,6 +95,7 @@ __all__ = [
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "PBI",
     "PCD",
     "RLW",
     "STCH",
@@ -95,6 +103,7 @@ __all__ = [
     "WEIGHTINGS",
     "AlignedMTL",
     "CAGrad",
+    "ConFIG",
     "DualProj",
     "Equal",
     "FairGrad",
@@ -111,6 +120,8 @@ __all__ = [
     "Weighting",
     "aligned_mtl_weights",
     "cagrad_weights",
+    "config_weights",
+    "cosmos_weights",
     "db_mtl_weights",
     "dualproj_weights",
     "dwa_weights",
@@ -126,6 +137,7 @@ __all__ = [
     "make_weighting",
     "mgda_weights",
     "nash_mtl_weights",
+    "pbi_weights",
     "pcgrad_weights",
     "relative_contributions",
     "rlw_weights",

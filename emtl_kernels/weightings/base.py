@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -14,6 +14,10 @@ from torch import Tensor
 #: A step in memory mode never forms G: it hands a weighting that reads less than "full" a matrix
 #: with the exact diagonal (and exact total), other entries undefined.
 GramUse = Literal["diagonal", "diagonal_and_total", "full"]
+
+#: A per-task option (a preference, a reference point): T numbers, or a tensor that may live on the
+#: losses' device (a list is copied there at each call).
+Vector = Sequence[float] | Tensor
 
 
 class Weighting:
@@ -136,6 +140,17 @@ def check_number(name: str, value: object, *, positive: bool = False) -> None:
         valid = value > 0 if positive else value >= 0
     if not valid:
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def check_vector(name: str, vector: object, num_tasks: int | None) -> None:
+    """Raise unless ``vector`` is None, a tensor or a sequence of numbers, of T entries when the
+    number of tasks is known (its values are not read: a tensor may live on the device)."""
+    if vector is None:
+        return
+    if not isinstance(vector, (Sequence, Tensor)) or isinstance(vector, str):
+        raise ValueError(f"{name} must be a sequence of T numbers, a tensor or None, got {vector!r}")
+    if num_tasks is not None and len(vector) != num_tasks:
+        raise ValueError(f"{name} has {len(vector)} entries, for T={num_tasks} losses")
 
 
 def check_count(name: str, value: object) -> None:

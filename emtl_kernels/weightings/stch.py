@@ -17,14 +17,10 @@ of its warm-up epochs; give it here as ``reference``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from .base import FunctionWeighting, check_number, check_weighting_inputs, compute_dtype
-
-Vector = Sequence[float] | Tensor
+from .base import FunctionWeighting, Vector, check_number, check_vector, check_weighting_inputs, compute_dtype
 
 
 def stch_weights(
@@ -66,13 +62,8 @@ def stch_weights(
 
 def _check_options(mu, preference, reference, log_losses, num_tasks: int | None) -> None:
     check_number("mu", mu, positive=True)
-    for name, vector in (("preference", preference), ("reference", reference)):
-        if vector is None:
-            continue
-        if not isinstance(vector, (Sequence, Tensor)) or isinstance(vector, str):
-            raise ValueError(f"{name} must be a sequence of T numbers, a tensor or None, got {vector!r}")
-        if num_tasks is not None and len(vector) != num_tasks:
-            raise ValueError(f"{name} has {len(vector)} entries, for T={num_tasks} losses")
+    check_vector("preference", preference, num_tasks)
+    check_vector("reference", reference, num_tasks)
     if not isinstance(log_losses, bool):
         raise ValueError(f"log_losses must be a bool, got {log_losses!r}")
 
