@@ -1,6 +1,6 @@
 """The step on a model of real size: every path side by side, × the plain backward, peak memory.
 
-    python -m bench.large_model_steps [--config gpu|cpu|tiny] [--out DIR]
+    python -m bench.large_model_steps [--config gpu|cpu|one-backward|tiny] [--out DIR]
 
 Configurations (:data:`CONFIGS`):
 
@@ -9,6 +9,8 @@ Configurations (:data:`CONFIGS`):
   under 5 minutes of one H100's time.
 - ``cpu``: the 4-layer, d = 256 transformer trunk (3.16 M shared parameters, batch 8 × 64
   tokens), T ∈ {4, 8}, float32, EMTL and UPGrad.
+- ``one-backward``: the same trunk at T = 8, the weightings that read no gradients (equal and
+  the loss-based ones), each on its one-backward path against the floor.
 - ``tiny``: a one-layer trunk that runs in seconds; the smoke test runs it so that the script
   cannot rot.
 
@@ -56,6 +58,8 @@ class Config:
     warmup: int
     repeats: int
     variants: tuple[str, ...] = VARIANTS
+    #: Weightings that read no gradients, each timed on its one-backward path.
+    one_backward: tuple[str, ...] = ("equal",)
 
 
 def _transformer(d_model: int, layers: int, heads: int, seq_len: int, batch: int) -> TrunkSpec:
@@ -68,6 +72,17 @@ CONFIGS = {
     # Two weightings, one that reads norms only and one that reads all of G, to keep a loaded
     # 2-core machine's run in minutes.
     "cpu": Config(_transformer(256, 4, 4, 64, 8), (4, 8), (NO_AUTOCAST,), ("emtl", "upgrad"), 1, 9),
+    # The weightings that read no gradients, on the cpu trunk at T = 8: one backward each.
+    "one-backward": Config(
+        _transformer(256, 4, 4, 64, 8),
+        (8,),
+        (NO_AUTOCAST,),
+        (),
+        2,
+        15,
+        variants=(),
+        one_backward=("equal", "uw", "dwa", "famo", "gls", "imtl_l", "rlw", "stch", "cosmos", "pbi"),
+    ),
     "tiny": Config(_transformer(32, 1, 2, 8, 2), (2,), (NO_AUTOCAST,), ("emtl",), 0, 1),
 }
 
@@ -86,6 +101,7 @@ def measure(config: Config, device: torch.device) -> list[dict]:
                 mtlstep_variants=config.variants,
                 batched_variant=False,
                 baselines_for=config.weightings[:1],
+                one_backward=config.one_backward,
             )
             print(f"{dtype}, T={num_tasks}: {len(paths)} paths", file=sys.stderr, flush=True)
             measured = measure_paths(model, batch, paths, device, warmup=config.warmup, repeats=config.repeats)

@@ -126,14 +126,14 @@ def _mtlstep_path(model: MultiTaskModel, weighting: str, variant: str, backend: 
     return StepPath("mtlstep", run, weighting, variant, backend)
 
 
-def _one_backward_path(model: MultiTaskModel, backend: str) -> StepPath:
-    step = MTLStep(model.trunk.parameters(), "equal", backend=backend)
+def _one_backward_path(model: MultiTaskModel, backend: str, weighting: str) -> StepPath:
+    step = MTLStep(model.trunk.parameters(), weighting, backend=backend)
 
     def run(features, losses, clock):
         step.backward(losses)
         return None
 
-    return StepPath("mtlstep", run, "equal", "one-backward", backend)
+    return StepPath("mtlstep", run, weighting, "one-backward", backend)
 
 
 def runs_in(weighting: str, variant: str) -> bool:
@@ -169,14 +169,16 @@ def make_paths(
     mtlstep_variants: Sequence[str] = ("speed", "memory", "features"),
     batched_variant: bool = True,
     baselines_for: Sequence[str] | None = None,
+    one_backward: Sequence[str] = ("equal",),
 ) -> list[StepPath]:
-    """Every path to measure on ``model``: the floor and the one-backward equal step first, then,
-    per weighting, the library path, TorchJD (when installed) and MTLStep in each variant that
-    serves it on each backend. The batched variant runs for the first weighting only, on the
-    first backend; the library path and TorchJD for ``baselines_for`` (every weighting by default)."""
+    """Every path to measure on ``model``: the floor and the one-backward steps of the weightings
+    ``one_backward`` (which read no gradients) first, then, per weighting, the library path,
+    TorchJD (when installed) and MTLStep in each variant that serves it on each backend. The
+    batched variant runs for the first weighting only, on the first backend; the library path and
+    TorchJD for ``baselines_for`` (every weighting by default)."""
     paths = [_floor_path()]
     if backends:
-        paths.append(_one_backward_path(model, backends[0]))
+        paths += [_one_backward_path(model, backends[0], weighting) for weighting in one_backward]
     for index, weighting in enumerate(weightings):
         if baselines_for is None or weighting in baselines_for:
             paths.append(_library_path(model, weighting))
