@@ -267,3 +267,69 @@ def test_bad_options_are_refused():
         UW(num_tasks=3)(torch.ones(2), torch.eye(2))
     with pytest.raises(ValueError, match="T=2 losses"):
         PBI(preference=[1.0, 2.0, 3.0])(torch.ones(2), torch.eye(2))
+
+
+def _losses(seed: int) -> torch.Tensor:
+    return torch.rand(3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+
+
+def test_dwa_reset_forgets_the_loss_history():
+    dwa, gram = DWA(period="step"), torch.eye(3, dtype=torch.float64)
+    for seed in range(4):
+        dwa(_losses(seed), gram)
+        dwa.after_backward(_losses(seed), torch.tensor(False))
+    moved = dwa(_losses(9), gram)
+    assert not torch.allclose(moved, torch.ones(3, dtype=torch.float64))
+    history = dwa._history
+    dwa.reset()
+    assert dwa._history is history  # in place: a captured step still reads it
+    torch.testing.assert_close(dwa._history, torch.ones_like(history))
+    assert int(dwa._ended) == 0 and int(dwa._count) == 0 and bool((dwa._sum == 0).all())
+    fresh = DWA(period="step")
+    for seed in (5, 6, 7):
+        torch.testing.assert_close(dwa(_losses(seed), gram), fresh(_losses(seed), gram))
+        dwa.after_backward(_losses(seed), torch.tensor(False))
+        fresh.after_backward(_losses(seed), torch.tensor(False))
+
+
+def test_famo_reset_puts_the_logits_and_adam_moments_back():
+    famo, gram = FAMO(lr=0.1), torch.eye(3, dtype=torch.float64)
+    for seed in range(3):
+        famo(_losses(seed), gram)
+        famo.after_backward(_losses(seed), torch.tensor(False))
+        famo.after_optimizer_step(0.8 * _losses(seed + 10))
+    assert famo.logits is not None and bool((famo.logits != 0).any())
+    logits = famo.logits
+    famo.reset()
+    assert famo.logits is logits
+    torch.testing.assert_close(famo.logits, torch.zeros_like(logits))
+    for name in ("first", "second", "step"):
+        assert bool((famo._state[name] == 0).all()), name
+    fresh = FAMO(lr=0.1)
+    for seed in (4, 5):
+        torch.testing.assert_close(famo(_losses(seed), gram), fresh(_losses(seed), gram))
+        for weighting in (famo, fresh):
+            weighting.after_backward(_losses(seed), torch.tensor(False))
+            weighting.after_optimizer_step(0.8 * _losses(seed + 10))
+    torch.testing.assert_close(famo.logits, fresh.logits)
+
+
+@pytest.mark.parametrize("num_tasks", [3, None])
+def test_uw_reset_writes_init_into_the_same_parameter(num_tasks):
+    uw, gram = UW(num_tasks=num_tasks, init=-0.5), torch.eye(3, dtype=torch.float64)
+    uw.reset()  # before the scales are made (lazy) or moved: nothing changes
+    uw(_losses(0), gram)
+    scales = next(uw.parameters())
+    optimizer = torch.optim.SGD(uw.parameters(), lr=0.5)
+    for seed in range(3):
+        optimizer.zero_grad()
+        uw(_losses(seed), gram)
+        uw.after_backward(_losses(seed), torch.tensor(False))
+        optimizer.step()
+    assert not torch.allclose(scales.detach(), torch.full_like(scales, -0.5))
+    uw.reset()
+    assert next(uw.parameters()) is scales and uw.scales is scales
+    torch.testing.assert_close(scales.detach(), torch.full_like(scales, -0.5))
+    fresh = UW(num_tasks=num_tasks, init=-0.5)
+    losses = _losses(7).to(scales.dtype)
+    torch.testing.assert_close(uw(losses, gram), fresh(losses, gram))

@@ -116,7 +116,7 @@ def test_gradnorm_makes_its_parameters_at_the_first_step_without_num_tasks():
         weighting.parameters()
     losses, _, gram = random_problem(3, seed=0)
     weighting(losses.float(), gram)
-    assert weighting.parameters()[0].shape == (3,)
+    assert next(weighting.parameters()).shape == (3,)
     with pytest.raises(ValueError, match="parameters are"):
         weighting(torch.ones(4), torch.eye(4))
 
@@ -125,9 +125,9 @@ def test_gradnorm_accumulates_into_grad_and_reset_forgets_the_first_losses():
     losses, _, gram = random_problem(3, seed=1)
     weighting = GradNorm(3)
     weighting(losses, gram)
-    once = weighting.parameters()[0].grad.clone()
+    once = next(weighting.parameters()).grad.clone()
     weighting(losses, gram)
-    torch.testing.assert_close(weighting.parameters()[0].grad, 2 * once)
+    torch.testing.assert_close(next(weighting.parameters()).grad, 2 * once)
     weighting.reset()
     weighting(2 * losses, gram)
     torch.testing.assert_close(weighting.initial_losses, 2 * losses)

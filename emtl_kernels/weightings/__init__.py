@@ -2,7 +2,8 @@
 
 Each stateless method is a pure function ``<name>_weights(losses, gram, **options)`` and a small
 :class:`Weighting` class holding its options; a method with state across steps (PCD, GradVac,
-CR-MOGM, GradNorm) is a :class:`StatefulWeighting` class holding it on the device.
+CR-MOGM, GradNorm, DWA, FAMO, UW, IMTL-L) is a :class:`StatefulWeighting` class holding it on
+the device.
 :data:`WEIGHTINGS` maps the names that ``MTLStep(weighting=...)`` accepts to the classes.
 """
 

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
-from ._task_state import check_matches, check_num_tasks
-from .base import Weighting, check_weighting_inputs, compute_dtype
+from .base import check_weighting_inputs, compute_dtype
+from .stateful import StatefulWeighting, check_matches, check_num_tasks
 
 
 def scaled_weights(losses: Tensor, gram: Tensor, scales: Tensor | None, sign: float, factor: float) -> Tensor:
@@ -40,8 +40,12 @@ def _scaled(losses: Tensor, scales: Tensor | None, sign: float, factor: float) -
     return factor * torch.exp(sign * scales.detach().to(dtype))
 
 
-class LearnedLossScales(Weighting):
-    """A :class:`Weighting` holding one learnable scale a task (see the module docstring).
+class LearnedLossScales(StatefulWeighting):
+    """A :class:`StatefulWeighting` holding one learnable scale a task (see the module docstring).
+
+    The scales are an optimiser's parameters: a call for another T or device raises, and
+    :meth:`reset` writes ``init`` into them in place, so that the optimiser's reference stays
+    valid (their ``.grad`` and the optimiser's own state, such as Adam's moments, are left).
 
     Subclasses set :attr:`sign`, :attr:`factor` and their public ``function``.
     """
@@ -67,6 +71,13 @@ class LearnedLossScales(Weighting):
     def parameters(self) -> Iterator[Tensor]:
         """The learnable scales, for the optimiser."""
         yield self.scales
+
+    def reset(self) -> None:
+        """The scales back to ``init``, in place (nothing to do before they are made)."""
+        if isinstance(self.scales, UninitializedParameter):
+            return
+        with torch.no_grad():
+            self.scales.fill_(self.init)
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         if isinstance(self.scales, UninitializedParameter):

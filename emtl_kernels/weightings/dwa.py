@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._task_state import check_matches, masked_copy_
-from .base import Weighting, check_number, check_weighting_inputs, compute_dtype
+from .base import check_number, check_weighting_inputs, compute_dtype
+from .stateful import StatefulWeighting, check_matches, masked_copy_
 
 Period = Literal["epoch", "step"]
 
@@ -47,8 +47,11 @@ def _weights(losses: Tensor, history: Tensor | None, temperature: float) -> Tens
     return losses.numel() * torch.softmax(rates / temperature, dim=0)
 
 
-class DWA(Weighting):
-    """DWA with its loss history, as a :class:`Weighting` (reads the losses only).
+class DWA(StatefulWeighting):
+    """DWA with its loss history, as a :class:`StatefulWeighting` (reads the losses only).
+
+    The history is made for the T and device of the first call; another T or device raises.
+    :meth:`reset` forgets it (in place: every weight is 1 again until two periods have ended).
 
     Args:
         temperature: τ > 0; larger is closer to equal weighting.
@@ -101,6 +104,15 @@ class DWA(Weighting):
         masked_copy_(self._ended, (self._ended + 1).clamp_max(2), empty)
         self._sum.zero_()
         self._count.zero_()
+
+    def reset(self) -> None:
+        """Forget the loss history: the periods ended and the one under way (in place)."""
+        if self._history is None or self._sum is None or self._count is None or self._ended is None:
+            return
+        self._history.fill_(1)
+        self._sum.zero_()
+        self._count.zero_()
+        self._ended.zero_()
 
     def _make_state(self, losses: Tensor) -> None:
         dtype, device = compute_dtype(losses), losses.device

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._task_state import check_matches, masked_copy_
-from .base import Weighting, check_number, check_weighting_inputs, compute_dtype
+from .base import check_number, check_weighting_inputs, compute_dtype
+from .stateful import StatefulWeighting, check_matches, masked_copy_
 
 #: Added to L_i − b_i before the logarithm and the division, as the paper's code does.
 EPS = 1e-8
@@ -53,8 +53,9 @@ def _weights(losses: Tensor, logits: Tensor, bounds: Tensor | float) -> Tensor:
     return scaled / scaled.sum()
 
 
-class FAMO(Weighting):
-    """FAMO with its logits and their Adam state, as a :class:`Weighting` (reads the losses only).
+class FAMO(StatefulWeighting):
+    """FAMO with its logits and their Adam state, as a :class:`StatefulWeighting` (reads the
+    losses only).
 
     Args:
         lr: ≥ 0, the logits' Adam learning rate (0.025 in the paper, LibMTL and TorchJD).
@@ -63,6 +64,9 @@ class FAMO(Weighting):
 
     Each step: ``step.backward(losses)``, ``optimizer.step()``, then the losses of the same batch
     from the updated model into ``step.after_optimizer_step(new_losses)``.
+
+    The state is made for the T and device of the first call; another T or device raises.
+    :meth:`reset` puts the logits and Adam's moments back to their start, in place.
     """
 
     gram_use = "diagonal"
@@ -119,6 +123,18 @@ class FAMO(Weighting):
         masked_copy_(state["first"], first, keep)
         masked_copy_(state["second"], second, keep)
         masked_copy_(state["step"], step, keep)
+        state["pending"].fill_(False)
+
+    def reset(self) -> None:
+        """Logits ξ, Adam's moments and step count back to their start (z uniform), in place; the
+        bounds b stay, and the losses of a backward not yet followed by an update are dropped."""
+        if self.logits is None:
+            return
+        state = self._state
+        self.logits.zero_()
+        state["before"].fill_(1)
+        for name in ("first", "second", "step"):
+            state[name].zero_()
         state["pending"].fill_(False)
 
     def _make_state(self, losses: Tensor) -> None:

@@ -16,11 +16,13 @@ to sum to T after each update instead).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 from .base import check_number, compute_dtype, task_norms
-from .stateful import StatefulWeighting, continued_state, finite_inputs
+from .stateful import StatefulWeighting, check_num_tasks, continued_state, finite_inputs
 
 
 class GradNorm(StatefulWeighting):
@@ -48,8 +50,7 @@ class GradNorm(StatefulWeighting):
     reads_losses = True
 
     def __init__(self, num_tasks: int | None = None, alpha: float = 1.5, device: torch.device | str | None = None):
-        if num_tasks is not None and (not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1):
-            raise ValueError(f"num_tasks must be an integer >= 1 or None, got {num_tasks!r}")
+        check_num_tasks(num_tasks)
         check_number("alpha", alpha)
         self.alpha = alpha
         #: θ ``[T]``, the trained logits of the weights, or None before the first call.
@@ -59,11 +60,11 @@ class GradNorm(StatefulWeighting):
         #: ``[T]`` L_i(0), or None before the first call.
         self.initial_losses: Tensor | None = None
 
-    def parameters(self) -> list[Tensor]:
-        """The trained parameters, [θ]."""
+    def parameters(self) -> Iterator[Tensor]:
+        """The trained parameters, θ, for the optimiser (an iterator, as ``nn.Module``'s)."""
         if self.logits is None:
             raise RuntimeError("GradNorm(num_tasks=None) makes its parameters at the first step: pass num_tasks")
-        return [self.logits]
+        return iter([self.logits])
 
     def reset(self) -> None:
         self.initial_losses = None
