@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import Weighting, check_weighting_inputs, compute_dtype
+from .task_orders import SeededGenerators
 
 
 def rlw_weights(
@@ -37,9 +38,8 @@ class RLW(Weighting):
 
     Args:
         seed: seed of a ``torch.Generator`` made on the device of the first losses it sees (one
-            a device); None draws from the device's default generator (``torch.manual_seed``).
-            To capture a step with a seeded generator in a CUDA graph, register the generator
-            with the graph (``CUDAGraph.register_generator_state``).
+            per device, :class:`~emtl_kernels.weightings.task_orders.SeededGenerators`, which says
+            how to capture it in a CUDA graph); None draws from the device's default generator.
     """
 
     gram_use = "diagonal"
@@ -47,18 +47,12 @@ class RLW(Weighting):
     function = staticmethod(rlw_weights)
 
     def __init__(self, seed: int | None = None):
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        #: The generator the draws on a device come from (None: the device's default).
+        self.generator = SeededGenerators(seed)
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
-        generator = None
-        if self.seed is not None:
-            if losses.device not in self._generators:
-                self._generators[losses.device] = torch.Generator(device=losses.device).manual_seed(self.seed)
-            generator = self._generators[losses.device]
-        return _draw(losses, generator)
+        return _draw(losses, self.generator(losses.device))
 
     def __repr__(self) -> str:
         return f"RLW(seed={self.seed})"

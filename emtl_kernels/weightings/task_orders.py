@@ -1,4 +1,5 @@
-"""Random orders in which each task meets the others (PCGrad, GradVac), drawn on the device."""
+"""Random orders in which each task meets the others (PCGrad, GradVac), drawn on the device,
+and the seeded generators of the weightings that draw (PCGrad, GradVac, RLW)."""
 
 from __future__ import annotations
 
