@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -271,27 +272,26 @@ def _fake_nonnegative_qp(matrix: Tensor, linear: Tensor, max_pivots: int) -> tup
     return torch.empty_like(linear), linear.new_empty((linear.shape[0],), dtype=torch.int32)
 
 
-torch.library.custom_op(
-    f"{OP_NAMESPACE}::nonnegative_qp",
+def _register(name: str, function: Callable, fake: Callable, schema: str) -> None:
+    torch.library.custom_op(f"{OP_NAMESPACE}::{name}", function, mutates_args=(), schema=schema).register_fake(fake)
+
+
+_register(
+    "nonnegative_qp",
     _nonnegative_qp,
-    mutates_args=(),
-    schema="(Tensor matrix, Tensor linear, int max_pivots) -> (Tensor, Tensor)",
-).register_fake(_fake_nonnegative_qp)
-torch.library.custom_op(
-    f"{OP_NAMESPACE}::dual_cone_projection",
+    _fake_nonnegative_qp,
+    "(Tensor matrix, Tensor linear, int max_pivots) -> (Tensor, Tensor)",
+)
+_register(
+    "dual_cone_projection",
     _dual_cone_projection,
-    mutates_args=(),
-    schema="(Tensor gram, Tensor preferences, float norm_eps, float ridge, int max_pivots) -> (Tensor, Tensor)",
-).register_fake(_fake_dual_cone_projection)
-torch.library.custom_op(
-    f"{OP_NAMESPACE}::min_norm_weights",
+    _fake_dual_cone_projection,
+    "(Tensor gram, Tensor preferences, float norm_eps, float ridge, int max_pivots) -> (Tensor, Tensor)",
+)
+_register(
+    "min_norm_weights",
     _min_norm_weights,
-    mutates_args=(),
-    schema="(Tensor gram, float ridge, ScalarType dtype, int max_pivots) -> (Tensor, Tensor)",
-).register_fake(_fake_min_norm_weights)
-torch.library.custom_op(
-    f"{OP_NAMESPACE}::jacobi_eigh",
-    _jacobi_eigh,
-    mutates_args=(),
-    schema="(Tensor matrix, int sweeps) -> (Tensor, Tensor)",
-).register_fake(_fake_jacobi_eigh)
+    _fake_min_norm_weights,
+    "(Tensor gram, float ridge, ScalarType dtype, int max_pivots) -> (Tensor, Tensor)",
+)
+_register("jacobi_eigh", _jacobi_eigh, _fake_jacobi_eigh, "(Tensor matrix, int sweeps) -> (Tensor, Tensor)")
