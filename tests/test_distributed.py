@@ -42,12 +42,8 @@ def weights64(losses, gram):
     return gradnorm_scaling_weights(losses, gram, target=WEIGHTING["target"])
 
 
-def global_batch_expectation():
-    """One process on the concatenated batch, float64: losses, G, weights, every parameter's gradient."""
-    model64 = float64_twin(ToyMultiTask())
-    losses = model64(*toy_batch(dtype=torch.float64))
-    jacobian = shared_gradients64(model64, losses)
-    gram = jacobian @ jacobian.T
+def expectation_from(model64, losses: list[torch.Tensor], gram: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float64 losses, ``gram``, the weights of that G and the gradient of Σ_i w_i L_i."""
     weights = weights64(torch.stack(losses).detach(), gram)
     return {
         "losses": torch.stack(losses).detach(),
@@ -55,6 +51,14 @@ def global_batch_expectation():
         "weights": weights,
         "grads": weighted_sum_gradients64(model64, losses, weights),
     }
+
+
+def global_batch_expectation():
+    """One process on the concatenated batch, float64: losses, G, weights, every parameter's gradient."""
+    model64 = float64_twin(ToyMultiTask())
+    losses = model64(*toy_batch(dtype=torch.float64))
+    jacobian = shared_gradients64(model64, losses)
+    return expectation_from(model64, losses, jacobian @ jacobian.T)
 
 
 def local_mode_expectation():
@@ -120,14 +124,7 @@ def features_expectation(sync: str):
     model64 = float64_twin(ToyMultiTask())
     features, losses = model64.features_and_losses(*toy_batch(dtype=torch.float64))
     rows = torch.stack([torch.autograd.grad(loss, features, retain_graph=True)[0].reshape(-1) for loss in losses])
-    gram = rows @ rows.T * (WORLD if sync == "local" else 1)
-    weights = weights64(torch.stack(losses).detach(), gram)
-    return {
-        "losses": torch.stack(losses).detach(),
-        "gram": gram,
-        "weights": weights,
-        "grads": weighted_sum_gradients64(model64, losses, weights),
-    }
+    return expectation_from(model64, losses, rows @ rows.T * (WORLD if sync == "local" else 1))
 
 
 @pytest.mark.parametrize("sync", ["exact", "local"])
