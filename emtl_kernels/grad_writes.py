@@ -93,6 +93,21 @@ def _(tensors: list[Tensor], flag: Tensor) -> None:
     return None
 
 
+def held_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
+    """A copy of what each parameter's ``.grad`` holds (None where it holds nothing), for
+    :func:`restore_grads_if` after a write that is checked only once it is done."""
+    return [None if param.grad is None else param.grad.clone() for param in params]
+
+
+def restore_grads_if(skipped: Tensor, params: Sequence[Tensor], held: Sequence[Tensor | None]) -> None:
+    """When ``skipped``, put back in each (dense) ``.grad`` what :func:`held_grads` copied, zeros
+    where it held nothing."""
+    zero_if_([p.grad for p, old in zip(params, held, strict=True) if old is None and p.grad is not None], skipped)
+    for param, old in zip(params, held, strict=True):
+        if old is not None and param.grad is not None:
+            torch.where(skipped, old, param.grad, out=param.grad)
+
+
 def _added(held: Tensor | None, new: Tensor | None) -> Tensor | None:
     """``held`` with ``new`` added (in place where both are dense); either where the other is None."""
     if held is None:

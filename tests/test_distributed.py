@@ -409,3 +409,33 @@ def test_a_reached_tensor_outside_the_wrapped_model_raises(one_rank_group, wrap)
     match = "not trainable parameters" if wrap == "ddp" else "did not reduce"
     with pytest.raises(ValueError, match=match):
         step.backward(losses)
+
+
+class KinkBelowFeatures(FeaturesToy):
+    """FeaturesToy whose features pass through sqrt at 0 of a shared parameter: finite features and
+    cotangents, an infinite derivative below them."""
+
+    def __init__(self):
+        super().__init__()
+        self.kink = torch.nn.Parameter(torch.zeros(8))
+
+    def features_and_losses(self, inputs, targets):
+        features, _ = super().features_and_losses(inputs, targets)
+        features = features + self.kink.sqrt()
+        return features, [
+            (head(features).squeeze(-1) - targets[:, i]).square().mean() for i, head in enumerate(self.heads)
+        ]
+
+
+@pytest.mark.parametrize("held", [None, 7.0])
+def test_features_mode_skips_when_the_trunk_gradient_below_the_features_is_not_finite(one_rank_group, held):
+    model = KinkBelowFeatures()
+    for p in model.parameters():
+        p.grad = None if held is None else torch.full_like(p, held)
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, [*model.trunk.parameters(), model.kink], **WEIGHTING)
+    features, losses = ddp(*toy_batch())
+    weights = step.backward(losses, features=features)
+    assert step.last.why_skipped() == ["update"] and torch.equal(weights, torch.zeros(3))
+    for p in model.parameters():
+        assert bool((p.grad == (0.0 if held is None else held)).all())

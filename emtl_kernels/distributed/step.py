@@ -75,7 +75,14 @@ from ..features import (
     split_at_features,
     weighted_cotangents,
 )
-from ..grad_writes import accumulate_grad, give_empty_grads, grad_destinations, values_to_check
+from ..grad_writes import (
+    accumulate_grad,
+    give_empty_grads,
+    grad_destinations,
+    held_grads,
+    restore_grads_if,
+    values_to_check,
+)
 from ..ops import task_gram, weighted_combine
 from ..skip_check import SkipCheck, combination_bounded
 from ..step import HeadGradients, MTLStep, StepRecord, head_sums, task_rows, weighted_sum
@@ -375,7 +382,13 @@ class DistributedMTLStep(MTLStep):
         check.require_finite(cotangents)
         check.require(comm.all_true(check.update_finite))
         additions = _unless(check.skipped, [*cotangents, *head_grads])
+        trunk = self.shared_params + trunk_others
+        held = held_grads(trunk + heads)
         _backward_by_ddp([*features, *heads], additions, retain_graph=retain_graph)
+        # The trunk's gradients exist only now, averaged by DDP: the same on every rank, so is the
+        # check; finite cotangents can still meet an infinite derivative below the features.
+        check.require_finite([p.grad for p in trunk if p.grad is not None])
+        restore_grads_if(check.skipped, trunk + heads, held)
         return self._record(losses, gram, weights, check, gram_formed=True)
 
     # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.
