@@ -24,6 +24,7 @@ def graph_leaves(roots: Iterable[Tensor], *, stop_at: Iterable[Tensor] = ()) -> 
     # nothing holds it (torch builds differ), and a later node's object may then take its id.
     seen: dict[int, object] = {}
     stack = [root.grad_fn for root in roots if root.grad_fn is not None]
+    # Every step walks its whole graph (hundreds of nodes): the loop stays lean.
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -32,11 +33,10 @@ def graph_leaves(roots: Iterable[Tensor], *, stop_at: Iterable[Tensor] = ()) -> 
         if type(node).__name__ == "AccumulateGrad":
             leaf = _leaf_of(node)
             leaves.setdefault(id(leaf), leaf)
-        stack.extend(
-            child
-            for child, output in reversed(node.next_functions)
-            if child is not None and (id(child), output) not in stops
-        )
+            continue
+        for child, output in reversed(node.next_functions):
+            if child is not None and not (stops and (id(child), output) in stops):
+                stack.append(child)
     return list(leaves.values())
 
 

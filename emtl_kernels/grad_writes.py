@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .skip_check import SkipCheck
+
 
 def grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
     """Each parameter's ``.grad`` to write into, and whether to add to it. Missing gradients are
@@ -41,6 +43,82 @@ def accumulate_grad(param: Tensor, grad: Tensor | None, skipped: Tensor) -> None
         param.grad.add_(grad)
 
 
+def backward_into_grads(output: Tensor, params: Sequence[Tensor], check: SkipCheck, *, retain_graph: bool) -> None:
+    """``output.backward(inputs=params)``: ``AccumulateGrad`` writes each reached parameter's
+    ``.grad`` as ``backward()`` does, taking autograd's buffer without a copy where nothing else
+    holds it; unless the step is skipped, when every ``.grad`` is left as it was (zeros where it
+    held nothing). The written values are read once, for ``check``, before the skip is decided.
+
+    A ``.grad`` that holds values is set aside during the backward and the new values are added
+    to it after, so that a skipped step can leave it as it was; the usual ``.grad`` of None costs
+    nothing beyond the backward but that read."""
+    held = [param.grad for param in params]
+    for param in params:
+        param.grad = None
+    try:
+        torch.autograd.backward(output, inputs=list(params), retain_graph=retain_graph)
+    except BaseException:
+        for param, grad in zip(params, held, strict=True):
+            param.grad = grad
+        raise
+    written = [param.grad for param in params]
+    check.require_finite([_value_to_check(old, new) for old, new in zip(held, written, strict=True)])
+    skipped = check.skipped
+    zero_if_([grad for grad in written if grad is not None and not grad.is_sparse], skipped)
+    for param, old, new in zip(params, held, written, strict=True):
+        if new is not None and new.is_sparse:
+            new = _unless(skipped, new)
+        param.grad = _added(old, new)
+
+
+@torch.library.custom_op("emtl_kernels::zero_if_", mutates_args=("tensors",))
+def zero_if_(tensors: list[Tensor], flag: Tensor) -> None:
+    """Zero every (dense) tensor of ``tensors`` in place when ``flag``, a 0-dim bool tensor on
+    their device, holds; leave them untouched otherwise. One opaque op, so that the decision
+    stays out of a traced or captured program."""
+    if not tensors:
+        return
+    if flag.device.type == "cpu":
+        # The flag lies in host memory: reading it waits for nothing, and a step that is not
+        # skipped, the usual one, then costs no pass over the tensors.
+        if bool(flag):
+            torch._foreach_zero_(tensors)
+        return
+    for tensor in tensors:
+        tensor.masked_fill_(flag, 0)
+
+
+@zero_if_.register_fake
+def _(tensors: list[Tensor], flag: Tensor) -> None:
+    return None
+
+
+def held_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
+    """A copy of what each parameter's ``.grad`` holds (None where it holds nothing), for
+    :func:`restore_grads_if` after a write that is checked only once it is done."""
+    return [None if param.grad is None else param.grad.clone() for param in params]
+
+
+def restore_grads_if(skipped: Tensor, params: Sequence[Tensor], held: Sequence[Tensor | None]) -> None:
+    """When ``skipped``, put back in each (dense) ``.grad`` what :func:`held_grads` copied, zeros
+    where it held nothing."""
+    zero_if_([p.grad for p, old in zip(params, held, strict=True) if old is None and p.grad is not None], skipped)
+    for param, old in zip(params, held, strict=True):
+        if old is not None and param.grad is not None:
+            torch.where(skipped, old, param.grad, out=param.grad)
+
+
+def _added(held: Tensor | None, new: Tensor | None) -> Tensor | None:
+    """``held`` with ``new`` added (in place where both are dense); either where the other is None."""
+    if held is None:
+        return new
+    if new is None:
+        return held
+    if held.is_sparse or new.is_sparse:
+        return held + new
+    return held.add_(new)
+
+
 def give_empty_grads(params: Sequence[Tensor]) -> None:
     """A parameter with no elements that a loss reaches gets an empty ``.grad``, as from ``backward()``."""
     for p in params:
@@ -65,10 +143,7 @@ def values_to_check(params: Sequence[Tensor], additions: Sequence[Tensor | None]
     """What the skip check reads of each addition: the addition itself, or, for a float16
     ``.grad`` that already holds values, the sum it would hold (float16 overflows at 65504
     where float32 and bfloat16 need ~3.4e38)."""
-    return [
-        p.grad + a if a is not None and p.grad is not None and _sums_can_overflow(p.grad, a) else a
-        for p, a in zip(params, additions, strict=True)
-    ]
+    return [_value_to_check(p.grad, a) for p, a in zip(params, additions, strict=True)]
 
 
 def backups_of(outs: Sequence[Tensor], accumulate: bool) -> list[Tensor] | None:
@@ -84,6 +159,12 @@ def undo_if(skipped: Tensor, outs: Sequence[Tensor], backups: Sequence[Tensor] |
             out.masked_fill_(skipped, 0)
         else:
             torch.where(skipped, backups[k], out, out=out)
+
+
+def _value_to_check(existing: Tensor | None, addition: Tensor | None) -> Tensor | None:
+    if addition is not None and existing is not None and _sums_can_overflow(existing, addition):
+        return existing + addition
+    return addition
 
 
 def _sums_can_overflow(grad: Tensor, addition: Tensor) -> bool:

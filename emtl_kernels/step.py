@@ -51,6 +51,7 @@ from .features import (
 from .grad_writes import (
     accumulate_grad,
     backups_of,
+    backward_into_grads,
     give_empty_grads,
     grad_destinations,
     summed_terms,
@@ -243,8 +244,11 @@ class MTLStep:
                 raise ValueError("features and norm_params choose the gradients to weigh by: give one of them")
             if self.weighting.reads_gram:
                 return self._commit(self._backward_through_features(loss_list, loss_vector, feature_list, retain_graph))
-        heads = [leaf for leaf in graph_leaves(loss_list) if id(leaf) not in self._shared_ids]
+        leaves = graph_leaves(loss_list)
+        heads = [leaf for leaf in leaves if id(leaf) not in self._shared_ids]
         if not self.weighting.reads_gram:
+            if len(heads) == len(leaves):
+                raise ValueError("no loss reaches any of the shared parameters")
             record = self._backward_once(loss_list, loss_vector, heads, retain_graph)
         elif self.mode == "speed" and self.norm_params is None:
             record = self._combine_task_gradients(loss_list, loss_vector, heads, retain_graph)
@@ -436,8 +440,18 @@ class MTLStep:
     # Weightings that read no gradients: one backward of Σ w_i L_i.
     def _backward_once(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
         unmeasured, weights, check = self._weights_from_losses(loss_vector)
-        grads = self._weighted_sum_gradients(losses, weights, heads, retain_graph)
-        self._write_checked(self.shared_params + heads, grads, check)
+        unweighted = self.head_gradients == "unweighted"
+        # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
+        summed_heads = heads if unweighted else []
+        head_grads = (
+            torch.autograd.grad(sum(losses), summed_heads, retain_graph=True, allow_unused=True) if summed_heads else ()
+        )
+        check.require_finite(values_to_check(summed_heads, head_grads))
+        targets = self.shared_params if unweighted else self.shared_params + heads
+        backward_into_grads(weighted_sum(losses, weights), targets, check, retain_graph=retain_graph)
+        skipped = check.skipped
+        for head, grad in zip(summed_heads, head_grads, strict=True):
+            accumulate_grad(head, grad, skipped)
         return self._record(loss_vector, unmeasured, weights, check, gram_formed=False)
 
     def _weights_from_losses(self, loss_vector: Tensor) -> tuple[Tensor, Tensor, SkipCheck]:

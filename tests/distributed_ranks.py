@@ -285,6 +285,32 @@ def loss_weighting_nan_on_one_rank(rank, world_size):
     return loss_weighting_step(rank, world_size, nan_on_rank_1=True)
 
 
+def random_draws(rank: int, world_size: int) -> dict:
+    """Weightings that draw, unseeded, each rank's default generator seeded apart: two DDP steps
+    each, the weights and .grad of every step; and one whose ranks were given different seeds."""
+    results = {}
+    for name in ("rlw", "pcgrad"):
+        torch.manual_seed(rank + 1)
+        model = ToyMultiTask()
+        ddp = DistributedDataParallel(model)
+        step = DistributedMTLStep(ddp, model.trunk.parameters(), name)
+        draws = []
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            step.backward(ddp(*local_batch(rank, world_size)))
+            draws.append(step_result(step, [p.grad.clone() for p in model.parameters()]))
+        results[name] = draws
+    model = ToyMultiTask()
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), "rlw", seed=rank)
+    try:
+        step.backward(ddp(*local_batch(rank, world_size)))
+        results["seeded_apart"] = None
+    except ValueError as error:
+        results["seeded_apart"] = str(error)
+    return results
+
+
 def ranks_disagree_on_tasks(rank: int, world_size: int) -> dict:
     model = ToyMultiTask()
     ddp = DistributedDataParallel(model)
@@ -339,6 +365,7 @@ SCENARIOS = {
         inf_head_gradient_on_one_rank,
         loss_weighting,
         loss_weighting_nan_on_one_rank,
+        random_draws,
         ranks_disagree_on_tasks,
         rank_stalls,
         rank_raises,

@@ -89,6 +89,11 @@ def ranks(tmp_path_factory):
     return run_ranks(list(SCENARIOS), tmp_path_factory.mktemp("ranks"), world_size=WORLD)
 
 
+#: Bytes the first call's check that the ranks agree gathers: 6 int64 numbers from each rank (T,
+#: the shared tensors, P, whether a seed was given, the seed, and rank 0's proposal of one).
+FIRST_CALL_AGREEMENT = 8 * 6 * WORLD
+
+
 def successful(results):
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('traceback', result['error'])}"
@@ -134,7 +139,7 @@ def test_features_mode_on_ranks_is_features_mode_on_the_global_batch(ranks, sync
         assert_matches(result[sync], expected)
         # Plain DDP plus one all-reduce of the losses and G_z's upper triangle, one of the skip flag
         # (and, on the first call, the check that ranks agree).
-        assert result[sync]["payload"] == {"all_reduce": 4 * (3 + 6 + 1), "all_gather": 8 * 3 * WORLD}
+        assert result[sync]["payload"] == {"all_reduce": 4 * (3 + 6 + 1), "all_gather": FIRST_CALL_AGREEMENT}
 
 
 def test_features_mode_skips_on_every_rank(ranks):
@@ -158,8 +163,8 @@ def test_communication_is_counted_from_the_collectives_issued(ranks):
     }
     # Local mode checks each rank's own values: one more all-reduce, of one number, agrees on the skip.
     assert successful(ranks["ddp_local"])[0]["second_step_payload"] == {"all_reduce": 4 * (scalars + 1)}
-    # The first step adds the check that ranks agree: 3 int64 numbers from each rank.
-    assert successful(ranks["ddp_exact"])[0]["payload"]["all_gather"] == 4 * shared + 8 * 3 * WORLD
+    # The first step adds the check that ranks agree.
+    assert successful(ranks["ddp_exact"])[0]["payload"]["all_gather"] == 4 * shared + FIRST_CALL_AGREEMENT
 
 
 @pytest.mark.parametrize("sync", ["exact", "local"])
@@ -202,7 +207,7 @@ def test_a_loss_weighting_runs_one_backward_of_the_global_batch_weighted_sum(ran
         assert torch.equal(handed_losses, run["losses"]) and not handed_skipped
         # Plain DDP's (or FSDP's) own reduction, plus one all-reduce of the T losses and one of the
         # skip flag (and, on the first call, the check that ranks agree).
-        assert run["payload"] == {"all_reduce": 4 * (3 + 1), "all_gather": 8 * 3 * WORLD}
+        assert run["payload"] == {"all_reduce": 4 * (3 + 1), "all_gather": FIRST_CALL_AGREEMENT}
 
 
 @pytest.mark.parametrize("wrap", ["exact", "local", "fsdp"])
@@ -218,6 +223,19 @@ def test_ranks_disagreeing_on_the_number_of_tasks_raise_on_every_rank(ranks):
     for result in ranks["ranks_disagree_on_tasks"]:
         assert "ValueError: ranks disagree" in result["error"]
         assert "rank 0: T=3" in result["error"] and "rank 1: T=2" in result["error"]
+
+
+def test_weightings_that_draw_draw_alike_on_every_rank(ranks):
+    first, second = successful(ranks["random_draws"])
+    for name in ("rlw", "pcgrad"):
+        for mine, theirs in zip(first[name], second[name], strict=True):
+            torch.testing.assert_close(mine["weights"], theirs["weights"], rtol=0, atol=0)
+            torch.testing.assert_close(mine["grads"], theirs["grads"], rtol=0, atol=0)
+    # Draws, not one fixed answer: RLW's two steps weigh differently.
+    assert not torch.equal(first["rlw"][0]["weights"], first["rlw"][1]["weights"])
+    for result in (first, second):
+        assert "ranks disagree" in result["seeded_apart"] and "rank 1: T=3" in result["seeded_apart"]
+        assert "seed 0" in result["seeded_apart"] and "seed 1" in result["seeded_apart"]
 
 
 def test_a_rank_that_raises_does_not_hang_the_others(ranks):
@@ -409,3 +427,33 @@ def test_a_reached_tensor_outside_the_wrapped_model_raises(one_rank_group, wrap)
     match = "not trainable parameters" if wrap == "ddp" else "did not reduce"
     with pytest.raises(ValueError, match=match):
         step.backward(losses)
+
+
+class KinkBelowFeatures(FeaturesToy):
+    """FeaturesToy whose features pass through sqrt at 0 of a shared parameter: finite features and
+    cotangents, an infinite derivative below them."""
+
+    def __init__(self):
+        super().__init__()
+        self.kink = torch.nn.Parameter(torch.zeros(8))
+
+    def features_and_losses(self, inputs, targets):
+        features, _ = super().features_and_losses(inputs, targets)
+        features = features + self.kink.sqrt()
+        return features, [
+            (head(features).squeeze(-1) - targets[:, i]).square().mean() for i, head in enumerate(self.heads)
+        ]
+
+
+@pytest.mark.parametrize("held", [None, 7.0])
+def test_features_mode_skips_when_the_trunk_gradient_below_the_features_is_not_finite(one_rank_group, held):
+    model = KinkBelowFeatures()
+    for p in model.parameters():
+        p.grad = None if held is None else torch.full_like(p, held)
+    ddp = DistributedDataParallel(model)
+    step = DistributedMTLStep(ddp, [*model.trunk.parameters(), model.kink], **WEIGHTING)
+    features, losses = ddp(*toy_batch())
+    weights = step.backward(losses, features=features)
+    assert step.last.why_skipped() == ["update"] and torch.equal(weights, torch.zeros(3))
+    for p in model.parameters():
+        assert bool((p.grad == (0.0 if held is None else held)).all())

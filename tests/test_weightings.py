@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
-from _weighting_cases import NUM_TASKS, random_problem
+from _weighting_cases import NUM_TASKS, RANDOM_DRAWS, fresh_weighting, random_problem
 
 from emtl_kernels import (
+    CRMOGM,
     EMTL,
+    WEIGHTINGS,
     Equal,
     GradNormScaling,
     emtl_weights,
@@ -165,3 +167,21 @@ def test_weightings_trace_in_one_graph(function):
     losses, _, gram = random_problem(4, seed=9)
     compiled = torch.compile(function, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(losses.float(), gram), function(losses.float(), gram))
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+def test_a_weighting_names_its_random_source_exactly_when_it_draws(name):
+    weighting = fresh_weighting(name)
+    source = weighting.random_source()
+    assert (source is not None) == (name in RANDOM_DRAWS)
+    wrapped = CRMOGM(weighting)
+    assert wrapped.random_source() is source
+    if source is not None:
+        losses, _, gram = random_problem(5, seed=0)
+        twin = fresh_weighting(name)
+        weighting(losses.float(), gram)  # its seed-0 generator exists: adopting replaces it
+        if name == "gradvac":
+            weighting.reset()
+        for w in (weighting, twin):
+            w.random_source().adopt(5)
+        torch.testing.assert_close(weighting(losses.float(), gram), twin(losses.float(), gram), rtol=0, atol=0)

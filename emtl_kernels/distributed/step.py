@@ -75,7 +75,14 @@ from ..features import (
     split_at_features,
     weighted_cotangents,
 )
-from ..grad_writes import accumulate_grad, give_empty_grads, grad_destinations, values_to_check
+from ..grad_writes import (
+    accumulate_grad,
+    give_empty_grads,
+    grad_destinations,
+    held_grads,
+    restore_grads_if,
+    values_to_check,
+)
 from ..ops import task_gram, weighted_combine
 from ..skip_check import SkipCheck, combination_bounded
 from ..step import HeadGradients, MTLStep, StepRecord, head_sums, task_rows, weighted_sum
@@ -190,8 +197,12 @@ class DistributedMTLStep(MTLStep):
         local mode of the exact step counts each rank's batch). Either way the communication is
         plain DDP's plus one all-reduce of T(T+3)/2 numbers and one of one number (the skip): DDP's
         own backward of the trunk and heads writes the update. The skip check reads the losses,
-        G_z, the weights, the heads' gradients and the cotangents; the trunk's backward of finite
-        cotangents is written as DDP writes it.
+        G_z, the weights, the heads' gradients and the cotangents, and then the trunk's
+        gradients DDP wrote (alike on every rank), which a skip puts back as they were.
+
+        A weighting that draws at random (PCGrad, GradVac, RLW) must draw alike on every rank: the
+        first call checks that the ranks give it the same seed, and where it was given none, every
+        rank takes one that rank 0 draws from its default generator.
         """
         first_call = self.num_tasks is None
         loss_list = self._checked_losses(losses)
@@ -231,14 +242,28 @@ class DistributedMTLStep(MTLStep):
         return self._commit(record)
 
     def _check_ranks_agree(self, num_tasks: int) -> None:
-        shape = [num_tasks, len(self.shared_params), sum(p.numel() for p in self.shared_params)]
-        table = self._collectives.gathered_rows(shape, self.shared_params[0].device)
-        if any(row != table[0] for row in table):
-            detail = "; ".join(f"rank {r}: T={t}, {k} shared tensors, P={p}" for r, (t, k, p) in enumerate(table))
-            raise ValueError(
-                f"ranks disagree on the tasks or the shared parameters ({detail}): every rank must "
-                "build the step on the same shared parameters and call backward with the same T losses"
+        """On the first call: raise unless every rank has the same T, shared parameters and, for a
+        weighting that draws, seed; where it was given none, every rank takes rank 0's draw of
+        one, so that the ranks draw alike (one all-gather, read on the host)."""
+        source = self.weighting.random_source()
+        seeded = source is not None and source.seed is not None
+        seed = source.seed % 2**63 if source is not None and source.seed is not None else 0
+        # Every rank draws, so that the default generators' streams stay alike across ranks.
+        proposal = int(torch.randint(2**62, ())) if source is not None and not seeded else 0
+        shape = [num_tasks, len(self.shared_params), sum(p.numel() for p in self.shared_params), seeded, seed]
+        table = self._collectives.gathered_rows([*shape, proposal], self.shared_params[0].device)
+        if any(row[:-1] != table[0][:-1] for row in table):
+            detail = "; ".join(
+                f"rank {r}: T={t}, {k} shared tensors, P={p}" + (f", seed {seed}" if given else "")
+                for r, (t, k, p, given, seed, _) in enumerate(table)
             )
+            raise ValueError(
+                f"ranks disagree on the tasks, the shared parameters or the weighting's seed ({detail}): every "
+                "rank must build the step on the same shared parameters and weighting and call backward with the "
+                "same T losses"
+            )
+        if source is not None and not seeded:
+            source.adopt(table[0][-1])
 
     def _refuse_sparse_heads(self, heads: list[Tensor], per_task, offset: int | None = None) -> None:
         """Raise where one of ``heads`` (the parameters DDP reduces) gets a sparse gradient; their
@@ -375,7 +400,13 @@ class DistributedMTLStep(MTLStep):
         check.require_finite(cotangents)
         check.require(comm.all_true(check.update_finite))
         additions = _unless(check.skipped, [*cotangents, *head_grads])
+        trunk = self.shared_params + trunk_others
+        held = held_grads(trunk + heads)
         _backward_by_ddp([*features, *heads], additions, retain_graph=retain_graph)
+        # The trunk's gradients exist only now, averaged by DDP: the same on every rank, so is the
+        # check; finite cotangents can still meet an infinite derivative below the features.
+        check.require_finite([p.grad for p in trunk if p.grad is not None])
+        restore_grads_if(check.skipped, trunk + heads, held)
         return self._record(losses, gram, weights, check, gram_formed=True)
 
     # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .task_orders import SeededGenerators
+
 #: Which entries of the Gram matrix a weighting reads. "diagonal": the squared norms only;
 #: "diagonal_and_total": those and the sum of all entries, 1ᵀG1 = ‖Σ_i g_i‖²; "full": all of G.
 #: A step in memory mode never forms G: it hands a weighting that reads less than "full" a matrix
@@ -44,6 +46,13 @@ class Weighting:
 
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def random_source(self) -> SeededGenerators | None:
+        """Where the weights' random draws come from (PCGrad's and GradVac's task orders, RLW's
+        weights); None for a weighting that draws nothing. Under data parallelism every rank
+        must draw alike: :class:`~emtl_kernels.distributed.DistributedMTLStep` checks and shares
+        the seed through it."""
+        return None
 
     def __call__(self, losses: Tensor, gram: Tensor) -> Tensor:
         check_weighting_inputs(losses, gram)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .base import Weighting, check_number
 from .stateful import StatefulWeighting, continued_state, finite_inputs
+from .task_orders import SeededGenerators
 
 
 class CRMOGM(StatefulWeighting):
@@ -70,6 +71,9 @@ class CRMOGM(StatefulWeighting):
         if value > 1:
             raise ValueError(f"alpha must be in [0, 1], got {value!r}")
         self._alpha = value
+
+    def random_source(self) -> SeededGenerators | None:
+        return self.weighting.random_source()
 
     def reset(self) -> None:
         self.smoothed = None

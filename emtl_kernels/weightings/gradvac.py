@@ -55,6 +55,9 @@ class GradVac(StatefulWeighting):
         #: ``[T, T]`` targets φ̂_ij of the cosine similarities, or None before the first call.
         self.targets: Tensor | None = None
 
+    def random_source(self) -> SeededGenerators:
+        return self.generator
+
     def reset(self) -> None:
         self.targets = None
 

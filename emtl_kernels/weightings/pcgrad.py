@@ -80,6 +80,9 @@ class PCGrad(FunctionWeighting):
         #: The generator the orders on a device come from (None: the device's default).
         self.generator = SeededGenerators(seed)
 
+    def random_source(self) -> SeededGenerators:
+        return self.generator
+
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return self.function(losses, gram, generator=self.generator(losses.device))
 

@@ -51,6 +51,9 @@ class RLW(Weighting):
         #: The generator the draws on a device come from (None: the device's default).
         self.generator = SeededGenerators(seed)
 
+    def random_source(self) -> SeededGenerators:
+        return self.generator
+
     def weights(self, losses: Tensor, gram: Tensor) -> Tensor:
         return _draw(losses, self.generator(losses.device))
 

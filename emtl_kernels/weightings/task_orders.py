@@ -47,6 +47,12 @@ class SeededGenerators:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
+    def adopt(self, seed: int) -> None:
+        """Draw from generators seeded with ``seed`` from now on (the seed the ranks share)."""
+        check_seed(seed)
+        self.seed = seed
+        self._generators.clear()
+
     def __call__(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None
