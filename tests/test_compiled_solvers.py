@@ -22,6 +22,7 @@ from emtl_kernels.weightings import (
     _compiled,
     aligned_mtl_weights,
     cagrad_weights,
+    config_weights,
     dualproj_weights,
     fairgrad_weights,
     imtl_g_weights,
@@ -141,6 +142,8 @@ def test_opcheck_every_solver_op():
         torch.library.opcheck(ops.imtl_g_weights.default, (losses, gram))
         torch.library.opcheck(ops.aligned_mtl_weights.default, (losses, gram, "median"))
         torch.library.opcheck(ops.fairgrad_weights.default, (losses, gram, 2.0, 1e-8, 50))
+        torch.library.opcheck(ops.config_weights.default, (losses, gram, None))
+        torch.library.opcheck(ops.config_weights.default, (losses, gram, torch.arange(1.0, 6.0)))
         scales, taus = torch.rand(5, dtype=torch.float64) + 0.5, torch.full((4,), 0.5, dtype=torch.float64)
         torch.library.opcheck(ops.pcd_weights.default, (losses, gram, scales, taus))
     assert set(_compiled.FAKES) == {
@@ -157,6 +160,7 @@ def test_opcheck_every_solver_op():
         (lambda ops: ops.aligned_mtl_weights(torch.ones(2), torch.eye(2), "max"), "scale_mode"),
         (lambda ops: ops.project_onto_dual_cone(torch.eye(2), torch.ones(2), 0.0, 0.0), "preferences must be"),
         (lambda ops: ops.fairgrad_weights(torch.ones(2), torch.eye(2), 0.0, 1e-8, 50), "p must be"),
+        (lambda ops: ops.config_weights(torch.ones(2), torch.eye(2), torch.ones(3)), "preference must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(2), torch.ones(2)), "scales must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(3)), "taus must be"),
     ],
@@ -177,6 +181,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
     aligned_mtl_weights(losses, gram)
     fairgrad_weights(losses, gram)
     PCD()(losses, gram)
+    config_weights(losses, gram)
     assert calls == [
         "project_onto_dual_cone",
         "project_onto_dual_cone",
@@ -187,6 +192,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
         "aligned_mtl_weights",
         "fairgrad_weights",
         "pcd_weights",
+        "config_weights",
     ]
 
 
@@ -217,6 +223,7 @@ PARITY = {
     "imtl_g": (imtl_g_weights, {}, 1e-9),
     "aligned_mtl": (aligned_mtl_weights, {"scale_mode": "median"}, 1e-6),
     "fairgrad": (fairgrad_weights, {"p": 2.0}, 1e-10),
+    "config": (config_weights, {}, 1e-9),
 }
 
 
@@ -256,7 +263,7 @@ def test_compiled_solvers_match_the_tensor_op_solvers(name, kind):
 
 
 @pytest.mark.parametrize("kind", ["rank_deficient", "duplicates"])
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "nash_mtl", "imtl_g", "aligned_mtl"])
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "nash_mtl", "imtl_g", "aligned_mtl", "config"])
 def test_compiled_solvers_give_the_tensor_op_update_on_singular_gram(name, kind):
     """Where G is singular the weights of one update are many: the updates agree."""
     function, options, rtol = PARITY[name]
@@ -455,6 +462,23 @@ def test_pcd_compiled_is_torchjds_exact_solution_over_steps(kind, num_tasks, tau
             assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
         if kind in WELL_POSED_KINDS:
             torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", [*WELL_POSED_KINDS, *SINGULAR_KINDS, "duplicates"])
+def test_config_compiled_matches_the_tensor_op_solver_with_a_preference(kind, num_tasks):
+    """With cosines p_i over 0.5..2 (and 1 each): the same update Jᵀw to 1e-9 of Σ|w_i|‖g_i‖, and
+    the same weights where C is definite on the tasks with a gradient."""
+    gram = adversarial_gram(kind, num_tasks)
+    losses = torch.ones(num_tasks, dtype=torch.float64)
+    for preference in (None, torch.linspace(0.5, 2.0, num_tasks, dtype=torch.float64)):
+        compiled = config_weights(losses, gram, preference=preference)
+        expected = tensor_op_weights(config_weights, losses, gram, preference=preference)
+        difference = compiled - expected
+        scale = ((compiled.abs() + expected.abs()) * gram.diagonal().sqrt()).sum()
+        assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
+        if kind in WELL_POSED_KINDS:
+            torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
 
 
 def test_fairgrad_and_pcd_tensor_op_solvers_trace_in_one_graph():

@@ -130,6 +130,22 @@ at::Tensor imtl_g_weights(const at::Tensor& losses, const at::Tensor& gram) {
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
+at::Tensor config_weights(const at::Tensor& losses, const at::Tensor& gram,
+                          const std::optional<at::Tensor>& preference) {
+  const char* op = "emtl_solvers::config_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  Vector cosines(num_tasks, 1.0);
+  if (preference.has_value()) {
+    TORCH_CHECK(preference->dim() == 1 && preference->numel() == num_tasks, op, ": preference must be [T] = [",
+                num_tasks, "], got ", preference->sizes());
+    TORCH_CHECK(preference->is_floating_point() && preference->device().is_cpu(), op,
+                ": preference must be a floating point CPU tensor");
+    cosines = widened(*preference);
+  }
+  const Vector weights = solvers::config_weights(num_tasks, widened(gram), cosines);
+  return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
 solvers::ScaleMode scale_mode_named(const std::string& name) {
   if (name == "min") return solvers::ScaleMode::kMin;
   if (name == "median") return solvers::ScaleMode::kMedian;
@@ -155,6 +171,7 @@ TORCH_LIBRARY_IMPL(emtl_solvers, CPU, m) {
   m.impl("fairgrad_weights", &fairgrad_weights);
   m.impl("pcd_weights", &pcd_weights);
   m.impl("imtl_g_weights", &imtl_g_weights);
+  m.impl("config_weights", &config_weights);
   m.impl("aligned_mtl_weights", &aligned_mtl_weights);
 }
 

@@ -524,9 +524,11 @@ Vector pcd_weights(int n, const Vector& gram, const Vector& scales, const Vector
   return weights;
 }
 
-Vector imtl_g_weights(int n, const Vector& gram, double eps) {
-  const std::vector<bool> active = tasks_with_gradient(n, gram);
-  Vector norms(n, 1.0);
+namespace {
+
+// C = D⁻¹GD⁻¹ on active×active (0 elsewhere), D = diag(c), c_i = √G_ii on active (1 otherwise).
+Vector correlation_matrix(int n, const Vector& gram, const std::vector<bool>& active, Vector& norms) {
+  norms.assign(n, 1.0);
   for (int i = 0; i < n; ++i) {
     if (active[i]) norms[i] = std::sqrt(at(gram, n, i, i));
   }
@@ -536,21 +538,40 @@ Vector imtl_g_weights(int n, const Vector& gram, double eps) {
       if (active[i] && active[j]) correlation[static_cast<size_t>(i) * n + j] = at(gram, n, i, j) / (norms[i] * norms[j]);
     }
   }
-  // C⁺1 on the kept eigenpairs; whether 1 has a part in C's range above rounding.
+  return correlation;
+}
+
+// M⁺ rhs for the symmetric PSD M on its eigenpairs kept at `eps` (dsyevd), and whether rhs has a
+// part in M's range above rounding (10·n·eps·‖rhs‖): where it has none the solution is rounding
+// noise, not to be rescaled.
+Vector pinv_apply(int n, const Vector& matrix, const Vector& rhs, double eps, bool& in_range) {
   Vector values, vectors;
-  symmetric_eigh(n, correlation, values, vectors);
+  symmetric_eigh(n, matrix, values, vectors);
   const std::vector<bool> kept = kept_eigenvalues(values, eps);
   Vector solution(n, 0.0);
   double in_range_sq = 0.0, rhs_sq = 0.0;
-  for (int i = 0; i < n; ++i) rhs_sq += active[i] ? 1.0 : 0.0;
+  for (double value : rhs) rhs_sq += value * value;
   for (int k = 0; k < n; ++k) {
     if (!kept[k]) continue;
     double along = 0.0;
-    for (int i = 0; i < n; ++i) along += active[i] ? at(vectors, n, i, k) : 0.0;
+    for (int i = 0; i < n; ++i) along += at(vectors, n, i, k) * rhs[i];
     in_range_sq += along * along;
     for (int i = 0; i < n; ++i) solution[i] += at(vectors, n, i, k) * along / values[k];
   }
-  const bool in_range = std::sqrt(in_range_sq) > 10.0 * n * eps * std::sqrt(rhs_sq);
+  in_range = std::sqrt(in_range_sq) > 10.0 * n * eps * std::sqrt(rhs_sq);
+  return solution;
+}
+
+}  // namespace
+
+Vector imtl_g_weights(int n, const Vector& gram, double eps) {
+  const std::vector<bool> active = tasks_with_gradient(n, gram);
+  Vector norms;
+  const Vector correlation = correlation_matrix(n, gram, active, norms);
+  Vector ones(n);
+  for (int i = 0; i < n; ++i) ones[i] = active[i] ? 1.0 : 0.0;
+  bool in_range = false;
+  const Vector solution = pinv_apply(n, correlation, ones, eps, in_range);
   Vector weights(n, 0.0);
   double sum = 0.0, magnitude = 0.0;
   for (int i = 0; i < n; ++i) {
@@ -562,6 +583,34 @@ Vector imtl_g_weights(int n, const Vector& gram, double eps) {
   const bool normalizable = in_range && std::abs(sum) > n * eps * magnitude;
   for (double& w : weights) w = normalizable ? w / sum : 0.0;
   fill_zero_gradient_tasks(weights, active, 1.0 / n);
+  return weights;
+}
+
+Vector config_weights(int n, const Vector& gram, const Vector& preference) {
+  const std::vector<bool> active = tasks_with_gradient(n, gram);
+  Vector norms;
+  const Vector correlation = correlation_matrix(n, gram, active, norms);
+  Vector target(n);
+  for (int i = 0; i < n; ++i) target[i] = active[i] ? preference[i] : 0.0;
+  bool in_range = false;
+  Vector solution = pinv_apply(n, correlation, target, kEps, in_range);
+  double squared_length = 0.0, summed_projections = 0.0;
+  for (int i = 0; i < n; ++i) {
+    if (!active[i]) solution[i] = 0.0;
+  }
+  for (int i = 0; i < n; ++i) {
+    double projection = 0.0;
+    for (int j = 0; j < n; ++j) projection += at(correlation, n, i, j) * solution[j];
+    squared_length += solution[i] * projection;
+    summed_projections += norms[i] * projection;
+  }
+  // Where U⁺p = 0 the solution is rounding noise: its length must not be set from it.
+  const bool usable = in_range && squared_length > 0.0;
+  Vector weights(n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    weights[i] = usable && active[i] ? summed_projections / squared_length * solution[i] / norms[i] : 0.0;
+  }
+  fill_zero_gradient_tasks(weights, active, 1.0);
   return weights;
 }
 

@@ -40,6 +40,9 @@ Vector pcd_weights(int n, const Vector& gram, const Vector& scales, const Vector
 // D⁻¹ C⁺ 1 normalised to sum 1 (C the correlation matrix, D the gradient norms).
 Vector imtl_g_weights(int n, const Vector& gram, double eps);
 
+// ConFIG's s·D⁻¹C⁺p with s = cᵀCβ / βᵀCβ, β = C⁺p on the active tasks (rank cut at double's eps).
+Vector config_weights(int n, const Vector& gram, const Vector& preference);
+
 enum class ScaleMode { kMin, kMedian, kRmse };
 
 // √σ · V Λ^{-1/2} Vᵀ π on the kept eigenpairs of G / tr(G).

@@ -45,6 +45,7 @@ FAKES: dict[str, Callable[..., Tensor]] = {
     "fairgrad_weights": _fake_weights,
     "pcd_weights": _fake_weights,
     "imtl_g_weights": _fake_weights,
+    "config_weights": _fake_weights,
     "aligned_mtl_weights": _fake_weights,
 }
 
