@@ -71,13 +71,17 @@ class GradVac(StatefulWeighting):
         # (C G)_ij = g_i^PC · g_j, kept up to date with C.
         inner = gram.clone()
         targets = self.targets.clone()
-        for k in range(num_tasks):
-            other = orders[:, k]
-            visited = other != tasks
+        # Each row's own entry, a skip, is moved last (a stable sort keeps the others' order) and
+        # dropped: T − 1 batched corrections, not T. The rows never read one another, so where a
+        # row's skip falls does not change its corrections.
+        own_last = torch.argsort((orders == tasks[:, None]).to(torch.int8), dim=1, stable=True)
+        others = orders.gather(1, own_last)[:, :-1]
+        for k in range(num_tasks - 1):
+            other = others[:, k]
             own_norm = (inner * coefficients).sum(1).clamp_min(0).sqrt()
             similarity = inner[tasks, other] / (own_norm * norms[other] + self.eps)
             target = targets[tasks, other]
-            below = visited & (similarity < target) & (norms[other] > 0)
+            below = (similarity < target) & (norms[other] > 0)
             sine = (1 - similarity.square()).clamp_min(0).sqrt()
             target_sine = (1 - target.square()).clamp_min(0).sqrt()
             amount = own_norm * (target * sine - similarity * target_sine) / (norms[other] * target_sine + self.eps)
@@ -85,7 +89,7 @@ class GradVac(StatefulWeighting):
             coefficients = coefficients.index_put((tasks, other), amount, accumulate=True)
             inner = inner + amount[:, None] * gram[other]
             moved = (1 - self.beta) * target + self.beta * similarity
-            targets = targets.index_put((tasks, other), torch.where(visited, moved, target))
+            targets = targets.index_put((tasks, other), moved)
         self.targets.copy_(torch.where(finite_inputs(losses, gram), targets, self.targets))
         return coefficients.sum(0)
 
