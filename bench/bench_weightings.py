@@ -91,6 +91,7 @@ def torchjd_weightings(num_tasks: int) -> dict[str, Callable[[torch.Tensor, torc
         "pcd": aggregation.PCDWeighting(),
         "gradvac": aggregation.GradVacWeighting(),
         "cr_mogm": aggregation.CRMOGMWeighting(aggregation.UPGradWeighting()),
+        "pcgrad": aggregation.PCGradWeighting(),
     }
     calls = {name: (lambda gram, jacobian, weighting=weighting: weighting(gram)) for name, weighting in on_gram.items()}
     # Stateful: each call warm-starts from the previous weights, which favours it here.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .base import check_number, compute_dtype
 from .stateful import StatefulWeighting, continued_state, finite_inputs
-from .task_orders import SeededGenerators, task_orders
+from .task_orders import SeededGenerators, others_in_order, task_orders
 
 
 class GradVac(StatefulWeighting):
@@ -71,11 +71,7 @@ class GradVac(StatefulWeighting):
         # (C G)_ij = g_i^PC · g_j, kept up to date with C.
         inner = gram.clone()
         targets = self.targets.clone()
-        # Each row's own entry, a skip, is moved last (a stable sort keeps the others' order) and
-        # dropped: T − 1 batched corrections, not T. The rows never read one another, so where a
-        # row's skip falls does not change its corrections.
-        own_last = torch.argsort((orders == tasks[:, None]).to(torch.int8), dim=1, stable=True)
-        others = orders.gather(1, own_last)[:, :-1]
+        others = others_in_order(orders)
         for k in range(num_tasks - 1):
             other = others[:, k]
             own_norm = (inner * coefficients).sum(1).clamp_min(0).sqrt()

@@ -31,6 +31,16 @@ def task_orders(
     return orders
 
 
+def others_in_order(orders: Tensor) -> Tensor:
+    """``[T, T − 1]``: each row of ``orders [T, T]`` without its own index i, the others in their
+    order. The methods skip that entry; dropping it (sorted last by a stable sort, then cut) spares
+    them one of T batched steps, and since their rows never read one another, where a row's skip
+    fell changes nothing."""
+    tasks = torch.arange(orders.shape[0], device=orders.device)
+    own_last = torch.argsort((orders == tasks[:, None]).to(torch.int8), dim=1, stable=True)
+    return orders.gather(1, own_last)[:, :-1]
+
+
 def check_seed(seed: object) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
