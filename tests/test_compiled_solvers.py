@@ -481,16 +481,19 @@ def test_config_compiled_matches_the_tensor_op_solver_with_a_preference(kind, nu
             torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
 
 
-def test_fairgrad_and_pcd_tensor_op_solvers_trace_in_one_graph():
+def test_fairgrad_pcd_and_config_tensor_op_solvers_trace_in_one_graph():
     """On a CPU tensor the weightings run their compiled ops (tests/test_weighting_steps.py traces
     those); their tensor-op solvers, the path of every other device, trace without a graph break
     too (two iterations prove the loop body free of host syncs)."""
     losses, gram = as_inputs(adversarial_gram("random", 4), torch.float32)
     with tensor_op_solvers():
-        torch._dynamo.reset()
-        fairgrad = functools.partial(fairgrad_weights, p=2.0, iterations=2)
-        compiled = torch.compile(fairgrad, fullgraph=True, backend="eager")
-        torch.testing.assert_close(compiled(losses, gram), fairgrad(losses, gram), rtol=1e-6, atol=0)
+        for function in (
+            functools.partial(fairgrad_weights, p=2.0, iterations=2),
+            functools.partial(config_weights, preference=torch.tensor([0.5, 1.0, 2.0, 1.0])),
+        ):
+            torch._dynamo.reset()
+            compiled = torch.compile(function, fullgraph=True, backend="eager")
+            torch.testing.assert_close(compiled(losses, gram), function(losses, gram), rtol=1e-6, atol=0)
         traced, eager = PCD(tau=0.5, iterations=2), PCD(tau=0.5, iterations=2)
         compiled = torch.compile(traced.weights, fullgraph=True, backend="eager")
         for factor in (1.0, 3.0):
