@@ -17,8 +17,8 @@ solved on a CPU tensor exactly by the compiled active-set solver
 (``torch.ops.emtl_solvers.pcd_weights``, from the scales on), elsewhere by the interior point of
 :func:`~emtl_kernels.weightings._solvers.minimize_on_orthant` in float64 on the device. TorchJD's
 ``PCDWeighting`` solves the same QP exactly by Goldfarb and Idnani's active-set method on the
-host; the weights agree to the interior point's accuracy. The moving average stays in tensor ops
-on either path.
+host: the compiled solve gives its update to rounding, the interior point to its own accuracy.
+The moving average stays in tensor ops on either path.
 """
 
 from __future__ import annotations
