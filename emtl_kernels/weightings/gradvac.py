@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .base import check_number, compute_dtype
 from .stateful import StatefulWeighting, continued_state, finite_inputs
-from .task_orders import SeededGenerators, others_in_order, task_orders
+from .task_orders import SeededGenerators, other_tasks_in_order
 
 
 class GradVac(StatefulWeighting):
@@ -62,7 +62,7 @@ class GradVac(StatefulWeighting):
         dtype = compute_dtype(losses)
         num_tasks = losses.numel()
         device = losses.device
-        orders = task_orders(num_tasks, device, dtype, self.generator(device), orders)
+        others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
         self.targets, _ = continued_state(self.targets, (num_tasks, num_tasks), dtype, device)
         gram = gram.to(dtype)
         norms = gram.diagonal().clamp_min(0).sqrt()
@@ -71,7 +71,6 @@ class GradVac(StatefulWeighting):
         # (C G)_ij = g_i^PC · g_j, kept up to date with C.
         inner = gram.clone()
         targets = self.targets.clone()
-        others = others_in_order(orders)
         for k in range(num_tasks - 1):
             other = others[:, k]
             own_norm = (inner * coefficients).sum(1).clamp_min(0).sqrt()

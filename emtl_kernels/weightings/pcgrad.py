@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import FunctionWeighting, check_weighting_inputs, compute_dtype
-from .task_orders import SeededGenerators, check_seed, others_in_order, task_orders
+from .task_orders import SeededGenerators, check_seed, other_tasks_in_order
 
 
 def pcgrad_weights(
@@ -47,12 +47,11 @@ def pcgrad_weights(
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     device = losses.device
-    orders = task_orders(num_tasks, device, dtype, generator, orders)
+    others = other_tasks_in_order(num_tasks, device, dtype, generator, orders)
     gram = gram.to(dtype)
     sq_norms = gram.diagonal()
     tasks = torch.arange(num_tasks, device=device)
     coefficients = torch.eye(num_tasks, dtype=dtype, device=device)
-    others = others_in_order(orders)
     for k in range(num_tasks - 1):
         other = others[:, k]
         inner = (coefficients * gram[other]).sum(1)
