@@ -11,9 +11,10 @@ kernel passes. The Gram pass is timed as the kernels section times it, with the 
 evicted before each sample; the solvers are not, since in a step they read a G that the Gram pass
 has just written.
 
-Where TorchJD is installed, its own weighting of each method (``UPGradWeighting`` and the like, and
-``NashMTL``'s weighting on J, as it takes no Gram matrix) is timed on the same G in the same
-rounds: ``vs_torchjd`` is TorchJD's median over ours (above 1: ours is faster).
+Where TorchJD is installed, its own weighting of each method (``UPGradWeighting`` and the like,
+``NashMTL``'s weighting on J, as it takes no Gram matrix, and its ``ConFIG`` aggregator on J, as it
+has no ConFIG weighting) is timed on the same G in the same rounds: ``vs_torchjd`` is TorchJD's
+median over ours (above 1: ours is faster).
 
 On a GPU each weighting is also captured once in a CUDA graph and its replay timed
 (``graph_*``): what a captured step pays for it; a weighting that does not capture has the error
@@ -71,7 +72,9 @@ PLANS = {
 
 def torchjd_weightings(num_tasks: int) -> dict[str, Callable[[torch.Tensor, torch.Tensor], object]]:
     """TorchJD 0.18's weighting of each method it has, by our name: ``call(gram, jacobian)``, with
-    its default options (Nash-MTL: ``max_norm=1.0``, as ours). Empty where TorchJD is missing."""
+    our default options where it has none (FairGrad: ``alpha=1.0``, Krum: ``n_byzantine=0``,
+    CR-MOGM: around UPGrad) and its defaults, the same as ours, otherwise (Nash-MTL:
+    ``max_norm=1.0``). Empty where TorchJD is missing."""
     try:
         from torchjd import aggregation
     except ImportError:
@@ -83,11 +86,20 @@ def torchjd_weightings(num_tasks: int) -> dict[str, Callable[[torch.Tensor, torc
         "cagrad": aggregation.CAGradWeighting(c=0.5),
         "imtl_g": aggregation.IMTLGWeighting(),
         "aligned_mtl": aggregation.AlignedMTLWeighting(),
+        "fairgrad": aggregation.FairGradWeighting(alpha=1.0),
+        "krum": aggregation.KrumWeighting(n_byzantine=0),
+        "pcd": aggregation.PCDWeighting(),
+        "gradvac": aggregation.GradVacWeighting(),
+        "cr_mogm": aggregation.CRMOGMWeighting(aggregation.UPGradWeighting()),
+        "pcgrad": aggregation.PCGradWeighting(),
     }
     calls = {name: (lambda gram, jacobian, weighting=weighting: weighting(gram)) for name, weighting in on_gram.items()}
     # Stateful: each call warm-starts from the previous weights, which favours it here.
     nash = aggregation.NashMTL(n_tasks=num_tasks).weighting
     calls["nash_mtl"] = lambda gram, jacobian: nash(jacobian)
+    # Jᵀw itself, which our ConFIG's weights give: the combine it includes is a [T, 256] product.
+    config = aggregation.ConFIG()
+    calls["config"] = lambda gram, jacobian: config(jacobian)
     return calls
 
 

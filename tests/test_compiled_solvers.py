@@ -8,6 +8,7 @@ first, so that what is measured is the solve, not the rounding of G.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -17,10 +18,13 @@ from torch import Tensor
 
 from emtl_kernels import _extension
 from emtl_kernels.weightings import (
+    PCD,
     _compiled,
     aligned_mtl_weights,
     cagrad_weights,
+    config_weights,
     dualproj_weights,
+    fairgrad_weights,
     imtl_g_weights,
     mgda_weights,
     nash_mtl_weights,
@@ -42,8 +46,8 @@ def random_jacobian(num_tasks: int, numel: int, seed: int, *, conflict: float = 
 
 
 def adversarial_gram(kind: str, num_tasks: int) -> Tensor:
-    """Float64 Gram matrices the solvers must survive: rank-deficient, norms over 1e-6..1e6,
-    duplicate tasks, a zero gradient."""
+    """Float64 Gram matrices the solvers must survive: rank-deficient or rank-one, norms over
+    1e-3..1e3, duplicate or opposite tasks, a zero gradient."""
     generator = torch.Generator().manual_seed(num_tasks)
     rows = torch.randn(num_tasks, 3 * num_tasks, generator=generator, dtype=torch.float64)
     if kind == "rank_deficient":
@@ -54,6 +58,10 @@ def adversarial_gram(kind: str, num_tasks: int) -> Tensor:
         rows[1::2] = rows[0::2][: num_tasks // 2]
     elif kind == "zero_gradient":
         rows[num_tasks // 3] = 0
+    elif kind == "rank_one":
+        rows = torch.randn(num_tasks, 1, generator=generator, dtype=torch.float64) @ rows[:1]
+    elif kind == "opposite":
+        rows[1::2] = -rows[0::2][: num_tasks // 2]
     return rows @ rows.T
 
 
@@ -133,6 +141,11 @@ def test_opcheck_every_solver_op():
         torch.library.opcheck(ops.nash_mtl_weights.default, (losses, gram, 1e-9, None, 40))
         torch.library.opcheck(ops.imtl_g_weights.default, (losses, gram))
         torch.library.opcheck(ops.aligned_mtl_weights.default, (losses, gram, "median"))
+        torch.library.opcheck(ops.fairgrad_weights.default, (losses, gram, 2.0, 1e-8, 50))
+        torch.library.opcheck(ops.config_weights.default, (losses, gram, None))
+        torch.library.opcheck(ops.config_weights.default, (losses, gram, torch.arange(1.0, 6.0)))
+        scales, taus = torch.rand(5, dtype=torch.float64) + 0.5, torch.full((4,), 0.5, dtype=torch.float64)
+        torch.library.opcheck(ops.pcd_weights.default, (losses, gram, scales, taus))
     assert set(_compiled.FAKES) == {
         name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")
     }
@@ -146,6 +159,10 @@ def test_opcheck_every_solver_op():
         (lambda ops: ops.imtl_g_weights(torch.ones(2), torch.ones(2, 2, dtype=torch.int64)), "floating point"),
         (lambda ops: ops.aligned_mtl_weights(torch.ones(2), torch.eye(2), "max"), "scale_mode"),
         (lambda ops: ops.project_onto_dual_cone(torch.eye(2), torch.ones(2), 0.0, 0.0), "preferences must be"),
+        (lambda ops: ops.fairgrad_weights(torch.ones(2), torch.eye(2), 0.0, 1e-8, 50), "p must be"),
+        (lambda ops: ops.config_weights(torch.ones(2), torch.eye(2), torch.ones(3)), "preference must be"),
+        (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(2), torch.ones(2)), "scales must be"),
+        (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(3)), "taus must be"),
     ],
 )
 def test_solver_ops_reject_bad_inputs(call, match):
@@ -162,6 +179,9 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
         function(losses, gram)
     imtl_g_weights(losses, gram)
     aligned_mtl_weights(losses, gram)
+    fairgrad_weights(losses, gram)
+    PCD()(losses, gram)
+    config_weights(losses, gram)
     assert calls == [
         "project_onto_dual_cone",
         "project_onto_dual_cone",
@@ -170,6 +190,9 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
         "nash_mtl_weights",
         "imtl_g_weights",
         "aligned_mtl_weights",
+        "fairgrad_weights",
+        "pcd_weights",
+        "config_weights",
     ]
 
 
@@ -199,15 +222,24 @@ PARITY = {
     "nash_mtl": (nash_mtl_weights, {"max_norm": None}, 1e-6),
     "imtl_g": (imtl_g_weights, {}, 1e-9),
     "aligned_mtl": (aligned_mtl_weights, {"scale_mode": "median"}, 1e-6),
+    "fairgrad": (fairgrad_weights, {"p": 2.0}, 1e-10),
+    "config": (config_weights, {}, 1e-9),
 }
 
 
 def tensor_op_weights(function, losses: Tensor, gram: Tensor, **options) -> Tensor:
     """The weights by the tensor-op solvers, as on a device without the compiled ones."""
+    with tensor_op_solvers():
+        return function(losses, gram, **options)
+
+
+@contextlib.contextmanager
+def tensor_op_solvers():
+    """The weightings take their tensor-op solvers inside, as on a device without the compiled ones."""
     original = _compiled.runs_compiled
     _compiled.runs_compiled = lambda gram: False
     try:
-        return function(losses, gram, **options)
+        yield
     finally:
         _compiled.runs_compiled = original
 
@@ -231,7 +263,7 @@ def test_compiled_solvers_match_the_tensor_op_solvers(name, kind):
 
 
 @pytest.mark.parametrize("kind", ["rank_deficient", "duplicates"])
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "nash_mtl", "imtl_g", "aligned_mtl"])
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "nash_mtl", "imtl_g", "aligned_mtl", "config"])
 def test_compiled_solvers_give_the_tensor_op_update_on_singular_gram(name, kind):
     """Where G is singular the weights of one update are many: the updates agree."""
     function, options, rtol = PARITY[name]
@@ -355,6 +387,118 @@ def test_float32_gram_of_many_tasks_gives_finite_optimal_weights(kind, num_tasks
     assert torch.all(projection >= mean[0].double() - 1e-7)
     assert torch.all(multipliers >= -1e-6 * regularized.diagonal().max())
     assert ((projection - mean[0].double()) * multipliers).abs().max() <= 1e-6 * regularized.diagonal().max()
+
+
+# --- FairGrad and PCD ---------------------------------------------------------------------------
+
+ZOO_NUM_TASKS = [1, 2, 3, 8, 16, 32]
+#: G whose FairGrad and PCD solutions are unique and well conditioned.
+WELL_POSED_KINDS = ["random", "scales", "zero_gradient"]
+#: G where a positive combination of the gradients vanishes: FairGrad's ridge alone makes a
+#: solution exist, α ~ reg_eps^(−p/(p+1)) with a Newton system of condition ~1/reg_eps.
+SINGULAR_KINDS = ["rank_one", "opposite"]
+
+
+def fairgrad_residual(gram: Tensor, weights: Tensor, p: float, reg_eps: float = 1e-8) -> float:
+    """max_i |(G̃α̃)_i − α̃_i^(−1/p)| relative to the terms it sums, on the tasks with a gradient,
+    G̃ = G / tr(G) with each G̃_ii times 1 + reg_eps and α̃ = α·tr(G)^(p/(p+1)): the equations
+    both solvers solve."""
+    active = gram.diagonal() > 0
+    if not active.any():
+        return 0.0
+    scale = gram.diagonal()[active].sum()
+    fair = gram[active][:, active] / scale
+    fair = fair + reg_eps * torch.diag(fair.diagonal())
+    alpha = weights[active] * scale ** (p / (p + 1))
+    terms = fair.abs() @ alpha + alpha ** (-1 / p)
+    return float(((fair @ alpha - alpha ** (-1 / p)) / terms).abs().max())
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0])
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", WELL_POSED_KINDS + SINGULAR_KINDS)
+def test_fairgrad_compiled_solves_the_tensor_op_equations(kind, num_tasks, p):
+    """Both solvers meet the ridged equations to 1e-11 of their terms (6e-13 the worst measured).
+    The compiled weights are the tensor-op ones to 1e-10 relative where the solution is well
+    posed, to 1e-6 where only the ridge makes one (κ·eps₆₄ with κ ≈ 1/reg_eps: 7e-8 measured),
+    and give the same update to 1e-10 of Σ|α_i|‖g_i‖ either way."""
+    gram = adversarial_gram(kind, num_tasks)
+    losses = torch.ones(num_tasks, dtype=torch.float64)
+    compiled = fairgrad_weights(losses, gram, p=p)
+    expected = tensor_op_weights(fairgrad_weights, losses, gram, p=p)
+    assert torch.all(compiled > 0)
+    assert fairgrad_residual(gram, compiled, p) <= 1e-11
+    assert fairgrad_residual(gram, expected, p) <= 1e-11
+    rtol = 1e-10 if kind in WELL_POSED_KINDS else 1e-6
+    torch.testing.assert_close(compiled, expected, rtol=rtol, atol=0)
+    difference = compiled - expected
+    scale = (expected.abs() * gram.diagonal().sqrt()).sum()
+    assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.5])
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", [*WELL_POSED_KINDS, *SINGULAR_KINDS, "duplicates"])
+def test_pcd_compiled_is_torchjds_exact_solution_over_steps(kind, num_tasks, tau):
+    """Over three steps of a G scaled at each (so that the moving average matters), the compiled
+    PCD gives the update of TorchJD's exact float64 solve (Goldfarb and Idnani's) and of the
+    tensor-op interior point to 1e-9 of Σ|α_i|‖g_i‖, and TorchJD's weights themselves where they
+    are unique (no duplicate, opposite or rank-one tasks)."""
+    from torchjd.aggregation import PCDWeighting
+
+    base = adversarial_gram(kind, num_tasks)
+    losses = torch.ones(num_tasks, dtype=torch.float64)
+    compiled, interior_point, theirs = PCD(tau=tau, beta=0.9), PCD(tau=tau, beta=0.9), PCDWeighting(tau=tau, beta=0.9)
+    for factor in (1.0, 3.0, 0.5):
+        gram = base * factor
+        weights = compiled(losses, gram)
+        with tensor_op_solvers():
+            expected_by_interior_point = interior_point(losses, gram)
+        expected = theirs(gram)
+        norms = gram.diagonal().sqrt()
+        for other in (expected, expected_by_interior_point):
+            difference = weights - other
+            scale = ((weights.abs() + other.abs()) * norms).sum()
+            assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
+        if kind in WELL_POSED_KINDS:
+            torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", [*WELL_POSED_KINDS, *SINGULAR_KINDS, "duplicates"])
+def test_config_compiled_matches_the_tensor_op_solver_with_a_preference(kind, num_tasks):
+    """With cosines p_i over 0.5..2 (and 1 each): the same update Jᵀw to 1e-9 of Σ|w_i|‖g_i‖, and
+    the same weights where C is definite on the tasks with a gradient."""
+    gram = adversarial_gram(kind, num_tasks)
+    losses = torch.ones(num_tasks, dtype=torch.float64)
+    for preference in (None, torch.linspace(0.5, 2.0, num_tasks, dtype=torch.float64)):
+        compiled = config_weights(losses, gram, preference=preference)
+        expected = tensor_op_weights(config_weights, losses, gram, preference=preference)
+        difference = compiled - expected
+        scale = ((compiled.abs() + expected.abs()) * gram.diagonal().sqrt()).sum()
+        assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
+        if kind in WELL_POSED_KINDS:
+            torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
+def test_fairgrad_pcd_and_config_tensor_op_solvers_trace_in_one_graph():
+    """On a CPU tensor the weightings run their compiled ops (tests/test_weighting_steps.py traces
+    those); their tensor-op solvers, the path of every other device, trace without a graph break
+    too (two iterations prove the loop body free of host syncs)."""
+    losses, gram = as_inputs(adversarial_gram("random", 4), torch.float32)
+    with tensor_op_solvers():
+        for function in (
+            functools.partial(fairgrad_weights, p=2.0, iterations=2),
+            functools.partial(config_weights, preference=torch.tensor([0.5, 1.0, 2.0, 1.0])),
+        ):
+            torch._dynamo.reset()
+            compiled = torch.compile(function, fullgraph=True, backend="eager")
+            torch.testing.assert_close(compiled(losses, gram), function(losses, gram), rtol=1e-6, atol=0)
+        traced, eager = PCD(tau=0.5, iterations=2), PCD(tau=0.5, iterations=2)
+        compiled = torch.compile(traced.weights, fullgraph=True, backend="eager")
+        for factor in (1.0, 3.0):
+            expected = eager.weights(losses, gram * factor)
+            torch.testing.assert_close(compiled(losses, gram * factor), expected, rtol=1e-6, atol=0)
 
 
 # --- Nash-MTL against TorchJD -------------------------------------------------------------------

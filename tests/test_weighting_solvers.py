@@ -46,6 +46,7 @@ from emtl_kernels.weightings._solvers import (
     symmetric_eigh,
 )
 from emtl_kernels.weightings.nash_mtl import REG_EPS
+from emtl_kernels.weightings.task_orders import others_in_order
 
 DTYPES = [torch.float64, torch.float32]
 EPS = {dtype: torch.finfo(dtype).eps for dtype in DTYPES}
@@ -407,6 +408,14 @@ def test_pcgrad_seed_reproduces_its_orders():
 def test_pcgrad_rejects_bad_orders(orders, match):
     with pytest.raises(ValueError, match=match):
         pcgrad_weights(torch.ones(4), torch.eye(4), orders=orders)
+
+
+def test_others_in_order_drops_each_rows_own_index_and_keeps_the_others_order():
+    orders = random_orders(7, seed=3)
+    others = others_in_order(orders)
+    assert others.shape == (7, 6)
+    for task, row in enumerate(orders.tolist()):
+        assert others[task].tolist() == [other for other in row if other != task]
 
 
 # --- CAGrad -------------------------------------------------------------------------------------

@@ -97,9 +97,52 @@ at::Tensor nash_mtl_weights(const at::Tensor& losses, const at::Tensor& gram, do
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
+at::Tensor fairgrad_weights(const at::Tensor& losses, const at::Tensor& gram, double p, double reg_eps,
+                            int64_t iterations) {
+  const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::fairgrad_weights");
+  TORCH_CHECK(p > 0.0 && reg_eps >= 0.0 && iterations >= 0,
+              "emtl_solvers::fairgrad_weights: p must be > 0, reg_eps and iterations >= 0, got ", p, ", ", reg_eps,
+              " and ", iterations);
+  const Vector weights =
+      solvers::fairgrad_weights(num_tasks, widened(gram), p, reg_eps, static_cast<int>(iterations));
+  return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
+at::Tensor pcd_weights(const at::Tensor& losses, const at::Tensor& gram, const at::Tensor& scales,
+                       const at::Tensor& taus) {
+  const char* op = "emtl_solvers::pcd_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  TORCH_CHECK(scales.dim() == 1 && scales.numel() == num_tasks, op, ": scales must be [T] = [", num_tasks,
+              "], got ", scales.sizes());
+  TORCH_CHECK(taus.dim() == 1 && taus.numel() == num_tasks - 1, op, ": taus must be [T - 1] = [", num_tasks - 1,
+              "], got ", taus.sizes());
+  TORCH_CHECK(scales.is_floating_point() && taus.is_floating_point() && scales.device().is_cpu() &&
+                  taus.device().is_cpu(),
+              op, ": scales and taus must be floating point CPU tensors");
+  const Vector weights =
+      solvers::pcd_weights(num_tasks, widened(gram), widened(scales), widened(taus), gram_eps(gram));
+  return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
 at::Tensor imtl_g_weights(const at::Tensor& losses, const at::Tensor& gram) {
   const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::imtl_g_weights");
   const Vector weights = solvers::imtl_g_weights(num_tasks, widened(gram), weights_eps(losses));
+  return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
+at::Tensor config_weights(const at::Tensor& losses, const at::Tensor& gram,
+                          const std::optional<at::Tensor>& preference) {
+  const char* op = "emtl_solvers::config_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  Vector cosines(num_tasks, 1.0);
+  if (preference.has_value()) {
+    TORCH_CHECK(preference->dim() == 1 && preference->numel() == num_tasks, op, ": preference must be [T] = [",
+                num_tasks, "], got ", preference->sizes());
+    TORCH_CHECK(preference->is_floating_point() && preference->device().is_cpu(), op,
+                ": preference must be a floating point CPU tensor");
+    cosines = widened(*preference);
+  }
+  const Vector weights = solvers::config_weights(num_tasks, widened(gram), cosines);
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
@@ -125,7 +168,10 @@ TORCH_LIBRARY_IMPL(emtl_solvers, CPU, m) {
   m.impl("mgda_weights", &mgda_weights);
   m.impl("cagrad_weights", &cagrad_weights);
   m.impl("nash_mtl_weights", &nash_mtl_weights);
+  m.impl("fairgrad_weights", &fairgrad_weights);
+  m.impl("pcd_weights", &pcd_weights);
   m.impl("imtl_g_weights", &imtl_g_weights);
+  m.impl("config_weights", &config_weights);
   m.impl("aligned_mtl_weights", &aligned_mtl_weights);
 }
 

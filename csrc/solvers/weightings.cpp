@@ -343,9 +343,192 @@ Vector nash_mtl_weights(int n, const Vector& gram, double reg_eps, double max_no
   return weights;
 }
 
-Vector imtl_g_weights(int n, const Vector& gram, double eps) {
+namespace {
+
+// FairGrad's step lengths along a Newton direction in log α: 1, 1/2, ..., 2^-11, and 0 (so that φ
+// never increases), as LENGTHS in fairgrad.py.
+constexpr int kFairGradLengths = 13;
+// The largest change of log α_i in one step (MAX_LOG_STEP in fairgrad.py).
+constexpr double kMaxLogStep = 30.0;
+
+// φ(α) = ½αᵀG̃α − Σ h(α_i), h(a) = a^(1 − 1/p) / (1 − 1/p) (log a for p = 1).
+double fairgrad_objective(int n, const Vector& fair, const Vector& alpha, double p) {
+  double barrier = 0.0;
+  for (double a : alpha) barrier += p == 1.0 ? std::log(a) : std::pow(a, 1.0 - 1.0 / p) / (1.0 - 1.0 / p);
+  return 0.5 * quadratic_form(n, fair, alpha) - barrier;
+}
+
+// t·α with t^(1 + 1/p) = Σ α_i^(1 − 1/p) / αᵀG̃α: the minimiser of φ along the ray through α.
+void fair_scale_to_ray_minimum(int n, const Vector& fair, double p, Vector& alpha) {
+  double sum = 0.0;
+  for (double a : alpha) sum += std::pow(a, 1.0 - 1.0 / p);
+  const double t = std::pow(sum / quadratic_form(n, fair, alpha), p / (p + 1.0));
+  for (double& a : alpha) a *= t;
+}
+
+// Whether every equation (G̃α)_i = α_i^(−1/p) holds to the rounding of its terms, given the
+// gradient (G̃α)_i − α_i^(−1/p): further Newton steps would only move α by rounding.
+bool fairgrad_converged(int n, const Vector& fair, const Vector& alpha, const Vector& gradient, double p) {
+  for (int i = 0; i < n; ++i) {
+    double magnitude = std::pow(alpha[i], -1.0 / p);
+    for (int j = 0; j < n; ++j) magnitude += std::abs(at(fair, n, i, j)) * alpha[j];
+    if (!(std::abs(gradient[i]) <= 4.0 * n * kEps * magnitude)) return false;
+  }
+  return true;
+}
+
+// α·exp(length·log_step) for the length of the lengths 1, ..., 2^-11, 0 that gives the least φ (the
+// first of equal ones); empty where some φ is NaN (the tensor-op solver then keeps α).
+Vector best_fairgrad_trial(int n, const Vector& fair, const Vector& alpha, const Vector& log_step, double p) {
+  Vector best, trial(n);
+  double best_objective = std::numeric_limits<double>::infinity();
+  for (int k = 0; k < kFairGradLengths; ++k) {
+    const double length = k + 1 < kFairGradLengths ? std::ldexp(1.0, -k) : 0.0;
+    for (int i = 0; i < n; ++i) trial[i] = alpha[i] * std::exp(length * log_step[i]);
+    const double objective = fairgrad_objective(n, fair, trial, p);
+    if (std::isnan(objective)) return {};
+    if (best.empty() || objective < best_objective) best = trial, best_objective = objective;
+  }
+  return best;
+}
+
+}  // namespace
+
+Vector fairgrad_weights(int n, const Vector& gram, double p, double reg_eps, int iterations) {
   const std::vector<bool> active = tasks_with_gradient(n, gram);
-  Vector norms(n, 1.0);
+  double total = 0.0;
+  for (int i = 0; i < n; ++i) total += active[i] ? at(gram, n, i, i) : 0.0;
+  const double scale = total > 0.0 ? total : 1.0;
+  // G̃ = G / tr(G) on the tasks with a gradient, a decoupled unit entry for the others, each
+  // diagonal entry times 1 + reg_eps.
+  Vector fair(static_cast<size_t>(n) * n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      fair[static_cast<size_t>(i) * n + j] = active[i] && active[j] ? at(gram, n, i, j) / scale : (i == j ? 1.0 : 0.0);
+    }
+    fair[static_cast<size_t>(i) * n + i] *= 1.0 + reg_eps;
+  }
+  // Newton on φ in log α (fairgrad.py states why), from the solution of the diagonal equations
+  // on its ray minimum.
+  Vector alpha(n), gradient(n), step(n), log_step(n), column(n);
+  for (int i = 0; i < n; ++i) alpha[i] = std::pow(at(fair, n, i, i), -p / (p + 1.0));
+  fair_scale_to_ray_minimum(n, fair, p, alpha);
+  for (int iteration = 0; iteration < iterations; ++iteration) {
+    for (int i = 0; i < n; ++i) {
+      double row = 0.0;
+      for (int j = 0; j < n; ++j) row += at(fair, n, i, j) * alpha[j];
+      gradient[i] = row - std::pow(alpha[i], -1.0 / p);
+      step[i] = -gradient[i];
+    }
+    if (fairgrad_converged(n, fair, alpha, gradient, p)) break;
+    GrowingCholesky factor(n);
+    for (int j = 0; j < n; ++j) {
+      for (int i = 0; i < j; ++i) column[i] = at(fair, n, i, j);
+      const double diagonal = at(fair, n, j, j) + std::pow(alpha[j], -1.0 / p - 1.0) / p;
+      factor.append(column.data(), diagonal, std::numeric_limits<double>::min());
+    }
+    factor.solve(step.data());
+    double decrement_sq = 0.0, largest = 0.0;
+    for (int i = 0; i < n; ++i) {
+      decrement_sq -= gradient[i] * step[i];
+      log_step[i] = step[i] / alpha[i];
+      largest = std::max(largest, std::abs(log_step[i]));
+    }
+    const double shrink = kMaxLogStep / std::max(largest, kMaxLogStep);
+    for (double& s : log_step) s *= shrink;
+    // Close to the solution (decrement < 1/4) the full step: convergence stays quadratic.
+    Vector candidate(n);
+    if (std::sqrt(std::max(decrement_sq, 0.0)) < 0.25) {
+      for (int i = 0; i < n; ++i) candidate[i] = alpha[i] * std::exp(log_step[i]);
+    } else {
+      candidate = best_fairgrad_trial(n, fair, alpha, log_step, p);
+    }
+    if (candidate.empty()) break;
+    fair_scale_to_ray_minimum(n, fair, p, candidate);
+    bool finite = true;
+    for (double a : candidate) finite = finite && std::isfinite(a);
+    // An unusable step leaves α as it is, and so would every later one.
+    if (!finite) break;
+    alpha = candidate;
+  }
+  const double back = std::pow(scale, -p / (p + 1.0));
+  Vector weights(n, 0.0);
+  for (int i = 0; i < n; ++i) weights[i] = active[i] ? alpha[i] * back : 0.0;
+  fill_zero_gradient_tasks(weights, active, 1.0);
+  return weights;
+}
+
+namespace {
+
+// A PCD constraint broken by at most this fraction of max_i N_ii counts as satisfied
+// (FEASIBILITY_TOL in pcd.py): where they cannot all hold, the dual is unbounded and its solution
+// breaks them by far more.
+constexpr double kPcdFeasibilityTol = 1e-6;
+
+// μ ≥ 0 of PCD's dual on N (n ≥ 2), or zeros where the constraints cannot hold together.
+Vector pcd_dual_solution(int n, const Vector& normalized, const Vector& taus) {
+  const int k = n - 1;
+  Vector secondary(static_cast<size_t>(k) * k), linear(k);
+  std::vector<bool> has_gradient(k);
+  double largest_diagonal = 0.0;
+  for (int i = 0; i < n; ++i) largest_diagonal = std::max(largest_diagonal, at(normalized, n, i, i));
+  for (int i = 0; i < k; ++i) {
+    for (int j = 0; j < k; ++j) secondary[static_cast<size_t>(i) * k + j] = at(normalized, n, i + 1, j + 1);
+    // −b_j: the QP is min ½μᵀSμ − bᵀμ. A zero secondary gradient leaves μ_j free (its
+    // constraint reads 0 ≥ 0): it stays 0.
+    linear[i] = at(normalized, n, i + 1, 0) - taus[i] * at(secondary, k, i, i);
+    has_gradient[i] = at(secondary, k, i, i) > 0.0;
+  }
+  Vector mu = solve_qp({secondary.data(), linear.data(), k, false, has_gradient}).x;
+  double broken = -std::numeric_limits<double>::infinity();
+  bool finite = true;
+  for (int i = 0; i < k; ++i) {
+    double row = 0.0;
+    for (int j = 0; j < k; ++j) row += at(secondary, k, i, j) * mu[j];
+    broken = std::max(broken, -linear[i] - row);
+    finite = finite && std::isfinite(mu[i]);
+  }
+  if (!(finite && broken <= kPcdFeasibilityTol * largest_diagonal)) std::fill(mu.begin(), mu.end(), 0.0);
+  return mu;
+}
+
+}  // namespace
+
+Vector pcd_weights(int n, const Vector& gram, const Vector& scales, const Vector& taus, double gram_eps) {
+  Vector normalized(static_cast<size_t>(n) * n);
+  bool finite = true;
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      const double value = at(gram, n, i, j) * scales[i] * scales[j];
+      normalized[static_cast<size_t>(i) * n + j] = value;
+      finite = finite && std::isfinite(value);
+    }
+  }
+  Vector multipliers(n, 0.0);
+  multipliers[0] = 1.0;
+  // A non-finite N leaves no dual solution: the tensor-op solver's μ is then not finite, and 0.
+  if (n > 1 && finite) {
+    const Vector mu = pcd_dual_solution(n, normalized, taus);
+    std::copy(mu.begin(), mu.end(), multipliers.begin() + 1);
+  }
+  const double direction_sq_norm = quadratic_form(n, normalized, multipliers);
+  // The rounding of d̃'s squared norm when formed from N, from the entries it sums.
+  double magnitude = 0.0;
+  for (int i = 0; i < n; ++i) magnitude += std::abs(multipliers[i]) * std::sqrt(std::max(at(normalized, n, i, i), 0.0));
+  magnitude *= magnitude;
+  const double primary_sq_norm = at(gram, n, 0, 0);
+  const bool usable = primary_sq_norm > 0.0 && direction_sq_norm > 10.0 * gram_eps * magnitude;
+  const double rescale = usable ? std::sqrt(primary_sq_norm / direction_sq_norm) : 0.0;
+  Vector weights(n);
+  for (int i = 0; i < n; ++i) weights[i] = multipliers[i] * scales[i] * rescale;
+  return weights;
+}
+
+namespace {
+
+// C = D⁻¹GD⁻¹ on active×active (0 elsewhere), D = diag(c), c_i = √G_ii on active (1 otherwise).
+Vector correlation_matrix(int n, const Vector& gram, const std::vector<bool>& active, Vector& norms) {
+  norms.assign(n, 1.0);
   for (int i = 0; i < n; ++i) {
     if (active[i]) norms[i] = std::sqrt(at(gram, n, i, i));
   }
@@ -355,21 +538,40 @@ Vector imtl_g_weights(int n, const Vector& gram, double eps) {
       if (active[i] && active[j]) correlation[static_cast<size_t>(i) * n + j] = at(gram, n, i, j) / (norms[i] * norms[j]);
     }
   }
-  // C⁺1 on the kept eigenpairs; whether 1 has a part in C's range above rounding.
+  return correlation;
+}
+
+// M⁺ rhs for the symmetric PSD M on its eigenpairs kept at `eps` (dsyevd), and whether rhs has a
+// part in M's range above rounding (10·n·eps·‖rhs‖): where it has none the solution is rounding
+// noise, not to be rescaled.
+Vector pinv_apply(int n, const Vector& matrix, const Vector& rhs, double eps, bool& in_range) {
   Vector values, vectors;
-  symmetric_eigh(n, correlation, values, vectors);
+  symmetric_eigh(n, matrix, values, vectors);
   const std::vector<bool> kept = kept_eigenvalues(values, eps);
   Vector solution(n, 0.0);
   double in_range_sq = 0.0, rhs_sq = 0.0;
-  for (int i = 0; i < n; ++i) rhs_sq += active[i] ? 1.0 : 0.0;
+  for (double value : rhs) rhs_sq += value * value;
   for (int k = 0; k < n; ++k) {
     if (!kept[k]) continue;
     double along = 0.0;
-    for (int i = 0; i < n; ++i) along += active[i] ? at(vectors, n, i, k) : 0.0;
+    for (int i = 0; i < n; ++i) along += at(vectors, n, i, k) * rhs[i];
     in_range_sq += along * along;
     for (int i = 0; i < n; ++i) solution[i] += at(vectors, n, i, k) * along / values[k];
   }
-  const bool in_range = std::sqrt(in_range_sq) > 10.0 * n * eps * std::sqrt(rhs_sq);
+  in_range = std::sqrt(in_range_sq) > 10.0 * n * eps * std::sqrt(rhs_sq);
+  return solution;
+}
+
+}  // namespace
+
+Vector imtl_g_weights(int n, const Vector& gram, double eps) {
+  const std::vector<bool> active = tasks_with_gradient(n, gram);
+  Vector norms;
+  const Vector correlation = correlation_matrix(n, gram, active, norms);
+  Vector ones(n);
+  for (int i = 0; i < n; ++i) ones[i] = active[i] ? 1.0 : 0.0;
+  bool in_range = false;
+  const Vector solution = pinv_apply(n, correlation, ones, eps, in_range);
   Vector weights(n, 0.0);
   double sum = 0.0, magnitude = 0.0;
   for (int i = 0; i < n; ++i) {
@@ -381,6 +583,34 @@ Vector imtl_g_weights(int n, const Vector& gram, double eps) {
   const bool normalizable = in_range && std::abs(sum) > n * eps * magnitude;
   for (double& w : weights) w = normalizable ? w / sum : 0.0;
   fill_zero_gradient_tasks(weights, active, 1.0 / n);
+  return weights;
+}
+
+Vector config_weights(int n, const Vector& gram, const Vector& preference) {
+  const std::vector<bool> active = tasks_with_gradient(n, gram);
+  Vector norms;
+  const Vector correlation = correlation_matrix(n, gram, active, norms);
+  Vector target(n);
+  for (int i = 0; i < n; ++i) target[i] = active[i] ? preference[i] : 0.0;
+  bool in_range = false;
+  Vector solution = pinv_apply(n, correlation, target, kEps, in_range);
+  double squared_length = 0.0, summed_projections = 0.0;
+  for (int i = 0; i < n; ++i) {
+    if (!active[i]) solution[i] = 0.0;
+  }
+  for (int i = 0; i < n; ++i) {
+    double projection = 0.0;
+    for (int j = 0; j < n; ++j) projection += at(correlation, n, i, j) * solution[j];
+    squared_length += solution[i] * projection;
+    summed_projections += norms[i] * projection;
+  }
+  // Where U⁺p = 0 the solution is rounding noise: its length must not be set from it.
+  const bool usable = in_range && squared_length > 0.0;
+  Vector weights(n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    weights[i] = usable && active[i] ? summed_projections / squared_length * solution[i] / norms[i] : 0.0;
+  }
+  fill_zero_gradient_tasks(weights, active, 1.0);
   return weights;
 }
 

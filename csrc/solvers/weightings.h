@@ -28,8 +28,20 @@ Vector cagrad_weights(int n, const Vector& gram, double c, double gram_eps);
 // max_norm > 0.
 Vector nash_mtl_weights(int n, const Vector& gram, double reg_eps, double max_norm, int iterations);
 
+// α > 0 with (G̃α)_i = α_i^(−1/p) on G̃ = G / tr(G) with G̃_ii·(1 + reg_eps), by at most `iterations`
+// Newton steps in log α, then scaled back to G: α·tr(G)^(−p/(p+1)).
+Vector fairgrad_weights(int n, const Vector& gram, double p, double reg_eps, int iterations);
+
+// PCD's weights (1, μ)·s·r from the scales s: μ ≥ 0 solves the dual min ½μᵀSμ − bᵀμ on N = G∘ssᵀ
+// (S = N[1:, 1:], b_j = τ_j S_jj − N_j0), r rescales the update to ‖g_0‖. `gram_eps` (the rounding
+// of G's dtype) sizes the test of a zero update.
+Vector pcd_weights(int n, const Vector& gram, const Vector& scales, const Vector& taus, double gram_eps);
+
 // D⁻¹ C⁺ 1 normalised to sum 1 (C the correlation matrix, D the gradient norms).
 Vector imtl_g_weights(int n, const Vector& gram, double eps);
+
+// ConFIG's s·D⁻¹C⁺p with s = cᵀCβ / βᵀCβ, β = C⁺p on the active tasks (rank cut at double's eps).
+Vector config_weights(int n, const Vector& gram, const Vector& preference);
 
 enum class ScaleMode { kMin, kMedian, kRmse };
 

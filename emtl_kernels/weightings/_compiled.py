@@ -42,7 +42,10 @@ FAKES: dict[str, Callable[..., Tensor]] = {
     "mgda_weights": _fake_weights,
     "cagrad_weights": _fake_weights,
     "nash_mtl_weights": _fake_weights,
+    "fairgrad_weights": _fake_weights,
+    "pcd_weights": _fake_weights,
     "imtl_g_weights": _fake_weights,
+    "config_weights": _fake_weights,
     "aligned_mtl_weights": _fake_weights,
 }
 

@@ -12,7 +12,9 @@ With D = diag(c) and C = D⁻¹ G D⁻¹ = U Uᵀ, U⁺p = Uᵀ β with β = C�
     w = s · D⁻¹ β,    s = (Σ_i g_i · Uᵀβ) / ‖Uᵀβ‖² = cᵀ C β / βᵀ C β,
 
 which equals TorchJD's ``aggregation.ConFIG(pref_vector=p)`` output on the task-gradient matrix.
-C⁺ drops the eigenvalues at or below T·eps·λ_max, solved in float64 whatever the dtype of G.
+C⁺ drops the eigenvalues at or below T·eps·λ_max, solved in float64 whatever the dtype of G: on a
+CPU tensor by a compiled op (``torch.ops.emtl_solvers.config_weights``, LAPACK's dsyevd),
+elsewhere by tensor ops.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._solvers import SOLVE_DTYPE, EigenSolver, check_eigen_solver, pinv_apply
 from .base import (
     FunctionWeighting,
@@ -44,6 +47,7 @@ def config_weights(
             factor); 1 for every task when None. A tensor on the losses' device keeps the step
             capturable in a CUDA graph.
         eigen_solver: how C⁺ is formed; see :func:`~emtl_kernels.weightings._solvers.symmetric_eigh`.
+            On a CPU tensor "auto" and "lapack" run the whole method compiled.
 
     Degenerate inputs: a task with a zero gradient has no unit gradient (TorchJD's zero row of U);
     it is left out of C and gets the mean weight of the others. When p has no part in the range
@@ -52,6 +56,9 @@ def config_weights(
     check_weighting_inputs(losses, gram)
     check_vector("preference", preference, losses.numel())
     check_eigen_solver(eigen_solver)
+    if eigen_solver != "jacobi" and _compiled.runs_compiled(gram):
+        cosines = None if preference is None else torch.as_tensor(preference, dtype=SOLVE_DTYPE)
+        return _compiled.ops().config_weights(losses, gram, cosines)
     dtype = SOLVE_DTYPE
     norms, has_gradient = task_norms(gram, dtype)
     safe_norms = torch.where(has_gradient, norms, 1)

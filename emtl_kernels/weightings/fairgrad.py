@@ -16,6 +16,10 @@ which is minimised here by Newton's method in float64, for a fixed number of ste
 α = s^(−p/(p+1)) α̃, α̃ solving G̃ α̃ = α̃^(−1/p), so the solve never sees the scale of the gradients.
 A solution exists when no combination of the gradients with positive coefficients vanishes; a
 ridge ``reg_eps`` · G̃_ii on each diagonal entry makes one exist for any G.
+
+On a CPU tensor a compiled solver runs the same Newton steps
+(``torch.ops.emtl_solvers.fairgrad_weights``, stopping once every equation holds to the rounding
+of its terms); elsewhere tensor ops run exactly ``iterations`` of them. Both in float64.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from .base import (
     FunctionWeighting,
     check_count,
@@ -64,7 +69,8 @@ def fairgrad_weights(
         reg_eps: ≥ 0, each diagonal entry G̃_ii is multiplied by 1 + reg_eps, so that a solution
             exists for any G with a positive diagonal; it shifts the weights by about reg_eps
             times the condition number of the Newton system.
-        iterations: Newton steps (default :data:`NEWTON_ITERATIONS` = 50).
+        iterations: Newton steps of the tensor-op solver (default :data:`NEWTON_ITERATIONS` =
+            50); the compiled CPU solver stops earlier once converged.
 
     The weights are not normalised (as in the paper and TorchJD): a common scale s of the
     gradients scales them by s^(−2p/(p+1)). Degenerate inputs: T = 1 gives G_11^(−p/(p+1)) up to
@@ -74,8 +80,14 @@ def fairgrad_weights(
     """
     check_weighting_inputs(losses, gram)
     _check_options(p, reg_eps, iterations)
-    dtype = compute_dtype(losses)
-    num_tasks = losses.numel()
+    if _compiled.runs_compiled(gram):
+        return _compiled.ops().fairgrad_weights(losses, gram, p, reg_eps, iterations)
+    return _solve_by_newton(gram, p, reg_eps, iterations).to(compute_dtype(losses))
+
+
+def _solve_by_newton(gram: Tensor, p: float, reg_eps: float, iterations: int) -> Tensor:
+    """The tensor-op solve of :func:`fairgrad_weights`, in float64."""
+    num_tasks = gram.shape[-1]
     # Float64 throughout: the solution's scale, s^(−p/(p+1)), and the ridge's far-out solutions
     # are outside what float32 resolves, and the T×T solve costs the same either way.
     gram = gram.to(torch.float64)
@@ -108,7 +120,7 @@ def fairgrad_weights(
         usable = (info == 0) & torch.isfinite(candidate).all()
         alpha = torch.where(usable, candidate, alpha)
     weights = alpha * scale ** (-p / (p + 1))
-    return fill_zero_gradient_tasks(torch.where(has_gradient, weights, 0), has_gradient, neutral=1.0).to(dtype)
+    return fill_zero_gradient_tasks(torch.where(has_gradient, weights, 0), has_gradient, neutral=1.0)
 
 
 def _scaled_to_ray_minimum(alpha: Tensor, fair: Tensor, p: float) -> Tensor:

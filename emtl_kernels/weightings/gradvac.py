@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .base import check_number, compute_dtype
 from .stateful import StatefulWeighting, continued_state, finite_inputs
-from .task_orders import SeededGenerators, task_orders
+from .task_orders import SeededGenerators, other_tasks_in_order
 
 
 class GradVac(StatefulWeighting):
@@ -65,7 +65,7 @@ class GradVac(StatefulWeighting):
         dtype = compute_dtype(losses)
         num_tasks = losses.numel()
         device = losses.device
-        orders = task_orders(num_tasks, device, dtype, self.generator(device), orders)
+        others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
         self.targets, _ = continued_state(self.targets, (num_tasks, num_tasks), dtype, device)
         gram = gram.to(dtype)
         norms = gram.diagonal().clamp_min(0).sqrt()
@@ -74,13 +74,12 @@ class GradVac(StatefulWeighting):
         # (C G)_ij = g_i^PC · g_j, kept up to date with C.
         inner = gram.clone()
         targets = self.targets.clone()
-        for k in range(num_tasks):
-            other = orders[:, k]
-            visited = other != tasks
+        for k in range(num_tasks - 1):
+            other = others[:, k]
             own_norm = (inner * coefficients).sum(1).clamp_min(0).sqrt()
             similarity = inner[tasks, other] / (own_norm * norms[other] + self.eps)
             target = targets[tasks, other]
-            below = visited & (similarity < target) & (norms[other] > 0)
+            below = (similarity < target) & (norms[other] > 0)
             sine = (1 - similarity.square()).clamp_min(0).sqrt()
             target_sine = (1 - target.square()).clamp_min(0).sqrt()
             amount = own_norm * (target * sine - similarity * target_sine) / (norms[other] * target_sine + self.eps)
@@ -88,7 +87,7 @@ class GradVac(StatefulWeighting):
             coefficients = coefficients.index_put((tasks, other), amount, accumulate=True)
             inner = inner + amount[:, None] * gram[other]
             moved = (1 - self.beta) * target + self.beta * similarity
-            targets = targets.index_put((tasks, other), torch.where(visited, moved, target))
+            targets = targets.index_put((tasks, other), moved)
         self.targets.copy_(torch.where(finite_inputs(losses, gram), targets, self.targets))
         return coefficients.sum(0)
 

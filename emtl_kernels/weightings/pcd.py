@@ -13,9 +13,12 @@ solution of the dual, a non-negative QP on G alone:
 
     μ = argmin_{μ ≥ 0} ½ μᵀ G̃_s μ − bᵀμ,   G̃_s = (G̃_jk)_{j,k ≥ 1},   b_j = τ_j G̃_jj − G̃_j0,
 
-solved here by the interior point of :func:`~emtl_kernels.weightings._solvers.minimize_on_orthant`
-in float64 on the device. TorchJD's ``PCDWeighting`` solves the same QP exactly by Goldfarb and
-Idnani's active-set method on the host; the weights agree to the interior point's accuracy.
+solved on a CPU tensor exactly by the compiled active-set solver
+(``torch.ops.emtl_solvers.pcd_weights``, from the scales on), elsewhere by the interior point of
+:func:`~emtl_kernels.weightings._solvers.minimize_on_orthant` in float64 on the device. TorchJD's
+``PCDWeighting`` solves the same QP exactly by Goldfarb and Idnani's active-set method on the
+host: the compiled solve gives its update to rounding, the interior point to its own accuracy.
+The moving average stays in tensor ops on either path.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from ._solvers import IPM_ITERATIONS, minimize_on_orthant
 from .base import check_count, check_number, compute_dtype
 from .stateful import StatefulWeighting, continued_state, finite_inputs
@@ -42,7 +46,8 @@ class PCD(StatefulWeighting):
             is guaranteed (TorchJD's default, 0.02); a float for all or a ``[T − 1]`` tensor.
         beta: in [0, 1), the decay of the moving average of the squared norms (default 0.999).
         eps: ≥ 0, added to that average before its inverse square root (default 1e-8).
-        iterations: interior-point iterations (default 30).
+        iterations: interior-point iterations of the tensor-op solver (default 30; the compiled
+            CPU solver is exact).
 
     State: the moving average of ‖g_i‖² (``sq_norm_average``) and the number of steps it holds
     (``steps``), float64 tensors on the device; :meth:`reset` clears both.
@@ -82,12 +87,20 @@ class PCD(StatefulWeighting):
         num_tasks = losses.numel()
         device = losses.device
         taus = self._taus(num_tasks, device)
+        scales = self._update_scales(gram.diagonal().to(torch.float64), finite_inputs(losses, gram))
+        if _compiled.runs_compiled(gram):
+            return _compiled.ops().pcd_weights(losses, gram, scales, taus)
+        return self._solve_by_interior_point(gram, scales, taus).to(compute_dtype(losses))
+
+    def _solve_by_interior_point(self, gram: Tensor, scales: Tensor, taus: Tensor) -> Tensor:
+        """The tensor-op solve of :meth:`weights` from the scales on, in float64 (the rounding of
+        G's own dtype sizes the test of a zero update)."""
+        num_tasks = gram.shape[-1]
         precision = 10 * torch.finfo(gram.dtype).eps
         gram64 = gram.to(torch.float64)
         sq_norms = gram64.diagonal()
-        scales = self._update_scales(sq_norms, finite_inputs(losses, gram))
         normalized = gram64 * torch.outer(scales, scales)
-        multipliers = torch.ones(num_tasks, dtype=torch.float64, device=device)
+        multipliers = torch.ones(num_tasks, dtype=torch.float64, device=gram64.device)
         if num_tasks > 1:
             multipliers = torch.cat([multipliers[:1], self._dual_solution(normalized, taus)])
         direction_sq_norm = multipliers @ normalized @ multipliers
@@ -95,7 +108,7 @@ class PCD(StatefulWeighting):
         magnitude = (multipliers.abs() @ normalized.diagonal().clamp_min(0).sqrt()).square()
         usable = (sq_norms[0] > 0) & (direction_sq_norm > precision * magnitude)
         rescale = torch.where(usable, sq_norms[0] / torch.where(usable, direction_sq_norm, 1), 0).sqrt()
-        return (multipliers * scales * rescale).to(compute_dtype(losses))
+        return multipliers * scales * rescale
 
     def _taus(self, num_tasks: int, device: torch.device) -> Tensor:
         if isinstance(self.tau, Tensor):

@@ -8,8 +8,8 @@ order of the other tasks j, onto the normal plane of every g_j it conflicts with
 and the update is Σ_i g_i^PC. Every g_i^PC stays a combination of the task gradients,
 g_i^PC = Σ_m A_im g_m, so the projections are tracked on the T×T coefficients A alone:
 g_i^PC·g_j = (A G)_ij, and a projection subtracts (A G)_ij / G_jj from A_ij. The weights are the
-column sums of A. All T tasks take their k-th projection at once, so the T sequential steps are T
-batched updates of A. As in the authors' code and TorchJD, each task draws its own order.
+column sums of A. All T tasks take their k-th projection at once, so the T − 1 sequential steps are
+T − 1 batched updates of A. As in the authors' code and TorchJD, each task draws its own order.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import FunctionWeighting, check_weighting_inputs, compute_dtype
-from .task_orders import SeededGenerators, check_seed, task_orders
+from .task_orders import SeededGenerators, check_seed, other_tasks_in_order
 
 
 def pcgrad_weights(
@@ -47,15 +47,15 @@ def pcgrad_weights(
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     device = losses.device
-    orders = task_orders(num_tasks, device, dtype, generator, orders)
+    others = other_tasks_in_order(num_tasks, device, dtype, generator, orders)
     gram = gram.to(dtype)
     sq_norms = gram.diagonal()
     tasks = torch.arange(num_tasks, device=device)
     coefficients = torch.eye(num_tasks, dtype=dtype, device=device)
-    for k in range(num_tasks):
-        other = orders[:, k]
+    for k in range(num_tasks - 1):
+        other = others[:, k]
         inner = (coefficients * gram[other]).sum(1)
-        conflicting = (inner < 0) & (other != tasks) & (sq_norms[other] > 0)
+        conflicting = (inner < 0) & (sq_norms[other] > 0)
         amount = torch.where(conflicting, inner / torch.where(conflicting, sq_norms[other], 1), 0)
         coefficients = coefficients.index_put((tasks, other), -amount, accumulate=True)
     return coefficients.sum(0)

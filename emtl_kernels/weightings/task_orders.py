@@ -7,20 +7,26 @@ import torch
 from torch import Tensor
 
 
-def task_orders(
+def other_tasks_in_order(
     num_tasks: int,
     device: torch.device,
     dtype: torch.dtype,
     generator: torch.Generator | None = None,
     orders: Tensor | None = None,
 ) -> Tensor:
-    """``[T, T]`` integer tensor, row i a permutation of 0..T−1: the order in which task i meets
-    the others (the methods skip its own index). ``orders`` when given (checked: shape, dtype and
-    device only, since checking that rows are permutations would read the device); else drawn as
-    the ranks of ``torch.rand(T, T)`` (of ``dtype``) along each row, from ``generator`` (the device's default
-    when None): no host round trip."""
+    """``[T, T − 1]`` integer tensor, row i the other tasks in the order task i meets them.
+
+    From ``orders`` when given: ``[T, T]``, row i a permutation of 0..T−1 whose entry i the methods
+    skip (checked: shape, dtype and device only, since checking that rows are permutations would
+    read the device). Else drawn as the ranks of ``torch.rand(T, T)`` (of ``dtype``) along each
+    row, from ``generator`` (the device's default when None): no host round trip. Either way each
+    row's own entry is dropped, which spares the methods one of T batched steps; their rows never
+    read one another, so where a row's skip fell changes nothing."""
     if orders is None:
-        return torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=dtype).argsort(dim=1)
+        draws = torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=dtype)
+        # Each row's own draw, raised above every other (< 1), ranks last; the others keep their ranks.
+        own_last = draws + torch.eye(num_tasks, dtype=dtype, device=device)
+        return own_last.argsort(dim=1)[:, :-1]
     if orders.shape != (num_tasks, num_tasks) or orders.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"orders must be an integer [T, T] = [{num_tasks}, {num_tasks}] tensor, "
@@ -28,7 +34,15 @@ def task_orders(
         )
     if orders.device != device:
         raise ValueError(f"orders are on {orders.device}, the losses on {device}")
-    return orders
+    return others_in_order(orders)
+
+
+def others_in_order(orders: Tensor) -> Tensor:
+    """``[T, T − 1]``: each row i of ``orders [T, T]`` without its entry i, the others in their
+    order (i sorted last by a stable sort, then cut)."""
+    tasks = torch.arange(orders.shape[0], device=orders.device)
+    own_last = torch.argsort((orders == tasks[:, None]).to(torch.int8), dim=1, stable=True)
+    return orders.gather(1, own_last)[:, :-1]
 
 
 def check_seed(seed: object) -> None:
