@@ -28,6 +28,7 @@ from emtl_kernels.weightings import (
     imtl_g_weights,
     mgda_weights,
     nash_mtl_weights,
+    pcgrad_weights,
     upgrad_weights,
 )
 
@@ -146,6 +147,7 @@ def test_opcheck_every_solver_op():
         torch.library.opcheck(ops.config_weights.default, (losses, gram, torch.arange(1.0, 6.0)))
         scales, taus = torch.rand(5, dtype=torch.float64) + 0.5, torch.full((4,), 0.5, dtype=torch.float64)
         torch.library.opcheck(ops.pcd_weights.default, (losses, gram, scales, taus))
+        torch.library.opcheck(ops.pcgrad_weights.default, (losses, gram, torch.rand(5, 5, dtype=dtype)))
     assert set(_compiled.FAKES) == {
         name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")
     }
@@ -163,6 +165,8 @@ def test_opcheck_every_solver_op():
         (lambda ops: ops.config_weights(torch.ones(2), torch.eye(2), torch.ones(3)), "preference must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(2), torch.ones(2)), "scales must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(3)), "taus must be"),
+        (lambda ops: ops.pcgrad_weights(torch.ones(3), torch.eye(3), torch.ones(3, 2)), "order_keys must be"),
+        (lambda ops: ops.pcgrad_weights(torch.ones(2), torch.eye(2), torch.ones(2, 2, dtype=torch.int64)), "floating"),
     ],
 )
 def test_solver_ops_reject_bad_inputs(call, match):
@@ -182,6 +186,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
     fairgrad_weights(losses, gram)
     PCD()(losses, gram)
     config_weights(losses, gram)
+    pcgrad_weights(losses, gram)
     assert calls == [
         "project_onto_dual_cone",
         "project_onto_dual_cone",
@@ -193,6 +198,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
         "fairgrad_weights",
         "pcd_weights",
         "config_weights",
+        "pcgrad_weights",
     ]
 
 
@@ -479,6 +485,29 @@ def test_config_compiled_matches_the_tensor_op_solver_with_a_preference(kind, nu
         assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
         if kind in WELL_POSED_KINDS:
             torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", [*WELL_POSED_KINDS, *SINGULAR_KINDS, "duplicates"])
+def test_pcgrad_compiled_matches_the_tensor_op_solver_on_the_same_draws_and_orders(kind, num_tasks):
+    """Float64 both: the same projections, so the same weights up to rounding (a projected
+    gradient that becomes orthogonal to another can meet it with an inner product of either sign
+    at rounding level: the projection it then takes is of that size)."""
+    losses, gram = as_inputs(adversarial_gram(kind, num_tasks), torch.float64)
+    orders = torch.stack(
+        [torch.randperm(num_tasks, generator=torch.Generator().manual_seed(i)) for i in range(num_tasks)]
+    )
+    scale = gram.diagonal().max().sqrt()
+    for options in ({"orders": orders}, {"generator": "seeded"}):
+        runs = []
+        for solve in (pcgrad_weights, functools.partial(tensor_op_weights, pcgrad_weights)):
+            if "generator" in options:
+                options = {"generator": torch.Generator().manual_seed(7)}
+            runs.append(solve(losses, gram, **options))
+        compiled, expected = runs
+        difference = compiled - expected
+        assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-12 * (expected.abs().sum() + 1) * scale
+        torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-9)
 
 
 def test_fairgrad_pcd_and_config_tensor_op_solvers_trace_in_one_graph():

@@ -146,6 +146,17 @@ at::Tensor config_weights(const at::Tensor& losses, const at::Tensor& gram,
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
+at::Tensor pcgrad_weights(const at::Tensor& losses, const at::Tensor& gram, const at::Tensor& order_keys) {
+  const char* op = "emtl_solvers::pcgrad_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  TORCH_CHECK(order_keys.dim() == 2 && order_keys.size(0) == num_tasks && order_keys.size(1) == num_tasks, op,
+              ": order_keys must be [T, T] = [", num_tasks, ", ", num_tasks, "], got ", order_keys.sizes());
+  TORCH_CHECK(order_keys.is_floating_point() && order_keys.device().is_cpu(), op,
+              ": order_keys must be a floating point CPU tensor");
+  const Vector weights = solvers::pcgrad_weights(num_tasks, widened(gram), widened(order_keys));
+  return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
 solvers::ScaleMode scale_mode_named(const std::string& name) {
   if (name == "min") return solvers::ScaleMode::kMin;
   if (name == "median") return solvers::ScaleMode::kMedian;
@@ -173,6 +184,7 @@ TORCH_LIBRARY_IMPL(emtl_solvers, CPU, m) {
   m.impl("imtl_g_weights", &imtl_g_weights);
   m.impl("config_weights", &config_weights);
   m.impl("aligned_mtl_weights", &aligned_mtl_weights);
+  m.impl("pcgrad_weights", &pcgrad_weights);
 }
 
 }  // namespace emtl::cpu

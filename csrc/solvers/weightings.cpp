@@ -646,4 +646,29 @@ Vector aligned_mtl_weights(int n, const Vector& gram, ScaleMode scale_mode, doub
   return weights;
 }
 
+Vector pcgrad_weights(int n, const Vector& gram, const Vector& order_keys) {
+  Vector weights(n, 0.0);
+  Vector coefficients(n);  // task i's projected gradient, Σ_m coefficients[m] g_m
+  std::vector<int> others;
+  others.reserve(n);
+  for (int i = 0; i < n; ++i) {
+    others.clear();
+    for (int j = 0; j < n; ++j) {
+      if (j != i) others.push_back(j);
+    }
+    std::stable_sort(others.begin(), others.end(),
+                     [&](int a, int b) { return at(order_keys, n, i, a) < at(order_keys, n, i, b); });
+    std::fill(coefficients.begin(), coefficients.end(), 0.0);
+    coefficients[i] = 1.0;
+    for (const int j : others) {
+      double inner = 0.0;
+      for (int m = 0; m < n; ++m) inner += coefficients[m] * at(gram, n, m, j);
+      const double sq_norm = at(gram, n, j, j);
+      if (inner < 0.0 && sq_norm > 0.0) coefficients[j] -= inner / sq_norm;
+    }
+    for (int m = 0; m < n; ++m) weights[m] += coefficients[m];
+  }
+  return weights;
+}
+
 }  // namespace emtl::solvers

@@ -43,6 +43,10 @@ Vector imtl_g_weights(int n, const Vector& gram, double eps);
 // ConFIG's s·D⁻¹C⁺p with s = cᵀCβ / βᵀCβ, β = C⁺p on the active tasks (rank cut at double's eps).
 Vector config_weights(int n, const Vector& gram, const Vector& preference);
 
+// PCGrad's weights: the column sums of the T projected gradients' coefficients, row i meeting the
+// other tasks in increasing order_keys[i][j] (n×n) and projecting out each one it conflicts with.
+Vector pcgrad_weights(int n, const Vector& gram, const Vector& order_keys);
+
 enum class ScaleMode { kMin, kMedian, kRmse };
 
 // √σ · V Λ^{-1/2} Vᵀ π on the kept eigenpairs of G / tr(G).

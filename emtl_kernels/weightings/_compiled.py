@@ -47,6 +47,7 @@ FAKES: dict[str, Callable[..., Tensor]] = {
     "imtl_g_weights": _fake_weights,
     "config_weights": _fake_weights,
     "aligned_mtl_weights": _fake_weights,
+    "pcgrad_weights": _fake_weights,
 }
 
 if _extension.LOAD_ERROR is None:

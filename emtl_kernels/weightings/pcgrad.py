@@ -10,6 +10,9 @@ g_i^PC = Σ_m A_im g_m, so the projections are tracked on the T×T coefficients 
 g_i^PC·g_j = (A G)_ij, and a projection subtracts (A G)_ij / G_jj from A_ij. The weights are the
 column sums of A. All T tasks take their k-th projection at once, so the T − 1 sequential steps are
 T − 1 batched updates of A. As in the authors' code and TorchJD, each task draws its own order.
+On a CPU, where the extension is built, the compiled op ``emtl_solvers::pcgrad_weights`` takes
+the same draws (or orders) and runs the rows' projections one by one in double: the same
+weights without some twenty small tensor ops a call.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from .base import FunctionWeighting, check_weighting_inputs, compute_dtype
-from .task_orders import SeededGenerators, check_seed, other_tasks_in_order
+from .task_orders import SeededGenerators, check_seed, order_keys, other_tasks_in_order
 
 
 def pcgrad_weights(
@@ -47,6 +51,9 @@ def pcgrad_weights(
     dtype = compute_dtype(losses)
     num_tasks = losses.numel()
     device = losses.device
+    if _compiled.runs_compiled(gram):
+        keys = order_keys(num_tasks, device, dtype, generator, orders)
+        return _compiled.ops().pcgrad_weights(losses, gram, keys)
     others = other_tasks_in_order(num_tasks, device, dtype, generator, orders)
     gram = gram.to(dtype)
     sq_norms = gram.diagonal()

@@ -14,19 +14,35 @@ def other_tasks_in_order(
     generator: torch.Generator | None = None,
     orders: Tensor | None = None,
 ) -> Tensor:
-    """``[T, T − 1]`` integer tensor, row i the other tasks in the order task i meets them.
-
-    From ``orders`` when given: ``[T, T]``, row i a permutation of 0..T−1 whose entry i the methods
-    skip (checked: shape, dtype and device only, since checking that rows are permutations would
-    read the device). Else drawn as the ranks of ``torch.rand(T, T)`` (of ``dtype``) along each
-    row, from ``generator`` (the device's default when None): no host round trip. Either way each
-    row's own entry is dropped, which spares the methods one of T batched steps; their rows never
-    read one another, so where a row's skip fell changes nothing."""
+    """``[T, T − 1]`` integer tensor, row i the other tasks in the order task i meets them, from
+    :func:`order_keys`. Each row's own entry is dropped, which spares the methods one of T batched
+    steps; their rows never read one another, so where a row's skip fell changes nothing."""
     if orders is None:
-        draws = torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=dtype)
+        draws = order_keys(num_tasks, device, dtype, generator)
         # Each row's own draw, raised above every other (< 1), ranks last; the others keep their ranks.
         own_last = draws + torch.eye(num_tasks, dtype=dtype, device=device)
         return own_last.argsort(dim=1)[:, :-1]
+    return others_in_order(checked_orders(orders, num_tasks, device))
+
+
+def order_keys(
+    num_tasks: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+    orders: Tensor | None = None,
+) -> Tensor:
+    """``[T, T]`` keys of ``dtype``: row i meets the other tasks in increasing key (its own entry
+    skipped). Drawn as ``torch.rand(T, T)`` from ``generator`` (the device's default when None):
+    no host round trip. From ``orders`` when given: ``[T, T]``, row i a permutation of 0..T−1 whose
+    entry i the methods skip (checked: shape, dtype and device only, since checking that rows are
+    permutations would read the device), each task's key its place in the row."""
+    if orders is None:
+        return torch.rand(num_tasks, num_tasks, generator=generator, device=device, dtype=dtype)
+    return checked_orders(orders, num_tasks, device).argsort(dim=1).to(dtype)
+
+
+def checked_orders(orders: Tensor, num_tasks: int, device: torch.device) -> Tensor:
     if orders.shape != (num_tasks, num_tasks) or orders.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"orders must be an integer [T, T] = [{num_tasks}, {num_tasks}] tensor, "
@@ -34,7 +50,7 @@ def other_tasks_in_order(
         )
     if orders.device != device:
         raise ValueError(f"orders are on {orders.device}, the losses on {device}")
-    return others_in_order(orders)
+    return orders
 
 
 def others_in_order(orders: Tensor) -> Tensor:
