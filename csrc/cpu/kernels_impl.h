@@ -82,6 +82,14 @@ void store_pair(Half16* p, int64_t count, const Vec& lo, const Vec& hi) {
   at::vec::convert_from_float<Half16>(lo, hi).store(p, count);
 }
 
+constexpr int64_t kCacheLine = 64;
+
+// Asks for the cache line `bytes` past p (a hint: it never faults, wherever that lies; it costs
+// a load slot).
+C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes), 0, 2);
+}
+
 // Lanes summed in double, in lane order: a fixed order, and no float rounding of the total.
 inline double lane_sum(const Vec& v) {
   float lanes[kVec];
@@ -173,7 +181,11 @@ struct AheadWalk {
 
   C10_ALWAYS_INLINE void ask(int64_t e) const {
     const int64_t offset = e * step_bytes;
-    __builtin_prefetch(offset < row_bytes ? first + offset : second + (offset - row_bytes), 0, 2);
+    if (offset < row_bytes) {
+      prefetch(first, offset);
+    } else {
+      prefetch(second, offset - row_bytes);
+    }
   }
 };
 
@@ -519,9 +531,20 @@ void store_step(scalar_t* p, int64_t count, const Vec (&x)[4]) {
   if (count > 2 * kVec) store_pair(p + 2 * kVec, count - 2 * kVec, x[2], x[3]);
 }
 
+// Asks for the step's elements in the next span of the row, which this group reads after the
+// other groups of this span: for T > kTaskGroup a row is read kCombineSpan elements at a time,
+// too short a run for the hardware prefetchers to follow.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void ask_next_span(const scalar_t* p) {
+  constexpr int64_t kSpanBytes = kCombineSpan * sizeof(scalar_t);
+  for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(scalar_t)); line += kCacheLine) {
+    prefetch(p, kSpanBytes + line);
+  }
+}
+
 // One step of `count` elements (kStep, or fewer at the end of a segment) at offset e of the
 // rows: acc = carry (or 0) + Σ_a weights[a] · rows[a][e:], then to the carry or to out.
-template <bool kFull, typename scalar_t>
+template <bool kFull, bool kAskAhead, typename scalar_t>
 C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* weights, int64_t group, int64_t e,
                                     int64_t count, bool first, bool last, bool accumulate, float* carry,
                                     scalar_t* out) {
@@ -531,6 +554,7 @@ C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* we
     const Vec weight(weights[a]);
     Vec x[4];
     if constexpr (kFull) {
+      if constexpr (kAskAhead) ask_next_span(rows[a] + e);
       load_step(rows[a] + e, x);
     } else {
       load_step(rows[a] + e, count, x);
@@ -557,8 +581,9 @@ C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* we
   }
 }
 
-// rows: the active tasks' rows at this segment's first position; n elements of out.
-template <typename scalar_t>
+// rows: the active tasks' rows at this segment's first position; n elements of out. kAskAhead
+// where there are several groups (a single group reads its rows in long sequential runs).
+template <bool kAskAhead, typename scalar_t>
 void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, scalar_t* out, bool accumulate,
                      int64_t n, float* carry) {
   for (int64_t start = 0; start < n; start += kCombineSpan) {
@@ -570,10 +595,10 @@ void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, sca
       const float* weights = active.weights + g0;
       int64_t e = 0;
       for (; e + kStep <= span; e += kStep) {
-        combine_step<true>(group_rows, weights, group, start + e, kStep, first, last, accumulate, carry + e, out);
+        combine_step<true, kAskAhead>(group_rows, weights, group, start + e, kStep, first, last, accumulate, carry + e, out);
       }
       if (e < span) {
-        combine_step<false>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
+        combine_step<false, kAskAhead>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
                             out);
       }
     }
@@ -589,7 +614,11 @@ void combine_range(const TaskTable& grads, const ActiveTasks& active, void* cons
     for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
       for (int64_t a = 0; a < active.count; ++a) rows[a] = piece<scalar_t>(grads, active.tasks[a], k) + first;
       auto* out = static_cast<scalar_t*>(outs[k]) + first;
-      combine_segment(rows.data(), active, out, accumulate, last - first, carry);
+      if (active.count > kTaskGroup) {
+        combine_segment<true>(rows.data(), active, out, accumulate, last - first, carry);
+      } else {
+        combine_segment<false>(rows.data(), active, out, accumulate, last - first, carry);
+      }
     });
   });
 }
