@@ -84,11 +84,15 @@ void store_pair(Half16* p, int64_t count, const Vec& lo, const Vec& hi) {
 
 constexpr int64_t kCacheLine = 64;
 
+// The address `bytes` past p, for prefetch hints only: computed on integers, as it may lie
+// outside any object.
+C10_ALWAYS_INLINE const char* byte_offset(const void* p, int64_t bytes) {
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes));
+}
+
 // Asks for the cache line `bytes` past p (a hint: it never faults, wherever that lies; it costs
 // a load slot).
-C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + bytes), 0, 2);
-}
+C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) { __builtin_prefetch(byte_offset(p, bytes), 0, 2); }
 
 // Lanes summed in double, in lane order: a fixed order, and no float rounding of the total.
 inline double lane_sum(const Vec& v) {
@@ -166,26 +170,23 @@ struct Ahead {
 
 // Asks for the two rows of `ahead` over a tile's n steps, one request a step: step e (an element
 // offset) asks for byte 2·e·element_bytes of the rows end to end, so the first half of the steps
-// covers row 0 and the second half row 1 (a hint: it never faults, and costs a load slot).
+// covers row 0 and the second half row 1. The row is picked by a select, not a branch: a branch
+// in the tiles' loops leaves GCC keeping the accumulators on the stack.
 struct AheadWalk {
   const char* first;
-  const char* second;
-  int64_t step_bytes;  // 2·element_bytes
-  int64_t row_bytes;   // n·element_bytes
+  const char* second_less_row;  // the second row, row_bytes before it: its start at offset row_bytes
+  int64_t step_bytes;           // 2·element_bytes
+  int64_t row_bytes;            // n·element_bytes
 
   AheadWalk(const Ahead& ahead, int64_t n)
       : first(ahead.rows[0]),
-        second(ahead.rows[1]),
+        second_less_row(byte_offset(ahead.rows[1], -n * ahead.element_bytes)),
         step_bytes(2 * ahead.element_bytes),
         row_bytes(n * ahead.element_bytes) {}
 
   C10_ALWAYS_INLINE void ask(int64_t e) const {
     const int64_t offset = e * step_bytes;
-    if (offset < row_bytes) {
-      prefetch(first, offset);
-    } else {
-      prefetch(second, offset - row_bytes);
-    }
+    prefetch(offset < row_bytes ? first : second_less_row, offset);
   }
 };
 
