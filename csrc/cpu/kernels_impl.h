@@ -145,10 +145,11 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // single triangle (T <= 4) reads J in place, a few long sequential streams (16-bit: up to 3 rows
 // converted in registers, 4 through the buffer).
 //
-// A block's tiles also ask for the next block's rows of J, two rows a tile, a cache line a step:
-// the next block reaches the caches while this one is computed, the requests spread over all of
-// its arithmetic. (The hardware prefetchers lose each row's stream at every block boundary, and
-// a triangle's own requests alone come in bursts that the miss buffers cannot hold.)
+// Where there are strips, a block's tiles also ask for the next block's rows of J, two rows a
+// tile, a cache line a step: the next block reaches the caches while this one is computed, the
+// requests spread over all of its arithmetic. (The hardware prefetchers lose each row's stream
+// at every block boundary, and a triangle's own requests alone come in bursts that the miss
+// buffers cannot hold.)
 
 #define EMTL_UNROLL _Pragma("GCC unroll 16")
 
@@ -191,21 +192,21 @@ struct AheadWalk {
 };
 
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
-// of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. The loops over i and j are
-// unrolled so that the accumulators stay in registers.
+// of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. It asks for nothing ahead: it
+// is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
+// the hardware prefetchers follow (and the requests would have GCC keep 16-bit accumulators on
+// the stack). The loops over i and j are unrolled so that the accumulators stay in registers.
 template <int NI, typename scalar_t = float>
-void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, int64_t n, const Ahead& ahead,
+void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, int64_t n, const Ahead&,
                      float* acc) {
   constexpr int kCount = NI * (NI + 1) / 2;
   const scalar_t* a[NI];
   EMTL_UNROLL
   for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
-  const AheadWalk walk(ahead, n);
   Vec sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
   for (int64_t e = 0; e < n; e += kVec) {
-    walk.ask(e);
     Vec x[NI];
     EMTL_UNROLL
     for (int i = 0; i < NI; ++i) {
@@ -363,7 +364,8 @@ struct GramTiles {
   }
 
   // Tile t of the C tiles, in the order they run, asks for rows t and t + C (mod T): every row
-  // where 2C >= T, which holds from T = 5 on (a single triangle reads rows 0 and 1 ahead).
+  // where 2C >= T, which holds from T = 5 on, where there are strips (a single triangle asks for
+  // nothing).
   void assign_ahead(int64_t num_tasks) {
     int64_t tiles = static_cast<int64_t>(triangles.size());
     for (const auto& row_block : strips) tiles += static_cast<int64_t>(row_block.size());
