@@ -123,6 +123,27 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
     assert_gram_close(results[1][0], exact)
 
 
+# ---- several Gram blocks and combine spans
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_tasks", [5, 16, 17, 31, 32, 33])
+@pytest.mark.parametrize("layout", ["matrix", "strided_rows", "blocks"])
+def test_passes_over_several_blocks_match_float64(dtype, num_tasks, layout):
+    # 7001 elements: 3 to 11 of the Gram pass's column blocks (40 KiB of float32 over T rows),
+    # neither a whole number of blocks nor of vectors, so every tile asks for the next block's
+    # rows, the last block of each tensor for its own, and a tail follows; and several combine
+    # spans read in task groups that ask for the next span (T > 8). strided_rows: rows that are
+    # not contiguous; blocks: five tensors, each its own run of blocks.
+    grads, exact = make_task_gradients(num_tasks, 7001, dtype, layout, seed=num_tasks)
+    assert_gram_close(task_gram(grads, backend="native"), exact)
+    assert_sq_norms_close(task_sq_norms(grads, backend="native"), exact)
+    weights = torch.linspace(-1.0, 1.5, num_tasks)
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(weighted_combine(grads, weights, backend="native"), expected, scale, dtype)
+
+
 # ---- many small tensors
 
 

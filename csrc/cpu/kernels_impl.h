@@ -82,6 +82,18 @@ void store_pair(Half16* p, int64_t count, const Vec& lo, const Vec& hi) {
   at::vec::convert_from_float<Half16>(lo, hi).store(p, count);
 }
 
+constexpr int64_t kCacheLine = 64;
+
+// The address `bytes` past p, for prefetch hints only: computed on integers, as it may lie
+// outside any object.
+C10_ALWAYS_INLINE const char* byte_offset(const void* p, int64_t bytes) {
+  return reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes));
+}
+
+// Asks for the cache line `bytes` past p (a hint: it never faults, wherever that lies; it costs
+// a load slot).
+C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) { __builtin_prefetch(byte_offset(p, bytes), 0, 2); }
+
 // Lanes summed in double, in lane order: a fixed order, and no float rounding of the total.
 inline double lane_sum(const Vec& v) {
   float lanes[kVec];
@@ -126,17 +138,23 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // The lower triangle of the T×T products is computed in register tiles, column block by column
 // block: per block of 4 rows, a triangle on the diagonal (10 accumulators), then strips of those
 // 4 rows by 3 columns below it (12 accumulators, 7 loads for 12 FMAs; 2 columns where 4 or 2
-// remain). The triangle is the first tile to read its 4 rows in a block. It reads them from J,
-// side by side, and leaves a float32 copy in an L1 buffer, which the strips read: the loads from
-// memory are spread over the block's arithmetic, and the strips do not read rows of J, which lie
-// a power of two apart and would compete for the same L1 sets. 16-bit rows are first widened, 4
-// rows side by side, into the buffer, where the triangle reads them: each element is converted
-// once (up to 3 tasks, a single triangle converts them in registers).
+// remain). Where there are strips (T > 4), each triangle first copies its 4 rows of the block
+// from J into a float32 buffer in L1 (widening 16-bit rows), a run at a time, then accumulates
+// from the buffer, which its strips read too: the strips never read rows of J, which lie a power
+// of two apart and would compete for the same L1 sets, and each element is converted once. A
+// single triangle (T <= 4) reads J in place, a few long sequential streams (16-bit: up to 3 rows
+// converted in registers, 4 through the buffer).
+//
+// Where there are strips, a block's tiles also ask for the next block's rows of J, two rows a
+// tile, a cache line a step: the next block reaches the caches while this one is computed, the
+// requests spread over all of its arithmetic. (The hardware prefetchers lose each row's stream
+// at every block boundary, and a triangle's own requests alone come in bursts that the miss
+// buffers cannot hold.)
 
 #define EMTL_UNROLL _Pragma("GCC unroll 16")
 
 constexpr int kRowBlock = 4;
-constexpr int64_t kGramBlockBytes = 32 * 1024;  // the float32 buffer: T rows of a block, in L1
+constexpr int64_t kGramBlockBytes = 40 * 1024;  // the float32 buffer: T rows of a block, in L1
 
 // Elements of a row per block: a multiple of 2 kVec, at least 8 vectors.
 inline int64_t gram_block(int64_t num_tasks) {
@@ -144,19 +162,47 @@ inline int64_t gram_block(int64_t num_tasks) {
   return std::clamp<int64_t>(length / (2 * kVec) * (2 * kVec), 8 * kVec, 256 * kVec);
 }
 
+// The two rows of J a tile asks for, at the start of the next block (bytes; element e of a row
+// is e·element_bytes in).
+struct Ahead {
+  const char* rows[2];
+  int64_t element_bytes;
+};
+
+// Asks for the two rows of `ahead` over a tile's n steps, one request a step: step e (an element
+// offset) asks for byte 2·e·element_bytes of the rows end to end, so the first half of the steps
+// covers row 0 and the second half row 1. The row is picked by a select, not a branch: a branch
+// in the tiles' loops leaves GCC keeping the accumulators on the stack.
+struct AheadWalk {
+  const char* first;
+  const char* second_less_row;  // the second row, row_bytes before it: its start at offset row_bytes
+  int64_t step_bytes;           // 2·element_bytes
+  int64_t row_bytes;            // n·element_bytes
+
+  AheadWalk(const Ahead& ahead, int64_t n)
+      : first(ahead.rows[0]),
+        second_less_row(byte_offset(ahead.rows[1], -n * ahead.element_bytes)),
+        step_bytes(2 * ahead.element_bytes),
+        row_bytes(n * ahead.element_bytes) {}
+
+  C10_ALWAYS_INLINE void ask(int64_t e) const {
+    const int64_t offset = e * step_bytes;
+    prefetch(offset < row_bytes ? first : second_less_row, offset);
+  }
+};
+
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
-// of kVec) into acc (slot i(i+1)/2 + j); with kCopy, also stores the rows into copies[row0 + i].
-// The loops over i and j are unrolled so that the accumulators stay in registers.
-template <int NI, bool kCopy, typename scalar_t = float>
-void gram_triangle(const scalar_t* const* rows, float* const* copies, int64_t row0, int64_t n, float* acc) {
+// of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. It asks for nothing ahead: it
+// is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
+// the hardware prefetchers follow (and the requests would have GCC keep 16-bit accumulators on
+// the stack). The loops over i and j are unrolled so that the accumulators stay in registers.
+template <int NI, typename scalar_t = float>
+void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, int64_t n, const Ahead&,
+                     float* acc) {
   constexpr int kCount = NI * (NI + 1) / 2;
   const scalar_t* a[NI];
-  float* copy[NI];
   EMTL_UNROLL
-  for (int i = 0; i < NI; ++i) {
-    a[i] = rows[row0 + i];
-    copy[i] = kCopy ? copies[row0 + i] : nullptr;
-  }
+  for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
   Vec sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
@@ -168,69 +214,40 @@ void gram_triangle(const scalar_t* const* rows, float* const* copies, int64_t ro
       EMTL_UNROLL
       for (int j = 0; j <= i; ++j) sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x[i], x[j], sum[i * (i + 1) / 2 + j]);
     }
-    if constexpr (kCopy) {
-      EMTL_UNROLL
-      for (int i = 0; i < NI; ++i) x[i].store(copy[i] + e);
-    }
   }
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
 }
 
-// Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
-// (row-major NI × NJ).
-template <int NI, int NJ>
-void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n, float* acc) {
-  const float* a[NI];
-  const float* b[NJ];
-  EMTL_UNROLL
-  for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
-  EMTL_UNROLL
-  for (int j = 0; j < NJ; ++j) b[j] = rows[col0 + j];
-  Vec sum[NI * NJ];
-  EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
-  for (int64_t e = 0; e < n; e += kVec) {
-    Vec y[NJ];
-    EMTL_UNROLL
-    for (int j = 0; j < NJ; ++j) y[j] = Vec::loadu(b[j] + e);
-    EMTL_UNROLL
-    for (int i = 0; i < NI; ++i) {
-      const Vec x = Vec::loadu(a[i] + e);
-      EMTL_UNROLL
-      for (int j = 0; j < NJ; ++j) sum[i * NJ + j] = at::vec::fmadd(x, y[j], sum[i * NJ + j]);
-    }
-  }
-  EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot].store(acc + slot * kVec);
-}
+// Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle from the
+// copies, over n elements (a multiple of kVec), kCopyRun elements at a time: the copy of one run
+// reads memory while the arithmetic of the previous one is still under way. (Copying and
+// multiplying in one loop leaves GCC storing the accumulators to the stack every step.)
+constexpr int64_t kCopyRun = 16 * kVec;
 
-// Widens rows[row0 + i] into copies[row0 + i] and accumulates their triangle, over n elements
-// (a multiple of kVec), kWidenRun elements at a time: the widening of one run reads memory while
-// the arithmetic of the previous one is still under way. (Widening and multiplying in one loop
-// leaves GCC storing the accumulators to the stack every step.)
-constexpr int64_t kWidenRun = 16 * kVec;
-
-template <int NI, typename Half16>
-void widened_triangle(const Half16* const* rows, float* const* copies, int64_t row0, int64_t n, float* acc) {
+template <int NI, typename scalar_t>
+void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_t row0, int64_t n,
+                       const Ahead& ahead, float* acc) {
   constexpr int kCount = NI * (NI + 1) / 2;
-  const Half16* a[NI];
+  const scalar_t* a[NI];
   float* copy[NI];
   EMTL_UNROLL
   for (int i = 0; i < NI; ++i) {
     a[i] = rows[row0 + i];
     copy[i] = copies[row0 + i];
   }
+  const AheadWalk walk(ahead, n);
   Vec sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
-  for (int64_t run = 0; run < n; run += kWidenRun) {
-    const int64_t stop = std::min(n, run + kWidenRun);
+  for (int64_t run = 0; run < n; run += kCopyRun) {
+    const int64_t stop = std::min(n, run + kCopyRun);
     for (int64_t e = run; e < stop; e += kVec) {
       EMTL_UNROLL
       for (int i = 0; i < NI; ++i) load(a[i] + e).store(copy[i] + e);
     }
     for (int64_t e = run; e < stop; e += kVec) {
+      walk.ask(e);
       EMTL_UNROLL
       for (int i = 0; i < NI; ++i) {
         const Vec x = Vec::loadu(copy[i] + e);
@@ -246,24 +263,51 @@ void widened_triangle(const Half16* const* rows, float* const* copies, int64_t r
   for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
 }
 
-// The triangle of rows row0.. of J: float32 rows read in place (copied where strips read them),
-// 16-bit rows widened first.
-template <typename scalar_t>
-using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, int64_t, float*);
-using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, float*);
-
-template <int NI, typename scalar_t>
-TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool copy) {
-  if constexpr (NI > 1) {
-    if (rows < NI) return triangle_kernel<NI - 1, scalar_t>(rows, copy);
+// Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
+// (row-major NI × NJ).
+template <int NI, int NJ>
+void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n, const Ahead& ahead, float* acc) {
+  const float* a[NI];
+  const float* b[NJ];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
+  EMTL_UNROLL
+  for (int j = 0; j < NJ; ++j) b[j] = rows[col0 + j];
+  const AheadWalk walk(ahead, n);
+  Vec sum[NI * NJ];
+  EMTL_UNROLL
+  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
+  for (int64_t e = 0; e < n; e += kVec) {
+    walk.ask(e);
+    Vec y[NJ];
+    EMTL_UNROLL
+    for (int j = 0; j < NJ; ++j) y[j] = Vec::loadu(b[j] + e);
+    EMTL_UNROLL
+    for (int i = 0; i < NI; ++i) {
+      const Vec x = Vec::loadu(a[i] + e);
+      EMTL_UNROLL
+      for (int j = 0; j < NJ; ++j) sum[i * NJ + j] = at::vec::fmadd(x, y[j], sum[i * NJ + j]);
+    }
   }
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return copy ? gram_triangle<NI, true> : gram_triangle<NI, false>;
-  } else if constexpr (NI < kRowBlock) {
-    // Up to 3 tasks: one triangle, nothing to copy, and few enough accumulators to convert in place.
-    return copy ? widened_triangle<NI, scalar_t> : gram_triangle<NI, false, scalar_t>;
+  EMTL_UNROLL
+  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot].store(acc + slot * kVec);
+}
+
+template <typename scalar_t>
+using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, int64_t, const Ahead&, float*);
+using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, const Ahead&, float*);
+
+// The triangle of `rows` rows from row0: through the buffer where strips read it (`buffered`),
+// and for 4 rows of a 16-bit J (too many accumulators to convert in registers as well).
+template <int NI, typename scalar_t>
+TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool buffered) {
+  if constexpr (NI > 1) {
+    if (rows < NI) return triangle_kernel<NI - 1, scalar_t>(rows, buffered);
+  }
+  if constexpr (std::is_same_v<scalar_t, float> || NI < kRowBlock) {
+    return buffered ? buffered_triangle<NI, scalar_t> : direct_triangle<NI, scalar_t>;
   } else {
-    return widened_triangle<NI, scalar_t>;
+    return buffered_triangle<NI, scalar_t>;
   }
 }
 
@@ -276,18 +320,20 @@ StripKernel strip_kernel(int64_t rows, int64_t cols) {
 }
 
 // The tiles, row block by row block: its triangle, then strips of 3 columns (2 where 4 or 2
-// columns remain; row0 is a multiple of 4, so 1 never remains); and where each of G's lower
-// entries accumulates.
+// columns remain; row0 is a multiple of 4, so 1 never remains); which rows of the next block
+// each tile asks for; and where each of G's lower entries accumulates.
 template <typename scalar_t>
 struct GramTiles {
   struct Triangle {
     int64_t row0, acc;
     TriangleKernel<scalar_t> from_j;
     TriangleKernel<float> from_copies;
+    int64_t ahead[2];
   };
   struct Strip {
     int64_t row0, col0, acc;
     StripKernel run;
+    int64_t ahead[2];
   };
   std::vector<Triangle> triangles;         // one a row block
   std::vector<std::vector<Strip>> strips;  // those of each row block
@@ -295,11 +341,11 @@ struct GramTiles {
   std::vector<int64_t> entry;              // lower_pair_index(i, j) -> its accumulator
 
   explicit GramTiles(int64_t num_tasks) : entry(num_lower_pairs(num_tasks)) {
-    const bool copy = num_tasks > kRowBlock;  // a single triangle has no strips to copy for
+    const bool buffered = num_tasks > kRowBlock;  // a single triangle has no strips to copy for
     for (int64_t row0 = 0; row0 < num_tasks; row0 += kRowBlock) {
       const int64_t rows = std::min<int64_t>(kRowBlock, num_tasks - row0);
-      triangles.push_back(Triangle{row0, accumulators, triangle_kernel<kRowBlock, scalar_t>(rows, copy),
-                                   triangle_kernel<kRowBlock, float>(rows, false)});
+      triangles.push_back(Triangle{row0, accumulators, triangle_kernel<kRowBlock, scalar_t>(rows, buffered),
+                                   triangle_kernel<kRowBlock, float>(rows, false), {}});
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j <= i; ++j) entry[lower_pair_index(row0 + i, row0 + j)] = accumulators++;
       }
@@ -307,12 +353,31 @@ struct GramTiles {
       for (int64_t col0 = 0; col0 < row0;) {
         const int64_t left = row0 - col0;
         const int64_t cols = left == 4 || left == 2 ? 2 : 3;
-        strips.back().push_back(Strip{row0, col0, accumulators, strip_kernel<kRowBlock>(rows, cols)});
+        strips.back().push_back(Strip{row0, col0, accumulators, strip_kernel<kRowBlock>(rows, cols), {}});
         for (int64_t i = 0; i < rows; ++i) {
           for (int64_t j = 0; j < cols; ++j) entry[lower_pair_index(row0 + i, col0 + j)] = accumulators++;
         }
         col0 += cols;
       }
+    }
+    assign_ahead(num_tasks);
+  }
+
+  // Tile t of the C tiles, in the order they run, asks for rows t and t + C (mod T): every row
+  // where 2C >= T, which holds from T = 5 on, where there are strips (a single triangle asks for
+  // nothing).
+  void assign_ahead(int64_t num_tasks) {
+    int64_t tiles = static_cast<int64_t>(triangles.size());
+    for (const auto& row_block : strips) tiles += static_cast<int64_t>(row_block.size());
+    int64_t tile = 0;
+    auto assign = [&](int64_t (&ahead)[2]) {
+      ahead[0] = tile % num_tasks;
+      ahead[1] = (tile + tiles) % num_tasks;
+      ++tile;
+    };
+    for (size_t r = 0; r < triangles.size(); ++r) {
+      assign(triangles[r].ahead);
+      for (auto& strip : strips[r]) assign(strip.ahead);
     }
   }
 };
@@ -328,34 +393,51 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   std::vector<float*> copies(num_tasks);
   for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer.get() + i * block;
   std::vector<const scalar_t*> rows(num_tasks);
+  std::vector<const char*> next_rows(num_tasks);
 
-  auto run_strips = [&](size_t row_block, int64_t n) {
-    for (const auto& strip : tiling.strips[row_block]) {
-      strip.run(copies.data(), strip.row0, strip.col0, n, acc + strip.acc * kVec);
-    }
+  auto ahead_of = [&](const int64_t (&ahead)[2], int64_t element_bytes) {
+    return Ahead{{next_rows[ahead[0]], next_rows[ahead[1]]}, element_bytes};
   };
-  // n elements (a multiple of kVec) of tensor k from position start.
-  auto run_block = [&](int64_t k, int64_t start, int64_t n) {
-    for (int64_t i = 0; i < num_tasks; ++i) rows[i] = piece<scalar_t>(grads, i, k) + start;
+  // The tiles over n elements (a multiple of kVec) of the rows (J, or the buffer: from_copies).
+  auto run_tiles = [&](bool from_copies, int64_t n, int64_t element_bytes) {
     for (size_t r = 0; r < tiling.triangles.size(); ++r) {
       const auto& triangle = tiling.triangles[r];
-      triangle.from_j(rows.data(), copies.data(), triangle.row0, n, acc + triangle.acc * kVec);
-      run_strips(r, n);
+      const Ahead ahead = ahead_of(triangle.ahead, element_bytes);
+      float* const triangle_acc = acc + triangle.acc * kVec;
+      if (from_copies) {
+        triangle.from_copies(copies.data(), nullptr, triangle.row0, n, ahead, triangle_acc);
+      } else {
+        triangle.from_j(rows.data(), copies.data(), triangle.row0, n, ahead, triangle_acc);
+      }
+      for (const auto& strip : tiling.strips[r]) {
+        strip.run(copies.data(), strip.row0, strip.col0, n, ahead_of(strip.ahead, element_bytes),
+                  acc + strip.acc * kVec);
+      }
     }
   };
-  // The last n < kVec elements of a segment, widened into the buffer with zeros after them.
+  // n elements of tensor k from position start; `next` where the next block starts.
+  auto run_block = [&](int64_t k, int64_t start, int64_t n, int64_t next) {
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      rows[i] = piece<scalar_t>(grads, i, k) + start;
+      next_rows[i] = reinterpret_cast<const char*>(piece<scalar_t>(grads, i, k) + next);
+    }
+    run_tiles(false, n, sizeof(scalar_t));
+  };
+  // The last n < kVec elements of a segment, widened into the buffer with zeros after them (the
+  // tiles ask for the buffer, already in L1).
   auto run_tail = [&](int64_t k, int64_t start, int64_t n) {
-    for (int64_t i = 0; i < num_tasks; ++i) load(piece<scalar_t>(grads, i, k) + start, n).store(copies[i]);
-    for (size_t r = 0; r < tiling.triangles.size(); ++r) {
-      const auto& triangle = tiling.triangles[r];
-      triangle.from_copies(copies.data(), nullptr, triangle.row0, kVec, acc + triangle.acc * kVec);
-      run_strips(r, kVec);
+    for (int64_t i = 0; i < num_tasks; ++i) {
+      load(piece<scalar_t>(grads, i, k) + start, n).store(copies[i]);
+      next_rows[i] = reinterpret_cast<const char*>(copies[i]);
     }
+    run_tiles(true, kVec, sizeof(float));
   };
   for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
     const int64_t whole_end = first + (last - first) / kVec * kVec;
     for (int64_t start = first; start < whole_end; start += block) {
-      run_block(k, start, std::min(block, whole_end - start));
+      const int64_t n = std::min(block, whole_end - start);
+      // The last block of a segment asks for itself: nothing lies past the segment's end.
+      run_block(k, start, n, start + n < whole_end ? start + n : start);
     }
     if (whole_end < last) run_tail(k, whole_end, last - whole_end);
   });
@@ -452,9 +534,20 @@ void store_step(scalar_t* p, int64_t count, const Vec (&x)[4]) {
   if (count > 2 * kVec) store_pair(p + 2 * kVec, count - 2 * kVec, x[2], x[3]);
 }
 
+// Asks for the step's elements in the next span of the row, which this group reads after the
+// other groups of this span: for T > kTaskGroup a row is read kCombineSpan elements at a time,
+// too short a run for the hardware prefetchers to follow.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void ask_next_span(const scalar_t* p) {
+  constexpr int64_t kSpanBytes = kCombineSpan * sizeof(scalar_t);
+  for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(scalar_t)); line += kCacheLine) {
+    prefetch(p, kSpanBytes + line);
+  }
+}
+
 // One step of `count` elements (kStep, or fewer at the end of a segment) at offset e of the
 // rows: acc = carry (or 0) + Σ_a weights[a] · rows[a][e:], then to the carry or to out.
-template <bool kFull, typename scalar_t>
+template <bool kFull, bool kAskAhead, typename scalar_t>
 C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* weights, int64_t group, int64_t e,
                                     int64_t count, bool first, bool last, bool accumulate, float* carry,
                                     scalar_t* out) {
@@ -464,6 +557,7 @@ C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* we
     const Vec weight(weights[a]);
     Vec x[4];
     if constexpr (kFull) {
+      if constexpr (kAskAhead) ask_next_span(rows[a] + e);
       load_step(rows[a] + e, x);
     } else {
       load_step(rows[a] + e, count, x);
@@ -490,8 +584,9 @@ C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* we
   }
 }
 
-// rows: the active tasks' rows at this segment's first position; n elements of out.
-template <typename scalar_t>
+// rows: the active tasks' rows at this segment's first position; n elements of out. kAskAhead
+// where there are several groups (a single group reads its rows in long sequential runs).
+template <bool kAskAhead, typename scalar_t>
 void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, scalar_t* out, bool accumulate,
                      int64_t n, float* carry) {
   for (int64_t start = 0; start < n; start += kCombineSpan) {
@@ -503,10 +598,10 @@ void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, sca
       const float* weights = active.weights + g0;
       int64_t e = 0;
       for (; e + kStep <= span; e += kStep) {
-        combine_step<true>(group_rows, weights, group, start + e, kStep, first, last, accumulate, carry + e, out);
+        combine_step<true, kAskAhead>(group_rows, weights, group, start + e, kStep, first, last, accumulate, carry + e, out);
       }
       if (e < span) {
-        combine_step<false>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
+        combine_step<false, kAskAhead>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
                             out);
       }
     }
@@ -522,7 +617,11 @@ void combine_range(const TaskTable& grads, const ActiveTasks& active, void* cons
     for_each_segment(grads, begin, end, [&](int64_t k, int64_t first, int64_t last) {
       for (int64_t a = 0; a < active.count; ++a) rows[a] = piece<scalar_t>(grads, active.tasks[a], k) + first;
       auto* out = static_cast<scalar_t*>(outs[k]) + first;
-      combine_segment(rows.data(), active, out, accumulate, last - first, carry);
+      if (active.count > kTaskGroup) {
+        combine_segment<true>(rows.data(), active, out, accumulate, last - first, carry);
+      } else {
+        combine_segment<false>(rows.data(), active, out, accumulate, last - first, carry);
+      }
     });
   });
 }
