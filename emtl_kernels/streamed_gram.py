@@ -88,7 +88,8 @@ def streamed_gram(losses: Sequence[Tensor], params: Sequence[Tensor], *, backend
     except (RuntimeError, NotImplementedError) as error:
         raise StreamedGramError(
             "the exact Gram matrix in mode='memory' comes from one vectorised backward (torch.vmap over the "
-            f"T task cotangents), and an op of this model has no batched form there: {error}"
+            "T task cotangents), and an op of this model has no batched form there (a weighting that reads "
+            f"only the norms runs without it: mode='memory', batched_backward=False): {error}"
         ) from error
     finally:
         for handle in handles:
