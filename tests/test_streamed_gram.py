@@ -12,6 +12,7 @@ from _asserts import GRAM_RTOL, assert_within, gram64
 from multitask_models import ToyMultiTask, toy_batch
 from torch import nn
 
+from bench.memory import cpu_peak_increase
 from emtl_kernels import MTLStep
 from emtl_kernels.streamed_gram import GramAccumulator, StreamedGramError, streamed_gram
 
@@ -213,3 +214,28 @@ def test_an_op_without_a_batched_form_raises_by_name_and_writes_nothing():
     with pytest.raises(StreamedGramError, match=r"mode='memory'.*\.item\(\)"):
         step.backward([doubled.sum(), doubled.square().sum()])
     assert weight.grad is None and step.last is None
+
+
+def test_memory_mode_keeps_no_task_gradient_matrix():
+    """Peak extra CPU tensor bytes of a step on a deep MLP: speed mode holds T·P·s of task
+    gradients; memory mode's exact G at most the update (P·s) and twice T times the largest
+    parameter in pending blocks, plus the vectorised backward's activation gradients."""
+    num_tasks, width, depth, batch = 8, 192, 6, 16
+    peaks = {}
+    for mode in ("speed", "memory"):
+        torch.manual_seed(0)
+        trunk = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+        heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
+        inputs = torch.randn(batch, width)
+        step = MTLStep(trunk.parameters(), "upgrad", mode=mode)
+
+        def one_step(trunk=trunk, heads=heads, inputs=inputs, step=step):
+            features = trunk(inputs)
+            step.backward([(i + 1) * head(features).square().mean() for i, head in enumerate(heads)])
+
+        peaks[mode] = cpu_peak_increase(one_step)
+    shared_bytes = depth * (width * width + width) * 4
+    activation_gradients = num_tasks * depth * 2 * batch * width * 4
+    assert peaks["speed"] >= num_tasks * shared_bytes
+    assert peaks["memory"] <= 0.5 * peaks["speed"]
+    assert peaks["memory"] <= shared_bytes + 2 * num_tasks * (width * width) * 4 + activation_gradients
