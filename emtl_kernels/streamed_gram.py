@@ -17,7 +17,7 @@ slow per-task fallback): an op that cannot fails with PyTorch's error naming it,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,14 +31,27 @@ class StreamedGramError(RuntimeError):
     """The vectorised backward of the streamed Gram matrix failed on an op of the model."""
 
 
+#: What the Gram pass reads of the pending ``[T, *shape]`` blocks: by default the blocks
+#: themselves; a data-parallel step's summed shard of them (see :mod:`.distributed.step`).
+Gathering = Callable[[list[Tensor]], TaskGradients]
+
+
 class GramAccumulator:
     """Sum of the Gram partials of ``[T, *shape]`` blocks, reduced by the fused Gram pass once
     the pending blocks hold ``capacity`` elements, so that small parameters share one pass."""
 
-    def __init__(self, num_tasks: int, capacity: int, device: torch.device, backend: str):
+    def __init__(
+        self,
+        num_tasks: int,
+        capacity: int,
+        device: torch.device,
+        backend: str,
+        gathering: Gathering = TaskGradients.from_blocks,
+    ):
         self.gram = torch.zeros(num_tasks, num_tasks, dtype=torch.float32, device=device)
         self.capacity = capacity
         self.backend = backend
+        self.gathering = gathering
         self._pending: list[Tensor] = []
         self._pending_numel = 0
 
@@ -52,21 +65,29 @@ class GramAccumulator:
     def flush(self) -> Tensor:
         """Reduce the pending blocks into :attr:`gram` and free them; returns :attr:`gram`."""
         if self._pending:
-            self.gram += task_gram(TaskGradients.from_blocks(self._pending), backend=self.backend)
+            self.gram += task_gram(self.gathering(self._pending), backend=self.backend)
             self._pending, self._pending_numel = [], 0
         return self.gram
 
 
-def streamed_gram(losses: Sequence[Tensor], params: Sequence[Tensor], *, backend: str) -> tuple[Tensor, list[bool]]:
+def streamed_gram(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    backend: str,
+    gathering: Gathering = TaskGradients.from_blocks,
+) -> tuple[Tensor, list[bool]]:
     """G = J Jᵀ over ``params`` (``[T, T]`` float32, J the task gradients of ``losses``), and for
     each parameter whether any loss reaches it. The graph is kept for a later backward.
 
     ``params`` are leaf tensors of one dtype and device; nothing is written into their ``.grad``.
+    ``gathering``: what the Gram pass reads of a group of pending blocks (the blocks themselves by
+    default); G is then the Gram matrix of what it returns.
     """
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
     largest = max(p.numel() for p in params)
-    accumulator = GramAccumulator(num_tasks, num_tasks * largest, params[0].device, backend)
+    accumulator = GramAccumulator(num_tasks, num_tasks * largest, params[0].device, backend, gathering)
     reached = [False] * len(params)
     level: list[int] = []
 
