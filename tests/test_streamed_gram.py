@@ -13,8 +13,8 @@ from multitask_models import ToyMultiTask, toy_batch
 from torch import nn
 
 from bench.memory import cpu_peak_increase
-from emtl_kernels import MTLStep
-from emtl_kernels.streamed_gram import GramAccumulator, StreamedGramError, streamed_gram
+from emtl_kernels import MTLStep, StreamedGramError
+from emtl_kernels.streamed_gram import GramAccumulator, streamed_gram
 
 LOSS_SCALES = (1.0, 30.0, 0.05, 3.0)
 # The float32 model's gradients against its float64 twin's: the backward's own rounding, relative
