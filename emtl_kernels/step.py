@@ -388,7 +388,9 @@ class MTLStep:
     # Memory mode, or norms on a subset: G or the norms, then one backward of Σ w_i L_i.
     def _backward_weighted_sum(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
         scope = self.norm_params or self.shared_params
-        # Unweighted heads take their gradients from the T task passes; weighted ones from the last.
+        # Unweighted heads take their gradients from the T task passes (the vectorised backward
+        # reaches the shared parameters only: one backward of Σ_i L_i through the heads then);
+        # weighted ones from the last.
         unweighted = self.head_gradients == "unweighted"
         task_heads = heads if unweighted else []
         if self.mode == "speed":
@@ -472,9 +474,7 @@ class MTLStep:
         with ``head_gradients="unweighted"``); None where no loss reaches one. Nothing is written."""
         unweighted = self.head_gradients == "unweighted"
         # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
-        head_grads: list[Tensor | None] = []
-        if unweighted and heads:
-            head_grads = list(torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True))
+        head_grads = self._summed_head_gradients(losses, heads) if unweighted else []
         targets = self.shared_params if unweighted else self.shared_params + heads
         weighted_loss = weighted_sum(losses, weights)
         grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))
