@@ -1,5 +1,5 @@
-"""The exact Gram matrix of the task gradients at O(P) extra memory: one vectorised backward whose
-per-parameter task gradients are reduced into G as soon as autograd produces them.
+"""The exact Gram matrix of the task gradients without the T×P task-gradient matrix: one vectorised
+backward whose per-parameter task gradients are reduced into G as soon as autograd produces them.
 
 ``torch.func.vmap`` runs one backward of the T losses over the T cotangents e_1 … e_T, so every
 gradient in it is a ``[T, …]`` block: task i's gradient is its row i. A hook on each parameter
