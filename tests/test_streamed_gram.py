@@ -239,3 +239,17 @@ def test_memory_mode_keeps_no_task_gradient_matrix():
     assert peaks["speed"] >= num_tasks * shared_bytes
     assert peaks["memory"] <= 0.5 * peaks["speed"]
     assert peaks["memory"] <= shared_bytes + 2 * num_tasks * (width * width) * 4 + activation_gradients
+
+
+def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding():
+    """The blocks reach the Gram pass in their storage dtype; the vectorised backward rounds its
+    bfloat16 gradients in another order than T passes do (2⁻⁸ relative)."""
+    grams = []
+    for mode in ("speed", "memory"):
+        model = ToyMultiTask().to(torch.bfloat16)
+        step = MTLStep(model.trunk.parameters(), "upgrad", mode=mode)
+        step.backward(model.losses(*toy_batch(3, dtype=torch.bfloat16)))
+        assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+        grams.append(step.last.gram)
+    assert grams[1].dtype == torch.float32
+    assert_gram_near(grams[1], grams[0], 2**-6)
