@@ -243,7 +243,7 @@ def test_memory_mode_keeps_no_task_gradient_matrix():
 
 def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding():
     """The blocks reach the Gram pass in their storage dtype; the vectorised backward rounds its
-    bfloat16 gradients in another order than T passes do (2⁻⁸ relative)."""
+    bfloat16 gradients in another order than T passes may (one rounding, 2⁻⁸ relative)."""
     grams = []
     for mode in ("speed", "memory"):
         model = ToyMultiTask().to(torch.bfloat16)
@@ -252,4 +252,4 @@ def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding()
         assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
         grams.append(step.last.gram)
     assert grams[1].dtype == torch.float32
-    assert_gram_near(grams[1], grams[0], 2**-6)
+    assert_gram_near(grams[1], grams[0], 2**-8)
