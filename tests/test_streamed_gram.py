@@ -13,7 +13,7 @@ from multitask_models import ToyMultiTask, toy_batch
 from torch import nn
 
 from bench.memory import cpu_peak_increase
-from emtl_kernels import MTLStep, StreamedGramError
+from emtl_kernels import MTLStep, StreamedGramError, available_backends
 from emtl_kernels.streamed_gram import GramAccumulator, streamed_gram
 
 LOSS_SCALES = (1.0, 30.0, 0.05, 3.0)
@@ -253,3 +253,12 @@ def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding()
         grams.append(step.last.gram)
     assert grams[1].dtype == torch.float32
     assert_gram_near(grams[1], grams[0], 2**-8)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_every_backend_streams_the_same_gram_matrix(backend):
+    """The Gram pass runs inside the vectorised backward, on plain tensors, with any backend."""
+    model = TiedMultiTask()
+    shared = [p for p in model.trunk.parameters() if p.requires_grad]
+    gram, _ = streamed_gram(model.losses(*tied_batch()), shared, backend=backend)
+    assert_gram_near(gram, gram64(reference_jacobian64(TiedMultiTask(), tied_batch)), MODEL_GRAM_RTOL)
