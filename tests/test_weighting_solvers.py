@@ -903,7 +903,7 @@ def test_make_weighting_by_name_passes_the_options(name, options):
     weighting = make_weighting(name, **options)
     assert type(weighting) is weighting_class
     assert {key: weighting.options[key] for key in options} == options
-    assert weighting.gram_use == "full"  # every one reads all of G: none runs in memory mode
+    assert weighting.gram_use == "full"  # every one reads all of G: memory mode streams it
     losses, gram = inputs(exact_gram("random", 5), torch.float64)
     assert torch.equal(weighting(losses, gram), function(losses, gram, **options))
 
