@@ -464,9 +464,7 @@ class MTLStep:
         unweighted = self.head_gradients == "unweighted"
         # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
         summed_heads = heads if unweighted else []
-        head_grads = (
-            torch.autograd.grad(sum(losses), summed_heads, retain_graph=True, allow_unused=True) if summed_heads else ()
-        )
+        head_grads = self._summed_head_gradients(losses, summed_heads)
         check.require_finite(values_to_check(summed_heads, head_grads))
         targets = self.shared_params if unweighted else self.shared_params + heads
         backward_into_grads(weighted_sum(losses, weights), targets, check, retain_graph=retain_graph)

@@ -24,6 +24,7 @@ from emtl_kernels.weightings import (
     cagrad_weights,
     config_weights,
     dualproj_weights,
+    fairgrad,
     fairgrad_weights,
     imtl_g_weights,
     mgda_weights,
@@ -31,6 +32,7 @@ from emtl_kernels.weightings import (
     pcgrad_weights,
     upgrad_weights,
 )
+from emtl_kernels.weightings.fairgrad import rounding_ridge
 
 pytestmark = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the compiled extension is not built")
 
@@ -575,3 +577,131 @@ def test_torch_compile_traces_each_compiled_solve_in_one_graph(name):
     torch._dynamo.reset()
     compiled = torch.compile(functools.partial(function, **options), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(losses, gram), function(losses, gram, **options), rtol=0, atol=0)
+
+
+#: A float32 G of eight nearly dependent gradients, some opposite (found by the property test of
+#: finite weights): rounding left it indefinite by 6e-8 of its scaled diagonal, beyond reg_eps.
+INDEFINITE_BY_ROUNDING = [
+    [
+        2.374669075012207,
+        -0.45217281579971313,
+        -3.357506036758423,
+        0.8759503960609436,
+        -1.671244740486145,
+        -2.1552300453186035,
+        0.6215559244155884,
+        1.2913953065872192,
+    ],
+    [
+        -0.45217281579971313,
+        0.08610052615404129,
+        0.6393197774887085,
+        -0.16679416596889496,
+        0.31823021173477173,
+        0.410388320684433,
+        -0.11835362762212753,
+        -0.24590115249156952,
+    ],
+    [
+        -3.357506036758423,
+        0.6393197774887085,
+        4.7471232414245605,
+        -1.2384920120239258,
+        2.362945795059204,
+        3.0472447872161865,
+        -0.8788078427314758,
+        -1.825882911682129,
+    ],
+    [
+        0.8759503960609436,
+        -0.16679416596889496,
+        -1.2384920120239258,
+        0.3231141269207001,
+        -0.6164764165878296,
+        -0.7950053811073303,
+        0.2292749583721161,
+        0.47636038064956665,
+    ],
+    [
+        -1.671244740486145,
+        0.31823021173477173,
+        2.362945795059204,
+        -0.6164764165878296,
+        1.1761887073516846,
+        1.5168079137802124,
+        -0.4374386668205261,
+        -0.9088582992553711,
+    ],
+    [
+        -2.1552300453186035,
+        0.410388320684433,
+        3.0472447872161865,
+        -0.7950053811073303,
+        1.5168079137802124,
+        1.9560691118240356,
+        -0.5641190409660339,
+        -1.1720597743988037,
+    ],
+    [
+        0.6215559244155884,
+        -0.11835362762212753,
+        -0.8788078427314758,
+        0.2292749583721161,
+        -0.4374386668205261,
+        -0.5641190409660339,
+        0.16268867254257202,
+        0.33801528811454773,
+    ],
+    [
+        1.2913953065872192,
+        -0.24590115249156952,
+        -1.825882911682129,
+        0.47636038064956665,
+        -0.9088582992553711,
+        -1.1720597743988037,
+        0.33801528811454773,
+        0.7022881507873535,
+    ],
+]
+
+
+def test_fairgrad_solves_a_float32_gram_that_rounding_left_indefinite():
+    """The equations on the G above have no solution with the ridge reg_eps: the first solve
+    diverges, and both solvers then solve them with the ridge of ``rounding_ridge``."""
+    gram = torch.tensor(INDEFINITE_BY_ROUNDING, dtype=torch.float32)
+    losses = torch.ones(8)
+    assert not torch.isfinite(fairgrad._solve_by_newton(gram, 1.0, 1e-8, 50)).all()
+    with tensor_op_solvers():
+        expected = fairgrad_weights(losses, gram)
+    weights = fairgrad_weights(losses, gram)
+    assert torch.isfinite(weights).all() and (weights > 0).all()
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
+    ridge = rounding_ridge(gram, 1e-8)
+    assert fairgrad_residual(gram.double(), weights.double(), 1.0, reg_eps=ridge) <= 1e-6
+
+
+def test_mgda_keeps_its_optimum_on_gram_graded_below_the_null_space_cut():
+    """Gradient norms from 1e-3 to 3.5e3 (found by the property test of MGDA's optimality): the
+    smallest tasks' directions fall below the least-norm step's null-space cut relative to λ_max,
+    yet decide the optimum, whose αᵀGα is 5e-7. The step must not move along them: KKT holds."""
+    jacobian = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 1e-3, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1e-3, 1e-3],
+            [0.0, 0.0, 0.0, -1e3, 0.0],
+            [0.0, 0.0, 1.0, 0.0, 0.0],
+            [0.0, -1e3, -1e3, -3e3, 1e3],
+        ],
+        dtype=torch.float64,
+    )
+    gram = jacobian @ jacobian.T
+    weights = mgda_weights(torch.ones(7, dtype=torch.float64), gram)
+    has_gradient = gram.diagonal() > 0
+    optimum = weights @ gram @ weights
+    assert (weights[has_gradient] >= 0).all() and abs(float(weights[has_gradient].sum()) - 1) <= 1e-12
+    assert ((gram @ weights)[has_gradient] >= optimum * (1 - 1e-6)).all()
+    with tensor_op_solvers():
+        expected = mgda_weights(torch.ones(7, dtype=torch.float64), gram)
+    torch.testing.assert_close(optimum, expected @ gram @ expected, rtol=1e-3, atol=0)

@@ -4,6 +4,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -103,8 +105,15 @@ at::Tensor fairgrad_weights(const at::Tensor& losses, const at::Tensor& gram, do
   TORCH_CHECK(p > 0.0 && reg_eps >= 0.0 && iterations >= 0,
               "emtl_solvers::fairgrad_weights: p must be > 0, reg_eps and iterations >= 0, got ", p, ", ", reg_eps,
               " and ", iterations);
-  const Vector weights =
-      solvers::fairgrad_weights(num_tasks, widened(gram), p, reg_eps, static_cast<int>(iterations));
+  const Vector widened_gram = widened(gram);
+  Vector weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, reg_eps, static_cast<int>(iterations));
+  // G's rounding can leave it indefinite beyond reg_eps (no solution: the steps diverge); the
+  // ridge of fairgrad.py's rounding_ridge then makes one exist.
+  const bool finite = std::all_of(weights.begin(), weights.end(), [](double w) { return std::isfinite(w); });
+  if (!finite) {
+    const double ridge = reg_eps + 2.0 * num_tasks * gram_eps(gram);
+    weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, ridge, static_cast<int>(iterations));
+  }
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 

@@ -133,6 +133,24 @@ Vector least_norm_minimiser(int n, const Vector& normalized, const std::vector<i
   for (int i = 0; i < k; ++i) {
     if (result[free_set[i]] < 0.0) return alpha;
   }
+  // A direction below the cut may still matter at the scale of the optimum itself (G graded over
+  // many orders, αᵀĜα far below max λ): the move must leave αᵀĜα as it was, to its rounding.
+  const auto objective = [&](const Vector& weights, double& magnitude) {
+    double value = 0.0;
+    magnitude = 0.0;
+    for (int i : free_set) {
+      for (int j : free_set) {
+        const double term = weights[i] * at(normalized, n, i, j) * weights[j];
+        value += term;
+        magnitude += std::abs(term);
+      }
+    }
+    return value;
+  };
+  double before_magnitude = 0.0, after_magnitude = 0.0;
+  const double before = objective(alpha, before_magnitude);
+  const double after = objective(result, after_magnitude);
+  if (after > before + 4.0 * k * kEps * std::max(before_magnitude, after_magnitude)) return alpha;
   return result;
 }
 
