@@ -19,6 +19,7 @@ from torch import Tensor
 from emtl_kernels import _extension
 from emtl_kernels.weightings import (
     PCD,
+    GradVac,
     _compiled,
     aligned_mtl_weights,
     cagrad_weights,
@@ -150,6 +151,8 @@ def test_opcheck_every_solver_op():
         scales, taus = torch.rand(5, dtype=torch.float64) + 0.5, torch.full((4,), 0.5, dtype=torch.float64)
         torch.library.opcheck(ops.pcd_weights.default, (losses, gram, scales, taus))
         torch.library.opcheck(ops.pcgrad_weights.default, (losses, gram, torch.rand(5, 5, dtype=dtype)))
+        keys, targets = torch.rand(5, 5, dtype=dtype), torch.rand(5, 5, dtype=dtype) - 0.5
+        torch.library.opcheck(ops.gradvac_weights.default, (losses, gram, keys, targets, 0.5, 1e-8))
     assert set(_compiled.FAKES) == {
         name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")
     }
@@ -189,6 +192,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
     PCD()(losses, gram)
     config_weights(losses, gram)
     pcgrad_weights(losses, gram)
+    GradVac()(losses, gram)
     assert calls == [
         "project_onto_dual_cone",
         "project_onto_dual_cone",
@@ -201,6 +205,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
         "pcd_weights",
         "config_weights",
         "pcgrad_weights",
+        "gradvac_weights",
     ]
 
 
@@ -510,6 +515,29 @@ def test_pcgrad_compiled_matches_the_tensor_op_solver_on_the_same_draws_and_orde
         difference = compiled - expected
         assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-12 * (expected.abs().sum() + 1) * scale
         torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", [*WELL_POSED_KINDS, "duplicates"])
+def test_gradvac_compiled_matches_the_tensor_op_solver_over_steps(kind, num_tasks):
+    """Float64 both, three steps on the same draws, given orders on the last: the same corrections
+    and the same moved targets, up to rounding amplified by 1/√(1 − φ̂²) as targets near ±1. Not on
+    rank-one or opposite G: similarities of exactly ±1 make that factor unbounded, and the two
+    solvers' rounding then part at any precision (TorchJD's as well)."""
+    losses, gram = as_inputs(adversarial_gram(kind, num_tasks), torch.float64)
+    orders = torch.stack(
+        [torch.randperm(num_tasks, generator=torch.Generator().manual_seed(i)) for i in range(num_tasks)]
+    )
+    compiled, tensor_op = GradVac(seed=3), GradVac(seed=3)
+    for step in range(3):
+        options = {"orders": orders} if step == 2 else {}
+        weights = compiled.weights(losses, gram, **options)
+        with tensor_op_solvers():
+            expected = tensor_op.weights(losses, gram, **options)
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+        torch.testing.assert_close(compiled.targets, tensor_op.targets, rtol=1e-6, atol=1e-7)
+    if kind == "random" and num_tasks > 1:
+        assert compiled.targets.abs().sum() > 0
 
 
 def test_fairgrad_pcd_and_config_tensor_op_solvers_trace_in_one_graph():

@@ -9,6 +9,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "../solvers/weightings.h"
 
@@ -155,15 +156,35 @@ at::Tensor config_weights(const at::Tensor& losses, const at::Tensor& gram,
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
-at::Tensor pcgrad_weights(const at::Tensor& losses, const at::Tensor& gram, const at::Tensor& order_keys) {
-  const char* op = "emtl_solvers::pcgrad_weights";
-  const int num_tasks = checked_num_tasks(losses, gram, op);
+void check_order_keys(const at::Tensor& order_keys, int num_tasks, const char* op) {
   TORCH_CHECK(order_keys.dim() == 2 && order_keys.size(0) == num_tasks && order_keys.size(1) == num_tasks, op,
               ": order_keys must be [T, T] = [", num_tasks, ", ", num_tasks, "], got ", order_keys.sizes());
   TORCH_CHECK(order_keys.is_floating_point() && order_keys.device().is_cpu(), op,
               ": order_keys must be a floating point CPU tensor");
+}
+
+at::Tensor pcgrad_weights(const at::Tensor& losses, const at::Tensor& gram, const at::Tensor& order_keys) {
+  const char* op = "emtl_solvers::pcgrad_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  check_order_keys(order_keys, num_tasks, op);
   const Vector weights = solvers::pcgrad_weights(num_tasks, widened(gram), widened(order_keys));
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
+std::tuple<at::Tensor, at::Tensor> gradvac_weights(const at::Tensor& losses, const at::Tensor& gram,
+                                                   const at::Tensor& order_keys, const at::Tensor& targets,
+                                                   double beta, double eps) {
+  const char* op = "emtl_solvers::gradvac_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  check_order_keys(order_keys, num_tasks, op);
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == num_tasks && targets.size(1) == num_tasks, op,
+              ": targets must be [T, T] = [", num_tasks, ", ", num_tasks, "], got ", targets.sizes());
+  TORCH_CHECK(targets.is_floating_point() && targets.device().is_cpu(), op,
+              ": targets must be a floating point CPU tensor");
+  Vector moved = widened(targets);
+  const Vector weights = solvers::gradvac_weights(num_tasks, widened(gram), widened(order_keys), moved, beta, eps);
+  return {as_tensor(weights, {num_tasks}, weights_dtype(losses)),
+          as_tensor(moved, {num_tasks, num_tasks}, targets.scalar_type())};
 }
 
 solvers::ScaleMode scale_mode_named(const std::string& name) {
@@ -194,6 +215,7 @@ TORCH_LIBRARY_IMPL(emtl_solvers, CPU, m) {
   m.impl("config_weights", &config_weights);
   m.impl("aligned_mtl_weights", &aligned_mtl_weights);
   m.impl("pcgrad_weights", &pcgrad_weights);
+  m.impl("gradvac_weights", &gradvac_weights);
 }
 
 }  // namespace emtl::cpu

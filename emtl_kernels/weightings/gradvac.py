@@ -11,7 +11,9 @@ and each target follows the similarities seen, φ̂_ij ← (1 − β) φ̂_ij + 
 update is Σ_i g_i^PC. As in PCGrad, every g_i^PC = Σ_m C_im g_m is tracked on its T×T
 coefficients, every similarity read from C and G, and the T tasks take their k-th correction at
 once. This matches TorchJD's ``GradVacWeighting`` (same order convention, same ε placement), which
-runs the T(T − 1) corrections one by one on the host.
+runs the T(T − 1) corrections one by one on the host. On a CPU, where the extension is built, the
+compiled op ``emtl_solvers::gradvac_weights`` takes the same draws (or orders) and targets and
+runs the rows' corrections one by one in double.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from .base import check_number, compute_dtype
 from .stateful import StatefulWeighting, continued_state, finite_inputs
-from .task_orders import SeededGenerators, other_tasks_in_order
+from .task_orders import SeededGenerators, order_keys, other_tasks_in_order
 
 
 class GradVac(StatefulWeighting):
@@ -65,8 +68,13 @@ class GradVac(StatefulWeighting):
         dtype = compute_dtype(losses)
         num_tasks = losses.numel()
         device = losses.device
-        others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
         self.targets, _ = continued_state(self.targets, (num_tasks, num_tasks), dtype, device)
+        if _compiled.runs_compiled(gram):
+            keys = order_keys(num_tasks, device, dtype, self.generator(device), orders)
+            weights, moved = _compiled.ops().gradvac_weights(losses, gram, keys, self.targets, self.beta, self.eps)
+            self.targets.copy_(torch.where(finite_inputs(losses, gram), moved, self.targets))
+            return weights
+        others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
         gram = gram.to(dtype)
         norms = gram.diagonal().clamp_min(0).sqrt()
         tasks = torch.arange(num_tasks, device=device)
