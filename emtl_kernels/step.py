@@ -330,7 +330,7 @@ class MTLStep:
                 backend=self.backend,
             )
             return
-        backups = backups_of(outs, accumulate)
+        backups = backups_of([out if accumulate else None for out in outs])
         weighted_combine(
             jacobian, torch.where(check.skipped, 0.0, weights), out=outs, accumulate=accumulate, backend=self.backend
         )

@@ -85,10 +85,10 @@ from ..features import (
 )
 from ..grad_writes import (
     accumulate_grad,
+    backups_of,
     give_empty_grads,
     grad_destinations,
-    held_grads,
-    restore_grads_if,
+    undo_if,
     values_to_check,
 )
 from ..ops import task_gram, weighted_combine
@@ -414,12 +414,12 @@ class DistributedMTLStep(MTLStep):
         check.require(comm.all_true(check.update_finite))
         additions = _unless(check.skipped, [*cotangents, *head_grads])
         trunk = self.shared_params + trunk_others
-        held = held_grads(trunk + heads)
+        backups = backups_of([p.grad for p in trunk + heads])
         _backward_by_ddp([*features, *heads], additions, retain_graph=retain_graph)
         # The trunk's gradients exist only now, averaged by DDP: the same on every rank, so is the
         # check; finite cotangents can still meet an infinite derivative below the features.
-        check.require_finite([p.grad for p in trunk if p.grad is not None])
-        restore_grads_if(check.skipped, trunk + heads, held)
+        check.require_finite([p.grad for p in trunk])
+        undo_if(check.skipped, [p.grad for p in trunk + heads], backups)
         return self._record(losses, gram, weights, check, gram_formed=True)
 
     # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.
