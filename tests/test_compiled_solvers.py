@@ -33,7 +33,7 @@ from emtl_kernels.weightings import (
     pcgrad_weights,
     upgrad_weights,
 )
-from emtl_kernels.weightings.fairgrad import rounding_ridge
+from emtl_kernels.weightings._solvers import rounding_ridge
 
 pytestmark = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the compiled extension is not built")
 
@@ -145,7 +145,7 @@ def test_opcheck_every_solver_op():
         torch.library.opcheck(ops.nash_mtl_weights.default, (losses, gram, 1e-9, None, 40))
         torch.library.opcheck(ops.imtl_g_weights.default, (losses, gram))
         torch.library.opcheck(ops.aligned_mtl_weights.default, (losses, gram, "median"))
-        torch.library.opcheck(ops.fairgrad_weights.default, (losses, gram, 2.0, 1e-8, 50))
+        torch.library.opcheck(ops.fairgrad_weights.default, (losses, gram, 2.0, 1e-8, 1e-6, 50))
         torch.library.opcheck(ops.config_weights.default, (losses, gram, None))
         torch.library.opcheck(ops.config_weights.default, (losses, gram, torch.arange(1.0, 6.0)))
         scales, taus = torch.rand(5, dtype=torch.float64) + 0.5, torch.full((4,), 0.5, dtype=torch.float64)
@@ -166,7 +166,7 @@ def test_opcheck_every_solver_op():
         (lambda ops: ops.imtl_g_weights(torch.ones(2), torch.ones(2, 2, dtype=torch.int64)), "floating point"),
         (lambda ops: ops.aligned_mtl_weights(torch.ones(2), torch.eye(2), "max"), "scale_mode"),
         (lambda ops: ops.project_onto_dual_cone(torch.eye(2), torch.ones(2), 0.0, 0.0), "preferences must be"),
-        (lambda ops: ops.fairgrad_weights(torch.ones(2), torch.eye(2), 0.0, 1e-8, 50), "p must be"),
+        (lambda ops: ops.fairgrad_weights(torch.ones(2), torch.eye(2), 0.0, 1e-8, 1e-6, 50), "p must be"),
         (lambda ops: ops.config_weights(torch.ones(2), torch.eye(2), torch.ones(3)), "preference must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(2), torch.ones(2)), "scales must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(3)), "taus must be"),
@@ -695,7 +695,7 @@ INDEFINITE_BY_ROUNDING = [
 
 def test_fairgrad_solves_a_float32_gram_that_rounding_left_indefinite():
     """The equations on the G above have no solution with the ridge reg_eps: the first solve
-    diverges, and both solvers then solve them with the ridge of ``rounding_ridge``."""
+    diverges, and both solvers then solve them with the ridge reg_eps + 2·T·eps."""
     gram = torch.tensor(INDEFINITE_BY_ROUNDING, dtype=torch.float32)
     losses = torch.ones(8)
     assert not torch.isfinite(fairgrad._solve_by_newton(gram, 1.0, 1e-8, 50)).all()
@@ -704,7 +704,7 @@ def test_fairgrad_solves_a_float32_gram_that_rounding_left_indefinite():
     weights = fairgrad_weights(losses, gram)
     assert torch.isfinite(weights).all() and (weights > 0).all()
     torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
-    ridge = rounding_ridge(gram, 1e-8)
+    ridge = 1e-8 + rounding_ridge(2 * 8, gram.dtype)
     assert fairgrad_residual(gram.double(), weights.double(), 1.0, reg_eps=ridge) <= 1e-6
 
 

@@ -101,19 +101,18 @@ at::Tensor nash_mtl_weights(const at::Tensor& losses, const at::Tensor& gram, do
 }
 
 at::Tensor fairgrad_weights(const at::Tensor& losses, const at::Tensor& gram, double p, double reg_eps,
-                            int64_t iterations) {
+                            double fallback_reg_eps, int64_t iterations) {
   const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::fairgrad_weights");
-  TORCH_CHECK(p > 0.0 && reg_eps >= 0.0 && iterations >= 0,
-              "emtl_solvers::fairgrad_weights: p must be > 0, reg_eps and iterations >= 0, got ", p, ", ", reg_eps,
-              " and ", iterations);
+  TORCH_CHECK(p > 0.0 && reg_eps >= 0.0 && fallback_reg_eps >= 0.0 && iterations >= 0,
+              "emtl_solvers::fairgrad_weights: p must be > 0, reg_eps, fallback_reg_eps and iterations >= 0, got ", p,
+              ", ", reg_eps, ", ", fallback_reg_eps, " and ", iterations);
   const Vector widened_gram = widened(gram);
   Vector weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, reg_eps, static_cast<int>(iterations));
-  // G's rounding can leave it indefinite beyond reg_eps (no solution: the steps diverge); the
-  // ridge of fairgrad.py's rounding_ridge then makes one exist.
+  // Where G's rounding left it indefinite beyond reg_eps (no solution: the steps diverge), the
+  // caller's larger ridge makes one exist; the solve runs again only then.
   const bool finite = std::all_of(weights.begin(), weights.end(), [](double w) { return std::isfinite(w); });
   if (!finite) {
-    const double ridge = reg_eps + 2.0 * num_tasks * gram_eps(gram);
-    weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, ridge, static_cast<int>(iterations));
+    weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, fallback_reg_eps, static_cast<int>(iterations));
   }
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
+from ._solvers import rounding_ridge
 from .base import (
     FunctionWeighting,
     check_count,
@@ -84,18 +85,15 @@ def fairgrad_weights(
     """
     check_weighting_inputs(losses, gram)
     _check_options(p, reg_eps, iterations)
+    # The second solve's ridge, 2·T·eps of G's dtype on top, makes the ridged G̃ positive definite
+    # whatever G's rounding did.
+    fallback_reg_eps = reg_eps + rounding_ridge(2 * gram.shape[-1], gram.dtype)
     if _compiled.runs_compiled(gram):
-        return _compiled.ops().fairgrad_weights(losses, gram, p, reg_eps, iterations)
-    first = _solve_by_newton(gram, p, reg_eps, iterations)
+        return _compiled.ops().fairgrad_weights(losses, gram, p, reg_eps, fallback_reg_eps, iterations)
     # Tensor ops cannot take the second solve only where the first failed: both run.
-    second = _solve_by_newton(gram, p, rounding_ridge(gram, reg_eps), iterations)
+    first = _solve_by_newton(gram, p, reg_eps, iterations)
+    second = _solve_by_newton(gram, p, fallback_reg_eps, iterations)
     return torch.where(torch.isfinite(first).all(), first, second).to(compute_dtype(losses))
-
-
-def rounding_ridge(gram: Tensor, reg_eps: float) -> float:
-    """The ridge of the second solve: ``reg_eps`` + 2·T·eps of G's dtype, which makes the
-    ridged G̃ positive definite whatever the rounding of G's entries did to it."""
-    return reg_eps + 2 * gram.shape[-1] * torch.finfo(gram.dtype).eps
 
 
 def _solve_by_newton(gram: Tensor, p: float, reg_eps: float, iterations: int) -> Tensor:
