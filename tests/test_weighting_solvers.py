@@ -46,7 +46,7 @@ from emtl_kernels.weightings._solvers import (
     symmetric_eigh,
 )
 from emtl_kernels.weightings.nash_mtl import REG_EPS
-from emtl_kernels.weightings.task_orders import others_in_order
+from emtl_kernels.weightings.task_orders import other_tasks_in_order
 
 DTYPES = [torch.float64, torch.float32]
 EPS = {dtype: torch.finfo(dtype).eps for dtype in DTYPES}
@@ -410,9 +410,9 @@ def test_pcgrad_rejects_bad_orders(orders, match):
         pcgrad_weights(torch.ones(4), torch.eye(4), orders=orders)
 
 
-def test_others_in_order_drops_each_rows_own_index_and_keeps_the_others_order():
+def test_other_tasks_in_order_drops_each_rows_own_index_and_keeps_the_others_order():
     orders = random_orders(7, seed=3)
-    others = others_in_order(orders)
+    others = other_tasks_in_order(7, orders.device, torch.float32, orders=orders)
     assert others.shape == (7, 6)
     for task, row in enumerate(orders.tolist()):
         assert others[task].tolist() == [other for other in row if other != task]

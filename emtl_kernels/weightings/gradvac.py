@@ -72,16 +72,20 @@ class GradVac(StatefulWeighting):
         if _compiled.runs_compiled(gram):
             keys = order_keys(num_tasks, device, dtype, self.generator(device), orders)
             weights, moved = _compiled.ops().gradvac_weights(losses, gram, keys, self.targets, self.beta, self.eps)
-            self.targets.copy_(torch.where(finite_inputs(losses, gram), moved, self.targets))
-            return weights
-        others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
-        gram = gram.to(dtype)
+        else:
+            others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
+            weights, moved = self._corrected(gram.to(dtype), others, self.targets)
+        self.targets.copy_(torch.where(finite_inputs(losses, gram), moved, self.targets))
+        return weights
+
+    def _corrected(self, gram: Tensor, others: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The tensor-op corrections: the weights (column sums of C) and the moved targets."""
+        num_tasks = gram.shape[0]
         norms = gram.diagonal().clamp_min(0).sqrt()
-        tasks = torch.arange(num_tasks, device=device)
-        coefficients = torch.eye(num_tasks, dtype=dtype, device=device)
+        tasks = torch.arange(num_tasks, device=gram.device)
+        coefficients = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device)
         # (C G)_ij = g_i^PC · g_j, kept up to date with C.
         inner = gram.clone()
-        targets = self.targets.clone()
         for k in range(num_tasks - 1):
             other = others[:, k]
             own_norm = (inner * coefficients).sum(1).clamp_min(0).sqrt()
@@ -96,8 +100,7 @@ class GradVac(StatefulWeighting):
             inner = inner + amount[:, None] * gram[other]
             moved = (1 - self.beta) * target + self.beta * similarity
             targets = targets.index_put((tasks, other), moved)
-        self.targets.copy_(torch.where(finite_inputs(losses, gram), targets, self.targets))
-        return coefficients.sum(0)
+        return coefficients.sum(0), targets
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta}, eps={self.eps}, seed={self.generator.seed})"
