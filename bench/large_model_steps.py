@@ -42,8 +42,8 @@ import torch
 
 from .environment import describe
 from .presets import TrunkSpec
-from .steps import make_paths, measure_paths
-from .trunks import build_model
+from .steps import StepPath, make_paths, measure_paths
+from .trunks import MultiTaskModel, build_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 WEIGHTINGS = ("emtl", "gradnorm_scaling", "imtl_g", "upgrad")
@@ -106,6 +106,20 @@ CONFIGS = {
 }
 
 
+def config_paths(config: Config, model: MultiTaskModel) -> list[StepPath]:
+    """The paths ``config`` measures on ``model``, on the auto backend."""
+    return make_paths(
+        model,
+        ["auto"],
+        weightings=config.weightings,
+        mtlstep_variants=config.variants,
+        batched_variant=False,
+        baselines_for=config.weightings[:1],
+        one_backward=config.one_backward,
+        torchjd_variants=config.torchjd_variants,
+    )
+
+
 def measure(config: Config, device: torch.device) -> list[dict]:
     """One row a path, T and dtype, with its ratio to the floor of the same T and dtype."""
     rows = []
@@ -113,16 +127,7 @@ def measure(config: Config, device: torch.device) -> list[dict]:
         for num_tasks in config.task_counts:
             model, batch = build_model(config.trunk, num_tasks, device)
             model.autocast_dtype = None if dtype == NO_AUTOCAST else getattr(torch, dtype)
-            paths = make_paths(
-                model,
-                ["auto"],
-                weightings=config.weightings,
-                mtlstep_variants=config.variants,
-                batched_variant=False,
-                baselines_for=config.weightings[:1],
-                one_backward=config.one_backward,
-                torchjd_variants=config.torchjd_variants,
-            )
+            paths = config_paths(config, model)
             print(f"{dtype}, T={num_tasks}: {len(paths)} paths", file=sys.stderr, flush=True)
             measured = measure_paths(model, batch, paths, device, warmup=config.warmup, repeats=config.repeats)
             rows += [_summary(row, measured, dtype) for row in measured]

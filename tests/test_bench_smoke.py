@@ -31,7 +31,7 @@ from bench.memory import cpu_peak_increase, peak_bytes
 from bench.presets import TINY
 from bench.run import main, run, save
 from bench.scaling import loglog_slope
-from bench.steps import make_paths, measure_paths, torchjd_installed
+from bench.steps import measure_paths, torchjd_installed
 from bench.targets import distance_table, evaluate
 from bench.trunks import build_model
 from emtl_kernels import WEIGHTINGS, available_backends, emtl_weights
@@ -484,17 +484,7 @@ def test_cheap_modes_accuracy_script_compares_with_the_exact_step(tmp_path, one_
 def test_memory_configuration_paths_run_and_memory_batched_is_left_out_where_it_is_memory_mode(one_thread):
     spec = next(spec for spec in TINY.steps.trunks if spec.kind == "transformer")
     model, batch = build_model(spec, 2, CPU)
-    config = large_model_steps.CONFIGS["memory"]
-    paths = make_paths(
-        model,
-        ["auto"],
-        weightings=config.weightings,
-        mtlstep_variants=config.variants,
-        batched_variant=False,
-        baselines_for=config.weightings[:1],
-        one_backward=config.one_backward,
-        torchjd_variants=config.torchjd_variants if torchjd_installed() else (),
-    )
+    paths = large_model_steps.config_paths(large_model_steps.CONFIGS["memory"], model)
     keys = {path.key for path in paths}
     assert {"mtlstep/memory/upgrad/auto", "mtlstep/memory+batched/emtl/auto"} <= keys
     assert "mtlstep/memory+batched/upgrad/auto" not in keys  # UPGrad's memory mode is that path already
