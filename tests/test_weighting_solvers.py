@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from _weighting_cases import NUM_TASKS, random_problem
+from _weighting_cases import NUM_TASKS, random_orders, random_problem
 from torch import Tensor
 
 from emtl_kernels.weightings import (
@@ -347,11 +347,6 @@ def test_mgda_update_vanishes_when_zero_is_in_the_hull(dtype):
 
 
 # --- PCGrad -------------------------------------------------------------------------------------
-
-
-def random_orders(num_tasks: int, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)])
 
 
 def assert_same_update(weights: Tensor, jacobian: Tensor, expected: Tensor, rtol: float) -> None:
