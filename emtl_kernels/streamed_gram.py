@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
+from .linear_gram import linear_gram
+from .linear_layers import LinearLayer, sole_linear_layers
 from .ops import task_gram
 from .task_gradients import TaskGradients
 
@@ -75,19 +77,25 @@ def streamed_gram(
     params: Sequence[Tensor],
     *,
     backend: str,
-    gathering: Gathering = TaskGradients.from_blocks,
+    gathering: Gathering | None = None,
 ) -> tuple[Tensor, list[bool]]:
     """G = J Jᵀ over ``params`` (``[T, T]`` float32, J the task gradients of ``losses``), and for
     each parameter whether any loss reaches it. The graph is kept for a later backward.
 
     ``params`` are leaf tensors of one dtype and device; nothing is written into their ``.grad``.
-    ``gathering``: what the Gram pass reads of a group of pending blocks (the blocks themselves by
-    default); G is then the Gram matrix of what it returns.
+    ``gathering``: what the Gram pass reads of a group of pending blocks; G is then the Gram
+    matrix of what it returns. By default the blocks themselves, and the weights used once, by
+    one linear layer, take their share of G from the layer's input and output gradient instead.
     """
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
-    largest = max(p.numel() for p in params)
-    accumulator = GramAccumulator(num_tasks, num_tasks * largest, params[0].device, backend, gathering)
+    # The per-layer form is not linear in the gradients: a gathering's sum of them cannot take it.
+    layers = sole_linear_layers([stacked], params) if gathering is None else {}
+    blocks = [k for k in range(len(params)) if k not in layers]
+    largest = max(params[k].numel() for k in blocks)
+    accumulator = GramAccumulator(
+        num_tasks, num_tasks * largest, params[0].device, backend, gathering or TaskGradients.from_blocks
+    )
     reached = [False] * len(params)
     level: list[int] = []
 
@@ -97,13 +105,25 @@ def streamed_gram(
             accumulator.add(_task_rows(grad, level[0], num_tasks))
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
+    def take_layer(k: int, layer: LinearLayer, output_grads: tuple[Tensor | None, ...]) -> None:
+        if output_grads[0] is None:
+            return
+        reached[k] = True
+        rows = _task_rows(output_grads[0], level[0], num_tasks)
+        accumulator.gram += layer.scale() * linear_gram(layer.inputs(), rows, backend=backend)
+
     def backward_of_one_cotangent(cotangent: Tensor) -> Tensor:
         level.append(_functorch.current_level())
-        torch.autograd.grad(stacked, params, cotangent, retain_graph=True, allow_unused=True)
+        inputs = [params[k] for k in blocks]
+        torch.autograd.grad(stacked, inputs, cotangent, retain_graph=True, allow_unused=True)
         return cotangent
 
     cotangents = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
-    handles = [p.register_hook(lambda grad, k=k: take(k, grad)) for k, p in enumerate(params)]
+    handles = [params[k].register_hook(lambda grad, k=k: take(k, grad)) for k in blocks]
+    handles += [
+        layer.node.register_prehook(lambda grads, k=k, layer=layer: take_layer(k, layer, grads))
+        for k, layer in layers.items()
+    ]
     try:
         torch.func.vmap(backward_of_one_cotangent)(cotangents)
     except (RuntimeError, NotImplementedError) as error:
