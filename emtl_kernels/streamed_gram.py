@@ -99,7 +99,9 @@ def streamed_gram(
     reached = [False] * len(params)
     level: list[int] = []
 
-    def take(k: int, grad: Tensor) -> Tensor:
+    def take(k: int, grad: Tensor | None) -> Tensor | None:
+        if grad is None:  # an op on the way passed no gradient on: the parameter is not reached
+            return None
         reached[k] = True
         if grad.numel() > 0:
             accumulator.add(_task_rows(grad, level[0], num_tasks))
