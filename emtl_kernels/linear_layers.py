@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from .autograd_graph import _leaf_of
+from .autograd_graph import leaf_of
 
 #: The products ``F.linear`` builds: which of the node's inputs is ``W.t()``, and the saved input X.
 _PRODUCTS = {"AddmmBackward0": (2, "_saved_mat1"), "MmBackward0": (1, "_saved_self")}
@@ -50,7 +50,7 @@ def sole_linear_layers(roots: Iterable[Tensor], params: Sequence[Tensor]) -> dic
     candidates: dict[int, LinearLayer] = {}
     kept = []
     for accumulator in graph.accumulators:
-        k = position.get(id(_leaf_of(accumulator)))
+        k = position.get(id(leaf_of(accumulator)))
         if k is None:
             continue
         layer = _sole_product_of(graph, accumulator)

@@ -8,7 +8,15 @@ the gradient of all its uses: G is formed from the sum, not summed over the uses
 the fused Gram pass, and gives autograd a stride-0 zero in its place. So no T×P matrix is ever
 held: beyond one plain backward, the extra memory is the T-fold gradients of the activations that
 the vectorised backward keeps in flight, and the pending blocks, at most ``T·n_max`` elements
-(n_max the largest parameter) plus the block that reaches the bound.
+(n_max the largest parameter on this path) plus the block that reaches the bound.
+
+A weight whose one use is a linear layer (``nn.Linear``, attention's packed input and output
+projections: see :mod:`.linear_layers`) is left out of the backward instead, so autograd never
+forms its ``[T, out, in]`` block: a hook on the layer's product takes the T output gradients D
+reaching it and adds the layer's share of G from D and the input X the product saved
+(:mod:`.linear_gram`, tile by tile). A tied or reused weight keeps the per-parameter path: its
+share of G is that of its summed gradient, with the cross terms between its uses. So does every
+weight under a gathering, whose summed blocks the per-layer share, quadratic in D, cannot give.
 
 Every op on the backward path must run under ``torch.vmap`` (PyTorch's batching rules, or its
 slow per-task fallback): an op that cannot fails with PyTorch's error naming it, wrapped in a
