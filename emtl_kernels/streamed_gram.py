@@ -92,8 +92,8 @@ def streamed_gram(
 
     ``params`` are leaf tensors of one dtype and device; nothing is written into their ``.grad``.
     ``gathering``: what the Gram pass reads of a group of pending blocks; G is then the Gram
-    matrix of what it returns. By default the blocks themselves, and the weights used once, by
-    one linear layer, take their share of G from the layer's input and output gradient instead.
+    matrix of what it returns. By default (None) the blocks themselves, and a weight whose one use
+    is a linear layer takes its share of G from that layer's input and output gradient instead.
     """
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
