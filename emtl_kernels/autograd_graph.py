@@ -31,7 +31,7 @@ def graph_leaves(roots: Iterable[Tensor], *, stop_at: Iterable[Tensor] = ()) -> 
             continue
         seen[id(node)] = node
         if type(node).__name__ == "AccumulateGrad":
-            leaf = _leaf_of(node)
+            leaf = leaf_of(node)
             leaves.setdefault(id(leaf), leaf)
             continue
         for child, output in reversed(node.next_functions):
@@ -58,7 +58,7 @@ def depends_on(tensor: Tensor, others: Iterable[Tensor]) -> bool:
     return False
 
 
-def _leaf_of(node) -> Tensor:
+def leaf_of(node) -> Tensor:
     """The leaf tensor of an AccumulateGrad node; an error, not a silently missing head, where the
     node does not hand it out."""
     variable = getattr(node, "variable", None)

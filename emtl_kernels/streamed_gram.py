@@ -8,7 +8,15 @@ the gradient of all its uses: G is formed from the sum, not summed over the uses
 the fused Gram pass, and gives autograd a stride-0 zero in its place. So no T×P matrix is ever
 held: beyond one plain backward, the extra memory is the T-fold gradients of the activations that
 the vectorised backward keeps in flight, and the pending blocks, at most ``T·n_max`` elements
-(n_max the largest parameter) plus the block that reaches the bound.
+(n_max the largest parameter on this path) plus the block that reaches the bound.
+
+A weight whose one use is a linear layer (``nn.Linear``, attention's packed input and output
+projections: see :mod:`.linear_layers`) is left out of the backward instead, so autograd never
+forms its ``[T, out, in]`` block: a hook on the layer's product takes the T output gradients D
+reaching it and adds the layer's share of G from D and the input X the product saved
+(:mod:`.linear_gram`, tile by tile). A tied or reused weight keeps the per-parameter path: its
+share of G is that of its summed gradient, with the cross terms between its uses. So does every
+weight under a gathering, whose summed blocks the per-layer share, quadratic in D, cannot give.
 
 Every op on the backward path must run under ``torch.vmap`` (PyTorch's batching rules, or its
 slow per-task fallback): an op that cannot fails with PyTorch's error naming it, wrapped in a
@@ -23,6 +31,8 @@ import torch
 from torch import Tensor
 from torch._C import _functorch
 
+from .linear_gram import linear_gram
+from .linear_layers import LinearLayer, sole_linear_layers
 from .ops import task_gram
 from .task_gradients import TaskGradients
 
@@ -75,35 +85,55 @@ def streamed_gram(
     params: Sequence[Tensor],
     *,
     backend: str,
-    gathering: Gathering = TaskGradients.from_blocks,
+    gathering: Gathering | None = None,
 ) -> tuple[Tensor, list[bool]]:
     """G = J Jᵀ over ``params`` (``[T, T]`` float32, J the task gradients of ``losses``), and for
     each parameter whether any loss reaches it. The graph is kept for a later backward.
 
     ``params`` are leaf tensors of one dtype and device; nothing is written into their ``.grad``.
-    ``gathering``: what the Gram pass reads of a group of pending blocks (the blocks themselves by
-    default); G is then the Gram matrix of what it returns.
+    ``gathering``: what the Gram pass reads of a group of pending blocks; G is then the Gram
+    matrix of what it returns. By default (None) the blocks themselves, and a weight whose one use
+    is a linear layer takes its share of G from that layer's input and output gradient instead.
     """
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
-    largest = max(p.numel() for p in params)
-    accumulator = GramAccumulator(num_tasks, num_tasks * largest, params[0].device, backend, gathering)
+    # The per-layer form is not linear in the gradients: a gathering's sum of them cannot take it.
+    layers = sole_linear_layers([stacked], params) if gathering is None else {}
+    blocks = [k for k in range(len(params)) if k not in layers]
+    largest = max(params[k].numel() for k in blocks)
+    accumulator = GramAccumulator(
+        num_tasks, num_tasks * largest, params[0].device, backend, gathering or TaskGradients.from_blocks
+    )
     reached = [False] * len(params)
     level: list[int] = []
 
-    def take(k: int, grad: Tensor) -> Tensor:
+    def take(k: int, grad: Tensor | None) -> Tensor | None:
+        if grad is None:  # an op on the way passed no gradient on: the parameter is not reached
+            return None
         reached[k] = True
         if grad.numel() > 0:
             accumulator.add(_task_rows(grad, level[0], num_tasks))
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
+    def take_layer(k: int, layer: LinearLayer, output_grads: tuple[Tensor | None, ...]) -> None:
+        if output_grads[0] is None:
+            return
+        reached[k] = True
+        rows = _task_rows(output_grads[0], level[0], num_tasks)
+        accumulator.gram += layer.scale() * linear_gram(layer.inputs(), rows, backend=backend)
+
     def backward_of_one_cotangent(cotangent: Tensor) -> Tensor:
         level.append(_functorch.current_level())
-        torch.autograd.grad(stacked, params, cotangent, retain_graph=True, allow_unused=True)
+        inputs = [params[k] for k in blocks]
+        torch.autograd.grad(stacked, inputs, cotangent, retain_graph=True, allow_unused=True)
         return cotangent
 
     cotangents = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
-    handles = [p.register_hook(lambda grad, k=k: take(k, grad)) for k, p in enumerate(params)]
+    handles = [params[k].register_hook(lambda grad, k=k: take(k, grad)) for k in blocks]
+    handles += [
+        layer.node.register_prehook(lambda grads, k=k, layer=layer: take_layer(k, layer, grads))
+        for k, layer in layers.items()
+    ]
     try:
         torch.func.vmap(backward_of_one_cotangent)(cotangents)
     except (RuntimeError, NotImplementedError) as error:

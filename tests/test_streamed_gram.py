@@ -11,10 +11,13 @@ import torch
 from _asserts import GRAM_RTOL, assert_within, gram64
 from multitask_models import ToyMultiTask, toy_batch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.memory import cpu_peak_increase
 from emtl_kernels import MTLStep, StreamedGramError, available_backends
+from emtl_kernels.linear_layers import sole_linear_layers
 from emtl_kernels.streamed_gram import GramAccumulator, streamed_gram
+from emtl_kernels.task_gradients import TaskGradients
 
 LOSS_SCALES = (1.0, 30.0, 0.05, 3.0)
 # The float32 model's gradients against its float64 twin's: the backward's own rounding, relative
@@ -41,11 +44,37 @@ class TiedTrunk(nn.Module):
         return (x @ self.embedding.weight.T).mean(dim=1)
 
 
+class LinearUsesTrunk(nn.Module):
+    """Linear layers in each form the graph may hold them: a bias-free one on a one-hot input (its
+    product has nothing but the weight below it), one on a 3-D input and one on a transposed one,
+    one applied twice, an output projection tied to the token embedding, and a frozen one."""
+
+    def __init__(self, vocab: int = 13, width: int = 8, hidden: int = 12):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+        self.one_hot = nn.Linear(vocab, width, bias=False)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+        self.twice = nn.Linear(width, width)
+        self.frozen = nn.Linear(width, width).requires_grad_(False)
+        self.norm = nn.LayerNorm(width)
+        self.tied = nn.Linear(width, vocab)
+        self.tied.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        one_hot = nn.functional.one_hot(tokens, self.tied.out_features).to(self.one_hot.weight.dtype)
+        x = self.embedding(tokens) + self.one_hot(one_hot)
+        hidden = torch.tanh(self.up(x))
+        x = x + self.down(hidden.transpose(0, 1)).transpose(0, 1)
+        x = self.twice(torch.tanh(self.twice(x)))
+        return self.tied(self.norm(x + self.frozen(x))).mean(dim=1)
+
+
 class TiedMultiTask(nn.Module):
-    def __init__(self, num_tasks: int = 4, seed: int = 0):
+    def __init__(self, num_tasks: int = 4, seed: int = 0, trunk: type[nn.Module] = TiedTrunk):
         super().__init__()
         torch.manual_seed(seed)
-        self.trunk = TiedTrunk()
+        self.trunk = trunk()
         self.heads = nn.ModuleList(nn.Linear(13, 1) for _ in range(num_tasks))
 
     def losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
@@ -65,6 +94,7 @@ def tied_batch(num_tasks: int = 4, dtype=torch.float32):
 MODELS = {
     "mlp": (ToyMultiTask, lambda dtype=torch.float32: toy_batch(3, dtype=dtype)),
     "tied transformer": (TiedMultiTask, tied_batch),
+    "linear uses": (lambda: TiedMultiTask(trunk=LinearUsesTrunk), tied_batch),
 }
 
 
@@ -262,3 +292,105 @@ def test_every_backend_streams_the_same_gram_matrix(backend):
     shared = [p for p in model.trunk.parameters() if p.requires_grad]
     gram, _ = streamed_gram(model.losses(*tied_batch()), shared, backend=backend)
     assert_gram_near(gram, gram64(reference_jacobian64(TiedMultiTask(), tied_batch)), MODEL_GRAM_RTOL)
+
+
+def test_only_a_weight_used_once_by_a_linear_product_below_other_parameters_takes_the_layer_form():
+    """The weights on 3-D input (contiguous or not) and attention's projections take it; the
+    tied, the twice-applied, the one with nothing else below its product, and the biases do not."""
+    expected = {
+        LinearUsesTrunk: {"up.weight", "down.weight"},
+        TiedTrunk: {"attention.in_proj_weight", "attention.out_proj.weight"},
+    }
+    for trunk, names in expected.items():
+        model = TiedMultiTask(trunk=trunk)
+        shared = [(name, p) for name, p in model.trunk.named_parameters() if p.requires_grad]
+        layers = sole_linear_layers([torch.stack(model.losses(*tied_batch()))], [p for _, p in shared])
+        assert {shared[k][0] for k in layers} == names
+
+
+class CutGradient(torch.autograd.Function):
+    """The identity, whose backward passes no gradient on."""
+
+    @staticmethod
+    def forward(ctx, inputs):
+        return inputs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_a_linear_layer_no_gradient_reaches_is_reported_unreached():
+    torch.manual_seed(0)
+    cut, kept = nn.Linear(4, 6), nn.Linear(6, 3)
+    features = kept(CutGradient.apply(cut(torch.randn(5, 4))))
+    shared = [cut.weight, cut.bias, kept.weight, kept.bias]
+    assert set(sole_linear_layers([features], shared)) == {0, 2}
+    losses = [features[:, i].square().sum() for i in range(3)]
+    gram, reached = streamed_gram(losses, shared, backend="auto")
+    assert reached == [False, False, True, True]
+    jacobian = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared[2:], retain_graph=True)])
+            for loss in losses
+        ]
+    )
+    assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL)
+
+
+class OutputShapes(TorchDispatchMode):
+    """The shape of every new tensor (not a view) an op returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and not func.is_view:
+            self.shapes.append(tuple(result.shape))
+        return result
+
+
+def wide_mlp(num_tasks: int, width: int, hidden: int, batch: int):
+    """Losses of T heads on a trunk of two up and down linear pairs, and the trunk's parameters."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        *[m for _ in range(2) for m in (nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))]
+    )
+    heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
+    features = trunk(torch.randn(batch, width))
+    return [(i + 1) * head(features).square().mean() for i, head in enumerate(heads)], list(trunk.parameters())
+
+
+@pytest.mark.parametrize("gathering", [None, TaskGradients.from_blocks])
+def test_a_linear_layers_weight_gradients_are_formed_only_on_the_per_parameter_path(gathering):
+    """With a gathering the blocks are the weight gradients [T, out, in]; without, the layers'
+    products never form one (the ghost form here, and the direct form's tiles hold fewer rows)."""
+    num_tasks, width, hidden = 4, 96, 160
+    losses, shared = wide_mlp(num_tasks, width, hidden, batch=8)
+    with OutputShapes() as recorded:
+        gram, _ = streamed_gram(losses, shared, backend="auto", gathering=gathering)
+    weight_shapes = {(hidden, width), (width, hidden)}
+    formed = [shape for shape in recorded.shapes if shape[-2:] in weight_shapes]
+    assert bool(formed) == (gathering is not None)
+    jacobian = torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
+    )
+    assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL)
+
+
+def test_the_layer_form_saves_the_weight_gradient_blocks():
+    """Peak extra CPU tensor bytes of the streamed Gram matrix on a linear-heavy trunk (forward
+    included): the per-parameter path holds at least one [T, out, in] block more."""
+    num_tasks, width, hidden = 8, 128, 512
+    peaks = {}
+    for gathering in (None, TaskGradients.from_blocks):
+
+        def gram_of_one_batch(gathering=gathering):
+            losses, shared = wide_mlp(num_tasks, width, hidden, batch=64)
+            streamed_gram(losses, shared, backend="auto", gathering=gathering)
+
+        peaks[gathering] = cpu_peak_increase(gram_of_one_batch)
+    block_bytes = num_tasks * hidden * width * 4
+    assert peaks[None] <= peaks[TaskGradients.from_blocks] - block_bytes

@@ -482,7 +482,8 @@ class DistributedMTLStep(MTLStep):
         each rank's own G_r, averaged by that all-reduce."""
         comm, world = self._collectives, self._collectives.world_size
         exact = self.sync == "exact"
-        gathering = self._summed_shard if exact else TaskGradients.from_blocks
+        # Local sync reads this rank's own blocks, which its linear layers' per-layer form may stand for.
+        gathering = self._summed_shard if exact else None
         gram_partial, reached = streamed_gram(loss_list, self.shared_params, backend=self.backend, gathering=gathering)
         self._reached_from([reached], self.shared_params)
         loss_sum, gram_sum = comm.sum_losses_and_gram(loss_vector, gram_partial)
