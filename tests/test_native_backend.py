@@ -20,6 +20,8 @@ from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq
 from emtl_kernels.backends import native
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+#: The CPU kernel variants, widest first; EMTL_CPU_ISA names one narrower than the CPU's to force it.
+CPU_ISAS = ("avx512", "avx2", "baseline")
 CUDA = torch.cuda.is_available() and backends.unavailable_reason("native", "cuda") is None
 
 needs_extension = pytest.mark.skipif(
@@ -54,7 +56,7 @@ def test_auto_picks_native_on_cpu():
     for kernel_pass in ("gram", "sq_norms", "combine"):
         assert backends.AUTO.choose(kernel_pass, grads, run=None) is native.BACKEND
     assert "native" in backends.available_backends("cpu")
-    assert _extension.CPU_ISA in ("avx2", "baseline")
+    assert _extension.CPU_ISA in CPU_ISAS
 
 
 # ---- registration: torch.compile (opcheck: test_ops_contract.py)
@@ -217,27 +219,38 @@ def test_device_mix_raises_on_cuda():
         ops.weighted_combine_([a, a.clone()], 2, torch.ones(2), [torch.zeros(10, device="cuda")], False)
 
 
-# ---- the baseline kernels, which an AVX2 machine does not pick by itself
+# ---- the narrower kernel variants, which a wider CPU does not pick by itself
 
-BASELINE_CHECK = """
+NARROWER_ISA_CHECK = """
+import sys
 import torch
-from emtl_kernels import _extension, task_gram, weighted_combine
-from _asserts import assert_combine_close, assert_gram_close, combine64
+from emtl_kernels import _extension, task_gram, task_sq_norms, weighted_combine
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
 from task_gradient_cases import make_task_gradients
-assert _extension.CPU_ISA == "baseline", _extension.CPU_ISA
+assert _extension.CPU_ISA == sys.argv[1], _extension.CPU_ISA
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    grads, exact = make_task_gradients(9, 40_001, dtype, "blocks", seed=2)
-    assert_gram_close(task_gram(grads, backend="native"), exact)
-    weights = torch.linspace(-1, 1, 9)
-    expected, scale = combine64(exact, weights)
-    assert_combine_close(weighted_combine(grads, weights, backend="native"), expected, scale, dtype)
+    for num_tasks in (1, 2, 3, 5, 8, 16, 17, 31, 32, 33):
+        for layout in ("strided_rows", "blocks"):
+            grads, exact = make_task_gradients(num_tasks, 4099, dtype, layout, seed=num_tasks)
+            assert_gram_close(task_gram(grads, backend="native"), exact)
+            assert_sq_norms_close(task_sq_norms(grads, backend="native"), exact)
+            weights = torch.linspace(-1, 1, num_tasks)
+            expected, scale = combine64(exact, weights)
+            assert_combine_close(weighted_combine(grads, weights, backend="native"), expected, scale, dtype)
 """
 
 
+def narrower_than_chosen(isa: str) -> bool:
+    chosen = _extension.CPU_ISA
+    return chosen in CPU_ISAS and CPU_ISAS.index(isa) > CPU_ISAS.index(chosen)
+
+
 @needs_extension
-@pytest.mark.skipif(_extension.CPU_ISA != "avx2", reason="no AVX2 kernels here: the other tests ran the baseline")
-def test_baseline_kernels_match_float64():
+@pytest.mark.parametrize("isa", CPU_ISAS[1:])
+def test_narrower_kernels_match_float64(isa):
+    if not narrower_than_chosen(isa):
+        pytest.skip(f"the kernels run {_extension.CPU_ISA} here: {isa} is not a narrower variant of this build")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, EMTL_CPU_ISA="baseline", PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
-    result = subprocess.run([sys.executable, "-c", BASELINE_CHECK], env=env, capture_output=True, text=True)
+    env = dict(os.environ, EMTL_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
+    result = subprocess.run([sys.executable, "-c", NARROWER_ISA_CHECK, isa], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

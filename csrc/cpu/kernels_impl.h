@@ -169,10 +169,12 @@ struct Ahead {
   int64_t element_bytes;
 };
 
-// Asks for the two rows of `ahead` over a tile's n steps, one request a step: step e (an element
-// offset) asks for byte 2·e·element_bytes of the rows end to end, so the first half of the steps
-// covers row 0 and the second half row 1. The row is picked by a select, not a branch: a branch
-// in the tiles' loops leaves GCC keeping the accumulators on the stack.
+// Asks for the two rows of `ahead` over a tile's n steps: step e (an element offset) asks for
+// byte 2·e·element_bytes of the rows end to end, so the first half of the steps covers row 0 and
+// the second half row 1. A step of float32 rows spans 2·kVec·4 bytes: one cache line up to
+// 8 lanes, two at 16 (AVX-512), where the step also asks for the line kVec elements further. The
+// row is picked by a select, not a branch: a branch in the tiles' loops leaves GCC keeping the
+// accumulators on the stack.
 struct AheadWalk {
   const char* first;
   const char* second_less_row;  // the second row, row_bytes before it: its start at offset row_bytes
@@ -187,8 +189,12 @@ struct AheadWalk {
 
   C10_ALWAYS_INLINE void ask(int64_t e) const {
     const int64_t offset = e * step_bytes;
-    prefetch(offset < row_bytes ? first : second_less_row, offset);
+    const char* row = offset < row_bytes ? first : second_less_row;
+    prefetch(row, offset);
+    if constexpr (kStepSpansTwoLines) prefetch(row, offset + step_bytes / 2);
   }
+
+  static constexpr bool kStepSpansTwoLines = 2 * kVec * static_cast<int64_t>(sizeof(float)) > kCacheLine;
 };
 
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple

@@ -21,16 +21,34 @@
 namespace emtl::cpu {
 namespace {
 
-// AVX2 kernels where the CPU has AVX2, FMA and F16C, unless EMTL_CPU_ISA=baseline forces the
-// baseline (to test it on an AVX2 machine).
+// The widest variant the CPU supports: AVX-512 where it has avx512f/bw/vl/dq (and AVX2's
+// extensions), else AVX2 where it has avx2, fma and f16c, else the baseline. EMTL_CPU_ISA=avx2 or
+// =baseline caps the choice, so that every variant can be tested and measured on a wide CPU.
+#if defined(EMTL_WITH_AVX2_KERNELS)
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+#endif
+#if defined(EMTL_WITH_AVX512_KERNELS)
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+#endif
+
+bool isa_forced(const char* name) {
+  const char* forced = std::getenv("EMTL_CPU_ISA");
+  return forced != nullptr && std::strcmp(forced, name) == 0;
+}
+
 const KernelTable& choose_kernels() {
 #if defined(EMTL_WITH_AVX2_KERNELS)
   __builtin_cpu_init();
-  const bool has_avx2 =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const char* forced = std::getenv("EMTL_CPU_ISA");
-  const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
-  if (has_avx2 && !baseline_forced) return avx2_kernels();
+  if (isa_forced("baseline")) return default_kernels();
+#if defined(EMTL_WITH_AVX512_KERNELS)
+  if (cpu_has_avx512() && !isa_forced("avx2")) return avx512_kernels();
+#endif
+  if (cpu_has_avx2()) return avx2_kernels();
 #endif
   return default_kernels();
 }
