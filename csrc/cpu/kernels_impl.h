@@ -94,6 +94,12 @@ C10_ALWAYS_INLINE const char* byte_offset(const void* p, int64_t bytes) {
 // a load slot).
 C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) { __builtin_prefetch(byte_offset(p, bytes), 0, 2); }
 
+// The first cache line boundary at or after p.
+inline float* line_aligned(float* p) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<float*>((address + kCacheLine - 1) & ~static_cast<uintptr_t>(kCacheLine - 1));
+}
+
 // Lanes summed in double, in lane order: a fixed order, and no float rounding of the total.
 inline double lane_sum(const Vec& v) {
   float lanes[kVec];
@@ -191,7 +197,7 @@ struct AheadWalk {
     const int64_t offset = e * step_bytes;
     const char* row = offset < row_bytes ? first : second_less_row;
     prefetch(row, offset);
-    if constexpr (kStepSpansTwoLines) prefetch(row, offset + step_bytes / 2);
+    if constexpr (kStepSpansTwoLines) prefetch(row, offset + kVec * step_bytes / 2);
   }
 
   static constexpr bool kStepSpansTwoLines = 2 * kVec * static_cast<int64_t>(sizeof(float)) > kCacheLine;
@@ -269,6 +275,19 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
   for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
 }
 
+// v, from a register: at 16 lanes GCC otherwise folds the load of a strip's row vector into
+// each FMA that uses it (15 loads a step for 12 FMAs in a 4 × 3 strip), and the steps wait on
+// the load ports (two 512-bit loads a cycle) rather than the FMA units.
+C10_ALWAYS_INLINE Vec held_in_register(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 raw = v;
+  __asm__("" : "+v"(raw));
+  return raw;
+#else
+  return v;
+#endif
+}
+
 // Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
 // (row-major NI × NJ).
 template <int NI, int NJ>
@@ -287,10 +306,10 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
     walk.ask(e);
     Vec y[NJ];
     EMTL_UNROLL
-    for (int j = 0; j < NJ; ++j) y[j] = Vec::loadu(b[j] + e);
+    for (int j = 0; j < NJ; ++j) y[j] = held_in_register(Vec::loadu(b[j] + e));
     EMTL_UNROLL
     for (int i = 0; i < NI; ++i) {
-      const Vec x = Vec::loadu(a[i] + e);
+      const Vec x = held_in_register(Vec::loadu(a[i] + e));
       EMTL_UNROLL
       for (int j = 0; j < NJ; ++j) sum[i * NJ + j] = at::vec::fmadd(x, y[j], sum[i * NJ + j]);
     }
@@ -395,9 +414,13 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   const GramTiles<scalar_t> tiling(num_tasks);
   std::vector<float> accumulators(tiling.accumulators * kVec, 0.f);
   float* const acc = accumulators.data();
-  const std::unique_ptr<float[]> buffer(new float[num_tasks * block]);  // written before it is read
+  // Written before it is read. Its rows start on cache lines (block is a multiple of 2 kVec
+  // floats, a line from 8 lanes on): at 16 lanes, a load from a row that straddled two lines
+  // would cost two.
+  const std::unique_ptr<float[]> storage(new float[num_tasks * block + kCacheLine / sizeof(float)]);
+  float* const buffer = line_aligned(storage.get());
   std::vector<float*> copies(num_tasks);
-  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer.get() + i * block;
+  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer + i * block;
   std::vector<const scalar_t*> rows(num_tasks);
   std::vector<const char*> next_rows(num_tasks);
 
