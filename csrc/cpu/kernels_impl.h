@@ -203,6 +203,29 @@ struct AheadWalk {
   static constexpr bool kStepSpansTwoLines = 2 * kVec * static_cast<int64_t>(sizeof(float)) > kCacheLine;
 };
 
+// The type of a tile's accumulators: at 16 lanes the raw vector, as GCC 12 keeps an array of
+// at::vec's AVX-512 vectors in memory and stores all of it at every step.
+#if defined(CPU_CAPABILITY_AVX512)
+using Accumulator = __m512;
+C10_ALWAYS_INLINE void fma_into(Accumulator& sum, const Vec& x, const Vec& y) { sum = at::vec::fmadd(x, y, Vec(sum)); }
+#else
+using Accumulator = Vec;
+C10_ALWAYS_INLINE void fma_into(Accumulator& sum, const Vec& x, const Vec& y) { sum = at::vec::fmadd(x, y, sum); }
+#endif
+
+// v, from a register: at 16 lanes GCC otherwise folds the load of a strip's row vector into
+// each FMA that uses it (15 loads a step for 12 FMAs in a 4 × 3 strip), and the steps wait on
+// the load ports (two 512-bit loads a cycle) rather than the FMA units.
+C10_ALWAYS_INLINE Vec held_in_register(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 raw = v;
+  __asm__("" : "+v"(raw));
+  return raw;
+#else
+  return v;
+#endif
+}
+
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
 // of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. It asks for nothing ahead: it
 // is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
@@ -215,7 +238,7 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
   const scalar_t* a[NI];
   EMTL_UNROLL
   for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
-  Vec sum[kCount];
+  Accumulator sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
   for (int64_t e = 0; e < n; e += kVec) {
@@ -224,11 +247,11 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
     for (int i = 0; i < NI; ++i) {
       x[i] = load(a[i] + e);
       EMTL_UNROLL
-      for (int j = 0; j <= i; ++j) sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x[i], x[j], sum[i * (i + 1) / 2 + j]);
+      for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
+  for (int slot = 0; slot < kCount; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
 }
 
 // Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle from the
@@ -249,7 +272,7 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
     copy[i] = copies[row0 + i];
   }
   const AheadWalk walk(ahead, n);
-  Vec sum[kCount];
+  Accumulator sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
   for (int64_t run = 0; run < n; run += kCopyRun) {
@@ -266,26 +289,13 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
         EMTL_UNROLL
         for (int j = 0; j <= i; ++j) {
           const Vec y = j == i ? x : Vec::loadu(copy[j] + e);
-          sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x, y, sum[i * (i + 1) / 2 + j]);
+          fma_into(sum[i * (i + 1) / 2 + j], x, y);
         }
       }
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
-}
-
-// v, from a register: at 16 lanes GCC otherwise folds the load of a strip's row vector into
-// each FMA that uses it (15 loads a step for 12 FMAs in a 4 × 3 strip), and the steps wait on
-// the load ports (two 512-bit loads a cycle) rather than the FMA units.
-C10_ALWAYS_INLINE Vec held_in_register(Vec v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 raw = v;
-  __asm__("" : "+v"(raw));
-  return raw;
-#else
-  return v;
-#endif
+  for (int slot = 0; slot < kCount; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
 }
 
 // Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
@@ -299,7 +309,7 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
   EMTL_UNROLL
   for (int j = 0; j < NJ; ++j) b[j] = rows[col0 + j];
   const AheadWalk walk(ahead, n);
-  Vec sum[NI * NJ];
+  Accumulator sum[NI * NJ];
   EMTL_UNROLL
   for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
   for (int64_t e = 0; e < n; e += kVec) {
@@ -311,25 +321,33 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
     for (int i = 0; i < NI; ++i) {
       const Vec x = held_in_register(Vec::loadu(a[i] + e));
       EMTL_UNROLL
-      for (int j = 0; j < NJ; ++j) sum[i * NJ + j] = at::vec::fmadd(x, y[j], sum[i * NJ + j]);
+      for (int j = 0; j < NJ; ++j) fma_into(sum[i * NJ + j], x, y[j]);
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot].store(acc + slot * kVec);
+  for (int slot = 0; slot < NI * NJ; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
 }
 
 template <typename scalar_t>
 using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, int64_t, const Ahead&, float*);
 using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, const Ahead&, float*);
 
+// Vector registers: 32 with AVX-512, 16 with AVX2 (and counted so for the baseline).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
 // The triangle of `rows` rows from row0: through the buffer where strips read it (`buffered`),
-// and for 4 rows of a 16-bit J (too many accumulators to convert in registers as well).
+// and for 4 rows of a 16-bit J with 16 registers (too few for 10 accumulators and the
+// conversions).
 template <int NI, typename scalar_t>
 TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool buffered) {
   if constexpr (NI > 1) {
     if (rows < NI) return triangle_kernel<NI - 1, scalar_t>(rows, buffered);
   }
-  if constexpr (std::is_same_v<scalar_t, float> || NI < kRowBlock) {
+  if constexpr (std::is_same_v<scalar_t, float> || NI < kRowBlock || kVectorRegisters >= 32) {
     return buffered ? buffered_triangle<NI, scalar_t> : direct_triangle<NI, scalar_t>;
   } else {
     return buffered_triangle<NI, scalar_t>;
