@@ -28,5 +28,6 @@ _C, LOAD_ERROR = _load()
 
 #: Whether the extension was built with its CUDA kernels.
 WITH_CUDA = bool(_C is not None and _C.with_cuda)
-#: The instruction set of the CPU kernels picked on this machine ("avx2" or "baseline").
+#: The instruction set of the CPU kernels picked on this machine ("avx512", "avx2" or "baseline";
+#: EMTL_CPU_ISA=avx2 or =baseline caps it).
 CPU_ISA = _C.cpu_isa if _C is not None else None

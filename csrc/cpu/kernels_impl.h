@@ -149,7 +149,7 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // from the buffer, which its strips read too: the strips never read rows of J, which lie a power
 // of two apart and would compete for the same L1 sets, and each element is converted once. A
 // single triangle (T <= 4) reads J in place, a few long sequential streams (16-bit: up to 3 rows
-// converted in registers, 4 through the buffer).
+// converted in registers, 4 through the buffer with 16 vector registers, in registers with 32).
 //
 // Where there are strips, a block's tiles also ask for the next block's rows of J, two rows a
 // tile, a cache line a step: the next block reaches the caches while this one is computed, the
