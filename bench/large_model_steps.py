@@ -1,6 +1,6 @@
 """The step on a model of real size: every path side by side, × the plain backward, peak memory.
 
-    python -m bench.large_model_steps [--config gpu|cpu|one-backward|tiny] [--out DIR]
+    python -m bench.large_model_steps [--config gpu|cpu|memory|one-backward|tiny] [--out DIR]
 
 Configurations (:data:`CONFIGS`):
 
@@ -9,6 +9,11 @@ Configurations (:data:`CONFIGS`):
   under 5 minutes of one H100's time.
 - ``cpu``: the 4-layer, d = 256 transformer trunk (3.16 M shared parameters, batch 8 × 64
   tokens), T ∈ {4, 8}, float32, EMTL and UPGrad.
+- ``memory``: the same trunk at T ∈ {4, 8, 16}: the memory-saving routes to the exact Gram
+  matrix against speed mode: UPGrad (reads all of G) in speed and memory mode, EMTL (reads the
+  norms) in speed mode, memory mode by T passes and memory mode by the vectorised backward
+  ("memory+batched"), and TorchJD 0.18's two memory-saving forms for UPGrad: ``jac_to_grad``
+  with ``optimize_gramian_computation`` ("gramian") and the autogram engine ("autogram").
 - ``one-backward``: the same trunk at T = 8, the weightings that read no gradients (equal and
   the loss-based ones), each on its one-backward path against the floor.
 - ``tiny``: a one-layer trunk that runs in seconds; the smoke test runs it so that the script
@@ -37,8 +42,8 @@ import torch
 
 from .environment import describe
 from .presets import TrunkSpec
-from .steps import make_paths, measure_paths
-from .trunks import build_model
+from .steps import StepPath, make_paths, measure_paths
+from .trunks import MultiTaskModel, build_model
 
 RESULTS_DIR = Path(__file__).parent / "results"
 WEIGHTINGS = ("emtl", "gradnorm_scaling", "imtl_g", "upgrad")
@@ -60,6 +65,8 @@ class Config:
     variants: tuple[str, ...] = VARIANTS
     #: Weightings that read no gradients, each timed on its one-backward path.
     one_backward: tuple[str, ...] = ("equal",)
+    #: TorchJD's forms, for the first weighting (see :func:`bench.steps.make_paths`).
+    torchjd_variants: tuple[str | None, ...] = (None, "gramian")
 
 
 def _transformer(d_model: int, layers: int, heads: int, seq_len: int, batch: int) -> TrunkSpec:
@@ -72,6 +79,17 @@ CONFIGS = {
     # Two weightings, one that reads norms only and one that reads all of G, to keep a loaded
     # 2-core machine's run in minutes.
     "cpu": Config(_transformer(256, 4, 4, 64, 8), (4, 8), (NO_AUTOCAST,), ("emtl", "upgrad"), 1, 9),
+    "memory": Config(
+        _transformer(256, 4, 4, 64, 8),
+        (4, 8, 16),
+        (NO_AUTOCAST,),
+        ("upgrad", "emtl"),
+        1,
+        5,
+        variants=("speed", "memory", "memory+batched"),
+        one_backward=(),
+        torchjd_variants=("gramian", "autogram"),
+    ),
     # The weightings that read no gradients, on the cpu trunk at T = 8: one backward each.
     "one-backward": Config(
         _transformer(256, 4, 4, 64, 8),
@@ -88,6 +106,20 @@ CONFIGS = {
 }
 
 
+def config_paths(config: Config, model: MultiTaskModel) -> list[StepPath]:
+    """The paths ``config`` measures on ``model``, on the auto backend."""
+    return make_paths(
+        model,
+        ["auto"],
+        weightings=config.weightings,
+        mtlstep_variants=config.variants,
+        batched_variant=False,
+        baselines_for=config.weightings[:1],
+        one_backward=config.one_backward,
+        torchjd_variants=config.torchjd_variants,
+    )
+
+
 def measure(config: Config, device: torch.device) -> list[dict]:
     """One row a path, T and dtype, with its ratio to the floor of the same T and dtype."""
     rows = []
@@ -95,15 +127,7 @@ def measure(config: Config, device: torch.device) -> list[dict]:
         for num_tasks in config.task_counts:
             model, batch = build_model(config.trunk, num_tasks, device)
             model.autocast_dtype = None if dtype == NO_AUTOCAST else getattr(torch, dtype)
-            paths = make_paths(
-                model,
-                ["auto"],
-                weightings=config.weightings,
-                mtlstep_variants=config.variants,
-                batched_variant=False,
-                baselines_for=config.weightings[:1],
-                one_backward=config.one_backward,
-            )
+            paths = config_paths(config, model)
             print(f"{dtype}, T={num_tasks}: {len(paths)} paths", file=sys.stderr, flush=True)
             measured = measure_paths(model, batch, paths, device, warmup=config.warmup, repeats=config.repeats)
             rows += [_summary(row, measured, dtype) for row in measured]

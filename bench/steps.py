@@ -6,11 +6,15 @@ The paths, all on the same model and batch:
 2. ``library``: the usual library path (:mod:`bench.library_path`): a loop of ``autograd.grad``,
    ``torch.cat`` into T×P, norms, weighted sum, split and copy into ``.grad``.
 3. ``torchjd``: TorchJD's ``mtl_backward`` and ``jac_to_grad`` (:mod:`bench.torchjd_path`), in
-   its default form and with ``optimize_gramian_computation`` ("gramian"), when installed.
+   its default form and with ``optimize_gramian_computation`` ("gramian"), when installed; on
+   request its autogram engine ("autogram": the Gramian from per-module hooks, then one backward
+   of Σ_i w_i L_i), which hooks the forward: it runs on its own copy of the model.
 4. ``mtlstep``: :class:`emtl_kernels.MTLStep` in speed and memory mode and in features mode
    (``backward(losses, features=...)``), for each measured backend (and speed mode with one
    vectorised backward, "speed+batched"); on request, norms on the last shared layer
-   ("norm_params"). Memory mode is left out for weightings that read all of G.
+   ("norm_params"), and memory mode with ``batched_backward`` ("memory+batched": the exact G
+   from one vectorised backward for a weighting that reads only the norms; a weighting that
+   reads all of G gets it so in plain memory mode).
 5. ``mtlstep/one-backward/equal``: MTLStep with equal weighting, which reads no gradients and
    runs one backward of the sum: its cost over the floor is the step's own.
 
@@ -67,6 +71,8 @@ class StepPath:
     weighting: str | None = None
     variant: str | None = None
     backend: str | None = None
+    #: The forward the path needs instead of the model's own, ``batch -> (features, losses)``.
+    forward: Callable[[tuple[Tensor, Tensor]], tuple[Tensor, list[Tensor]]] | None = None
 
     @property
     def key(self) -> str:
@@ -100,7 +106,7 @@ def _floor_path() -> StepPath:
 
 #: MTLStep's variants: speed and memory mode, speed mode with one vectorised backward, features
 #: mode, and norms on the last shared layer.
-MTLSTEP_VARIANTS = ("speed", "memory", "speed+batched", "features", "norm_params")
+MTLSTEP_VARIANTS = ("speed", "memory", "speed+batched", "memory+batched", "features", "norm_params")
 
 
 def _mtlstep_path(model: MultiTaskModel, weighting: str, variant: str, backend: str) -> StepPath:
@@ -110,8 +116,8 @@ def _mtlstep_path(model: MultiTaskModel, weighting: str, variant: str, backend: 
         model.trunk.parameters(),
         weighting,
         backend=backend,
-        mode="memory" if variant == "memory" else "speed",
-        batched_backward=variant == "speed+batched",
+        mode="memory" if variant.startswith("memory") else "speed",
+        batched_backward=variant.endswith("+batched"),
         norm_params=model.last_shared_layer().parameters() if variant == "norm_params" else None,
     )
     # Only speed mode's task gradients end where its post-backward part starts: the other
@@ -136,9 +142,10 @@ def _one_backward_path(model: MultiTaskModel, backend: str, weighting: str) -> S
     return StepPath("mtlstep", run, weighting, "one-backward", backend)
 
 
-def runs_in(weighting: str, variant: str) -> bool:
-    """Whether ``variant`` serves ``weighting``: memory mode never forms all of G."""
-    return variant != "memory" or make_weighting(weighting).gram_use != "full"
+def _same_as_memory_mode(weighting: str, variant: str) -> bool:
+    """Whether ``variant`` is plain memory mode under another name: a weighting that reads all of
+    G gets it from the vectorised backward in memory mode, ``batched_backward`` or not."""
+    return variant == "memory+batched" and make_weighting(weighting).gram_use == "full"
 
 
 def _library_path(model: MultiTaskModel, weighting: str) -> StepPath:
@@ -147,6 +154,17 @@ def _library_path(model: MultiTaskModel, weighting: str) -> StepPath:
 
 
 def _torchjd_path(model: MultiTaskModel, weighting: str, variant: str | None) -> StepPath:
+    if variant == "autogram":
+        from .torchjd_path import AutogramStep
+
+        autogram = AutogramStep(model, weighting)
+        return StepPath(
+            "torchjd",
+            lambda features, losses, clock: autogram.backward(losses),
+            weighting,
+            variant,
+            forward=autogram.forward,
+        )
     from .torchjd_path import TorchJDStep
 
     step = TorchJDStep(
@@ -188,7 +206,7 @@ def make_paths(
             paths += [
                 _mtlstep_path(model, weighting, variant, backend)
                 for variant in mtlstep_variants
-                if runs_in(weighting, variant)
+                if not _same_as_memory_mode(weighting, variant)
             ]
         if batched_variant and index == 0 and backends:
             paths.append(_mtlstep_path(model, weighting, "speed+batched", backends[0]))
@@ -197,7 +215,7 @@ def make_paths(
 
 def _one_step(model: MultiTaskModel, batch, path: StepPath, clock: Clock) -> dict[str, float]:
     start = clock.now()
-    features, losses = model(batch)
+    features, losses = (path.forward or model)(batch)
     forward_end = clock.now()
     intervals = path.run(features, losses, clock)
     end = clock.now()

@@ -10,16 +10,24 @@ the very weighting the fused step uses, so both compute the same update on the s
   ``optimize_gramian_computation=True`` it sums per-parameter Gramians instead of concatenating:
   TorchJD's own memory-saving option, measured as its own variant.
 
+:class:`AutogramStep` is TorchJD's other route, its autogram engine: hooks on the trunk's modules
+compute the Gramian of the per-task losses in one vectorised backward without forming the
+Jacobian, the weights come from it, and one backward of Σ_i w_i L_i writes the update (the heads
+weighted, as MTLStep's default). Its hooks act in every forward of the modules they are on, so it
+runs a copy of the model of its own.
+
 TorchJD is optional (the ``bench`` extra): import this module only where it is installed.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 import torchjd.aggregation
-from torch import Tensor
+from torch import Tensor, nn
+from torchjd.autogram import Engine
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from emtl_kernels import Weighting, make_weighting
@@ -56,6 +64,28 @@ class TorchJDStep:
         self.weighting.losses = torch.stack([loss.detach() for loss in losses])
         jac_to_grad(self.shared, self.aggregator, optimize_gramian_computation=self.optimize_gramian_computation)
         return intervals
+
+
+class AutogramStep:
+    """``forward(batch)`` on a copy of ``model`` whose trunk the autogram engine hooks, then
+    ``backward(losses)``: the Gramian, ``weighting``'s weights, one backward of Σ_i w_i L_i.
+    The copy's ``.grad`` are reset before each forward, as a training loop's ``zero_grad``."""
+
+    def __init__(self, model: nn.Module, weighting: str | Weighting, **weighting_options):
+        self.model = copy.deepcopy(model)
+        # batch_dim=None: the losses are per task, not per sample.
+        self.engine = Engine(self.model.trunk, batch_dim=None)
+        self.weighting = make_weighting(weighting, **weighting_options)
+
+    def forward(self, batch) -> tuple[Tensor, list[Tensor]]:
+        self.model.zero_grad(set_to_none=True)
+        return self.model(batch)
+
+    def backward(self, losses: Sequence[Tensor]) -> None:
+        stacked = torch.stack(list(losses))
+        gramian = self.engine.compute_gramian(stacked)
+        weights = self.weighting(stacked.detach(), gramian)
+        stacked.backward(weights)
 
 
 class _GramianWeighting(torchjd.aggregation.Weighting):

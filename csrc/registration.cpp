@@ -25,9 +25,14 @@ TORCH_LIBRARY(emtl_solvers, m) {
   m.def("mgda_weights(Tensor losses, Tensor gram) -> Tensor");
   m.def("cagrad_weights(Tensor losses, Tensor gram, float c) -> Tensor");
   m.def("nash_mtl_weights(Tensor losses, Tensor gram, float reg_eps, float? max_norm, int iterations) -> Tensor");
-  m.def("fairgrad_weights(Tensor losses, Tensor gram, float p, float reg_eps, int iterations) -> Tensor");
+  m.def(
+      "fairgrad_weights(Tensor losses, Tensor gram, float p, float reg_eps, float fallback_reg_eps, int iterations) -> "
+      "Tensor");
   m.def("pcd_weights(Tensor losses, Tensor gram, Tensor scales, Tensor taus) -> Tensor");
   m.def("pcgrad_weights(Tensor losses, Tensor gram, Tensor order_keys) -> Tensor");
+  m.def(
+      "gradvac_weights(Tensor losses, Tensor gram, Tensor order_keys, Tensor targets, float beta, float eps) -> "
+      "(Tensor, Tensor)");
   m.def("imtl_g_weights(Tensor losses, Tensor gram) -> Tensor");
   m.def("config_weights(Tensor losses, Tensor gram, Tensor? preference) -> Tensor");
   m.def("aligned_mtl_weights(Tensor losses, Tensor gram, str scale_mode) -> Tensor");

@@ -28,6 +28,7 @@ from .distributed import CommunicationLog, DistributedMTLStep
 from .ops import task_gram, task_sq_norms, weighted_combine
 from .skip_check import SKIP_REASONS
 from .step import MTLStep, StepRecord
+from .streamed_gram import StreamedGramError
 from .task_gradients import SUPPORTED_DTYPES, TaskGradients
 from .weightings import (
     CRMOGM,
@@ -100,6 +101,7 @@ __all__ = [
     "PCGrad",
     "StatefulWeighting",
     "StepRecord",
+    "StreamedGramError",
     "TaskGradients",
     "UPGrad",
     "Weighting",

@@ -32,9 +32,12 @@ def grad_destinations(params: list[Tensor]) -> tuple[list[Tensor], bool]:
 def accumulate_grad(param: Tensor, grad: Tensor | None, skipped: Tensor) -> None:
     """``param.grad += grad``, or nothing at all (not even NaN) when the step is skipped; a
     sparse gradient (``nn.Embedding(sparse=True)``) is added as ``backward()`` adds it."""
-    if grad is None:
-        return
-    grad = _unless(skipped, grad).to(param.dtype)
+    if grad is not None:
+        _add_into_grad(param, _unless(skipped, grad).to(param.dtype))
+
+
+def _add_into_grad(param: Tensor, grad: Tensor) -> None:
+    """``param.grad += grad`` as ``backward()`` adds: in place into a dense ``.grad``."""
     if param.grad is None:
         param.grad = grad
     elif param.grad.is_sparse:
@@ -66,9 +69,9 @@ def backward_into_grads(output: Tensor, params: Sequence[Tensor], check: SkipChe
     skipped = check.skipped
     zero_if_([grad for grad in written if grad is not None and not grad.is_sparse], skipped)
     for param, old, new in zip(params, held, written, strict=True):
-        if new is not None and new.is_sparse:
-            new = _unless(skipped, new)
-        param.grad = _added(old, new)
+        param.grad = old
+        if new is not None:
+            _add_into_grad(param, _unless(skipped, new) if new.is_sparse else new)
 
 
 @torch.library.custom_op("emtl_kernels::zero_if_", mutates_args=("tensors",))
@@ -91,32 +94,6 @@ def zero_if_(tensors: list[Tensor], flag: Tensor) -> None:
 @zero_if_.register_fake
 def _(tensors: list[Tensor], flag: Tensor) -> None:
     return None
-
-
-def held_grads(params: Sequence[Tensor]) -> list[Tensor | None]:
-    """A copy of what each parameter's ``.grad`` holds (None where it holds nothing), for
-    :func:`restore_grads_if` after a write that is checked only once it is done."""
-    return [None if param.grad is None else param.grad.clone() for param in params]
-
-
-def restore_grads_if(skipped: Tensor, params: Sequence[Tensor], held: Sequence[Tensor | None]) -> None:
-    """When ``skipped``, put back in each (dense) ``.grad`` what :func:`held_grads` copied, zeros
-    where it held nothing."""
-    zero_if_([p.grad for p, old in zip(params, held, strict=True) if old is None and p.grad is not None], skipped)
-    for param, old in zip(params, held, strict=True):
-        if old is not None and param.grad is not None:
-            torch.where(skipped, old, param.grad, out=param.grad)
-
-
-def _added(held: Tensor | None, new: Tensor | None) -> Tensor | None:
-    """``held`` with ``new`` added (in place where both are dense); either where the other is None."""
-    if held is None:
-        return new
-    if new is None:
-        return held
-    if held.is_sparse or new.is_sparse:
-        return held + new
-    return held.add_(new)
 
 
 def give_empty_grads(params: Sequence[Tensor]) -> None:
@@ -146,19 +123,20 @@ def values_to_check(params: Sequence[Tensor], additions: Sequence[Tensor | None]
     return [_value_to_check(p.grad, a) for p, a in zip(params, additions, strict=True)]
 
 
-def backups_of(outs: Sequence[Tensor], accumulate: bool) -> list[Tensor] | None:
-    """Copies of the ``.grad`` values a write will add to (None when it adds to nothing), so that
-    a write whose result turns out not finite can be undone."""
-    return [out.clone() for out in outs] if accumulate else None
+def backups_of(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """A copy of each tensor (None where it is None): what a write adds to, put back by
+    :func:`undo_if` when the write turns out not finite."""
+    return [None if tensor is None else tensor.clone() for tensor in tensors]
 
 
-def undo_if(skipped: Tensor, outs: Sequence[Tensor], backups: Sequence[Tensor] | None) -> None:
-    """Put back what ``outs`` held before a write (zeros where they held nothing) when ``skipped``."""
-    for k, out in enumerate(outs):
-        if backups is None:
-            out.masked_fill_(skipped, 0)
-        else:
-            torch.where(skipped, backups[k], out, out=out)
+def undo_if(skipped: Tensor, outs: Sequence[Tensor | None], backups: Sequence[Tensor | None]) -> None:
+    """When ``skipped``, put back in each (dense) out what its backup holds, zeros where it has
+    none (it held nothing before the write); None outs are left alone."""
+    pairs = [(out, backup) for out, backup in zip(outs, backups, strict=True) if out is not None]
+    zero_if_([out for out, backup in pairs if backup is None], skipped)
+    for out, backup in pairs:
+        if backup is not None:
+            torch.where(skipped, backup, out, out=out)
 
 
 def _value_to_check(existing: Tensor | None, addition: Tensor | None) -> Tensor | None:

@@ -10,8 +10,12 @@ Where the bytes go in speed mode (P shared elements, T tasks, element size s):
 - The Gram pass reads them once (T·P·s read) and writes the T×T matrix.
 - The combine pass reads them once more (T·P·s) and writes P·s straight into ``.grad`` (reading
   P·s more when ``.grad`` already holds a gradient to add to).
-Memory mode instead reduces each task's gradients to a norm as soon as autograd returns them and
-frees them, then runs one more backward of Σ_i w_i L_i: O(P) extra memory, one extra backward.
+Memory mode never holds J; it runs one more backward of Σ_i w_i L_i for the update. A weighting
+that reads all of G gets it from one vectorised backward whose per-parameter task gradients are
+reduced into G as soon as autograd produces them (:mod:`.streamed_gram`: the extra memory is about
+P·s plus the T-fold activation gradients and T times the largest parameter); one that reads only
+the norms gets them from T backward passes, each task's gradients reduced to a norm and freed
+(O(P) extra memory), or from the same vectorised backward with ``batched_backward``.
 
 The skip check (:mod:`.skip_check`) adds nothing to these passes in float32 and bfloat16: the
 combination is certified finite from G and the weights. Float16 storage checks the written
@@ -60,6 +64,7 @@ from .grad_writes import (
 )
 from .ops import task_gram, task_sq_norms, weighted_combine
 from .skip_check import SKIP_REASONS, SkipCheck, combination_bounded
+from .streamed_gram import streamed_gram
 from .task_gradients import SUPPORTED_DTYPES, TaskGradients
 from .weightings import Weighting, make_weighting, relative_contributions
 
@@ -78,8 +83,8 @@ class StepRecord:
     #: or in features mode the features: ‖∂L_i/∂z‖²); inf where a norm is beyond float32's range
     #: (~1.8e19) or a gradient holds inf; NaN for a weighting that reads no gradients (none measured).
     sq_norms: Tensor
-    #: ``[T, T]`` float32 Gram matrix of the task gradients (G_z in features mode); None in memory
-    #: mode, which never forms it, and for a weighting that reads no gradients.
+    #: ``[T, T]`` float32 Gram matrix of the task gradients (G_z in features mode); None where memory
+    #: mode measured only the norms, and for a weighting that reads no gradients.
     gram: Tensor | None
     #: ``[T]`` r_i = L_i / (‖g_i‖ + ε), ε the weighting's ``contribution_eps``, from the same norms
     #: (in features mode, features-space contributions L_i / ‖∂L_i/∂z‖); NaN for a task with no
@@ -115,20 +120,23 @@ class MTLStep:
             device with one dtype (float32, bfloat16 or float16). One without elements
             contributes nothing; it gets an empty ``.grad`` when a loss reaches it.
         weighting: a name from :data:`emtl_kernels.weightings.WEIGHTINGS` ("emtl" by default)
-            or a :class:`~emtl_kernels.weightings.Weighting` instance. Those that read all of G
-            need ``mode="speed"``.
+            or a :class:`~emtl_kernels.weightings.Weighting` instance.
         backend: kernels for the Gram and combine passes: "auto" or a name from
             :func:`emtl_kernels.available_backends`.
         mode: "speed" keeps the T task gradients (T·P extra memory) and combines them with one
-            fused pass; "memory" keeps only their norms (O(P) extra memory) and runs one more
-            backward; it serves weightings that read the norms (and ‖Σ_i g_i‖) only.
+            fused pass; "memory" never keeps them and runs one more backward, of Σ_i w_i L_i. For
+            a weighting that reads all of G (MGDA, UPGrad, …), memory mode forms the exact G in
+            one vectorised backward that reduces each parameter's T gradients into G as soon as
+            autograd produces them (every op must support ``torch.vmap``); for one that reads the
+            norms (and ‖Σ_i g_i‖) only, it takes them from T backward passes (O(P) extra memory).
         norm_params: a subset of ``shared_params`` (the last shared layer, say) to take the
             norms and Gram matrix over: cheaper, an approximation. The update still covers every
             shared parameter, by one more backward of Σ_i w_i L_i.
         batched_backward: compute the T task gradients in one vectorised backward
-            (``is_grads_batched``) instead of T backward passes; speed mode only. Faster for
-            small models; every op of the model must support ``torch.vmap`` (sparse gradients
-            do not).
+            (``is_grads_batched``) instead of T backward passes. Faster for small models; every
+            op of the model must support ``torch.vmap`` (sparse gradients do not). In memory
+            mode, a weighting that reads only the norms then gets the exact G from the one
+            vectorised backward too, as the ones that read all of G do.
         head_gradients: what the parameters outside ``shared_params`` (the task heads) get:
             "weighted" (default, the specification's): the gradient of Σ_i w_i L_i, so head i
             learns at the rate w_i; "unweighted": the gradient of Σ_i L_i, each head its task's
@@ -191,12 +199,6 @@ class MTLStep:
         self.weighting = make_weighting(weighting, **weighting_options)
         if mode not in ("speed", "memory"):
             raise ValueError(f"mode must be 'speed' or 'memory', got {mode!r}")
-        if mode == "memory" and self.weighting.gram_use == "full":
-            raise ValueError(
-                f"{self.weighting!r} reads the whole Gram matrix, which mode='memory' never forms; use mode='speed'"
-            )
-        if batched_backward and mode == "memory":
-            raise ValueError("batched_backward keeps all T task gradients at once: use it with mode='speed'")
         backends.check_backend_name(backend)
         if head_gradients not in ("weighted", "unweighted"):
             raise ValueError(f"head_gradients must be 'weighted' or 'unweighted', got {head_gradients!r}")
@@ -328,7 +330,7 @@ class MTLStep:
                 backend=self.backend,
             )
             return
-        backups = backups_of(outs, accumulate)
+        backups = backups_of([out if accumulate else None for out in outs])
         weighted_combine(
             jacobian, torch.where(check.skipped, 0.0, weights), out=outs, accumulate=accumulate, backend=self.backend
         )
@@ -387,16 +389,22 @@ class MTLStep:
         shared parameters (the heads); None where no loss reaches one. Nothing is written."""
         return head_sums(per_task, len(self.shared_params), weights if self.head_gradients == "weighted" else None)
 
-    # Memory mode, or norms on a subset: stats from T backward passes, then Σ w_i L_i backward.
+    # Memory mode, or norms on a subset: G or the norms, then one backward of Σ w_i L_i.
     def _backward_weighted_sum(self, losses, loss_vector, heads, retain_graph) -> StepRecord:
         scope = self.norm_params or self.shared_params
-        # Unweighted heads take their gradients from the T task passes; weighted ones from the last.
+        # Unweighted heads take their gradients from the T task passes (the vectorised backward
+        # reaches the shared parameters only: one backward of Σ_i L_i through the heads then);
+        # weighted ones from the last.
         unweighted = self.head_gradients == "unweighted"
         task_heads = heads if unweighted else []
         if self.mode == "speed":
             per_task = self._task_gradients(losses, scope + task_heads, retain_graph=True)
             gram = self._gram(self._jacobian_on(per_task, scope)[1], loss_vector)
             head_grads = head_sums(per_task, len(scope), None)
+        elif self._streams_gram:
+            gram, reached = streamed_gram(losses, scope, backend=self.backend)
+            self._reached_from([reached], scope)
+            head_grads = self._summed_head_gradients(losses, task_heads)
         else:
             gram, head_grads = self._gram_from_norms(losses, scope, task_heads)
         weights = self._weights(loss_vector, gram)
@@ -407,7 +415,20 @@ class MTLStep:
         num_shared = len(self.shared_params)
         additions = grads[:num_shared] + (head_grads if unweighted else grads[num_shared:])
         self._write_checked(self.shared_params + heads, additions, check)
-        return self._record(loss_vector, gram, weights, check, gram_formed=self.mode == "speed")
+        return self._record(loss_vector, gram, weights, check, gram_formed=self.mode == "speed" or self._streams_gram)
+
+    @staticmethod
+    def _summed_head_gradients(losses, heads) -> list[Tensor | None]:
+        """Σ_i ∇L_i on ``heads`` (None where no loss reaches one), by one backward through them."""
+        if not heads:
+            return []
+        return list(torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True))
+
+    @property
+    def _streams_gram(self) -> bool:
+        """Whether memory mode forms G exactly by one vectorised backward (:mod:`.streamed_gram`),
+        rather than the norms by T backward passes."""
+        return self.mode == "memory" and (self.weighting.gram_use == "full" or self.batched_backward)
 
     def _write_checked(self, params: Sequence[Tensor], additions: Sequence[Tensor | None], check: SkipCheck) -> None:
         """``param.grad += addition`` for each pair (the shared parameters first), unless the step
@@ -443,9 +464,7 @@ class MTLStep:
         unweighted = self.head_gradients == "unweighted"
         # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
         summed_heads = heads if unweighted else []
-        head_grads = (
-            torch.autograd.grad(sum(losses), summed_heads, retain_graph=True, allow_unused=True) if summed_heads else ()
-        )
+        head_grads = self._summed_head_gradients(losses, summed_heads)
         check.require_finite(values_to_check(summed_heads, head_grads))
         targets = self.shared_params if unweighted else self.shared_params + heads
         backward_into_grads(weighted_sum(losses, weights), targets, check, retain_graph=retain_graph)
@@ -467,9 +486,7 @@ class MTLStep:
         with ``head_gradients="unweighted"``); None where no loss reaches one. Nothing is written."""
         unweighted = self.head_gradients == "unweighted"
         # Unweighted heads need Σ_i ∇L_i, another cotangent: one more backward, through the heads only.
-        head_grads: list[Tensor | None] = []
-        if unweighted and heads:
-            head_grads = list(torch.autograd.grad(sum(losses), heads, retain_graph=True, allow_unused=True))
+        head_grads = self._summed_head_gradients(losses, heads) if unweighted else []
         targets = self.shared_params if unweighted else self.shared_params + heads
         weighted_loss = weighted_sum(losses, weights)
         grads = list(torch.autograd.grad(weighted_loss, targets, retain_graph=retain_graph, allow_unused=True))

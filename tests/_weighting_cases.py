@@ -28,3 +28,9 @@ def fresh_weighting(name: str):
     """A new instance of ``name`` with its default options; PCGrad, GradVac and RLW seeded, so that
     two fresh ones draw the same."""
     return make_weighting(name, seed=0) if name in RANDOM_DRAWS else make_weighting(name)
+
+
+def random_orders(num_tasks: int, seed: int) -> torch.Tensor:
+    """``[T, T]``: each row a random permutation of the tasks (the orders PCGrad and GradVac take)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)])

@@ -102,11 +102,11 @@ def step_result(step: DistributedMTLStep, grads: list[torch.Tensor]) -> dict:
     }
 
 
-def ddp_step(rank: int, world_size: int, sync: str) -> dict:
+def ddp_step(rank: int, world_size: int, sync: str, mode: str = "speed") -> dict:
     """One step on a DDP model, then a second training step to show DDP is left in a sane state."""
     model = ToyMultiTask()
     ddp = DistributedDataParallel(model)
-    step = DistributedMTLStep(ddp, model.trunk.parameters(), sync=sync, bucket_cap_mb=1e-4, **WEIGHTING)
+    step = DistributedMTLStep(ddp, model.trunk.parameters(), sync=sync, mode=mode, bucket_cap_mb=1e-4, **WEIGHTING)
     step.backward(ddp(*local_batch(rank, world_size)))
     result = step_result(step, [p.grad.clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -124,6 +124,14 @@ def ddp_exact(rank, world_size):
 
 def ddp_local(rank, world_size):
     return ddp_step(rank, world_size, "local")
+
+
+def ddp_memory_exact(rank, world_size):
+    return ddp_step(rank, world_size, "exact", mode="memory")
+
+
+def ddp_memory_local(rank, world_size):
+    return ddp_step(rank, world_size, "local", mode="memory")
 
 
 def ddp_features(rank: int, world_size: int) -> dict:
@@ -358,6 +366,8 @@ SCENARIOS = {
     for f in (
         ddp_exact,
         ddp_local,
+        ddp_memory_exact,
+        ddp_memory_local,
         ddp_features,
         features_nan_on_one_rank,
         fsdp_exact,

@@ -482,7 +482,6 @@ def test_libmtl_weight_args_without_a_counterpart_are_refused_by_name(weighting,
     [
         ({"weighting": "nope"}, ValueError, "unknown weighting"),
         ({"weighting": "cagrad", "radius": 0.5}, TypeError, "radius"),
-        ({"weighting": "upgrad", "mode": "memory"}, ValueError, "mode='speed'"),
         ({"weighting": "emtl", "backend": "nope"}, ValueError, "unknown backend"),
     ],
 )

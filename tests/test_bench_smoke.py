@@ -31,7 +31,7 @@ from bench.memory import cpu_peak_increase, peak_bytes
 from bench.presets import TINY
 from bench.run import main, run, save
 from bench.scaling import loglog_slope
-from bench.steps import torchjd_installed
+from bench.steps import measure_paths, torchjd_installed
 from bench.targets import distance_table, evaluate
 from bench.trunks import build_model
 from emtl_kernels import WEIGHTINGS, available_backends, emtl_weights
@@ -291,7 +291,7 @@ def _float64_update(model32, batch32, weights_of):
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize("spec", TINY.steps.trunks, ids=lambda spec: spec.kind)
-@pytest.mark.parametrize("path", ["library", "torchjd", "torchjd_gramian"])
+@pytest.mark.parametrize("path", ["library", "torchjd", "torchjd_gramian", "torchjd_autogram"])
 def test_baseline_paths_write_the_weighted_update(spec, path, one_thread):
     if path.startswith("torchjd") and not torchjd_installed():
         pytest.skip("torchjd is not installed")
@@ -299,7 +299,13 @@ def test_baseline_paths_write_the_weighted_update(spec, path, one_thread):
     model.eval()  # batch norm from running statistics: the float64 twin then sees the same function
     heads = [head.parameters() for head in model.heads]
     features, losses = model(batch)
-    if path == "library":
+    if path == "torchjd_autogram":
+        from bench.torchjd_path import AutogramStep
+
+        autogram = AutogramStep(model, "emtl", lam=1.0)
+        autogram.backward(autogram.forward(batch)[1])
+        model = autogram.model  # the copy its engine hooks holds the update
+    elif path == "library":
         step = LibraryStyleStep(model.trunk.parameters(), heads, "emtl", lam=1.0)
         step.backward(losses)
     else:
@@ -472,3 +478,16 @@ def test_cheap_modes_accuracy_script_compares_with_the_exact_step(tmp_path, one_
     assert all(0 <= row["digit_mean"] <= 1 for row in rows)
     assert (tmp_path / "cheap_modes_accuracy.png").stat().st_size > 0
     assert "| mgda | features |" in report.read_text()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_memory_configuration_paths_run_and_memory_batched_is_left_out_where_it_is_memory_mode(one_thread):
+    spec = next(spec for spec in TINY.steps.trunks if spec.kind == "transformer")
+    model, batch = build_model(spec, 2, CPU)
+    paths = large_model_steps.config_paths(large_model_steps.CONFIGS["memory"], model)
+    keys = {path.key for path in paths}
+    assert {"mtlstep/memory/upgrad/auto", "mtlstep/memory+batched/emtl/auto"} <= keys
+    assert "mtlstep/memory+batched/upgrad/auto" not in keys  # UPGrad's memory mode is that path already
+    assert torchjd_installed() <= ("torchjd/autogram/upgrad" in keys)
+    rows = measure_paths(model, batch, paths, CPU, warmup=0, repeats=1, memory=False)
+    assert all(row["error"] is None for row in rows), [row["error"] for row in rows]

@@ -14,16 +14,19 @@ import functools
 import numpy as np
 import pytest
 import torch
+from _weighting_cases import random_orders
 from torch import Tensor
 
 from emtl_kernels import _extension
 from emtl_kernels.weightings import (
     PCD,
+    GradVac,
     _compiled,
     aligned_mtl_weights,
     cagrad_weights,
     config_weights,
     dualproj_weights,
+    fairgrad,
     fairgrad_weights,
     imtl_g_weights,
     mgda_weights,
@@ -31,6 +34,7 @@ from emtl_kernels.weightings import (
     pcgrad_weights,
     upgrad_weights,
 )
+from emtl_kernels.weightings._solvers import rounding_ridge
 
 pytestmark = pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="the compiled extension is not built")
 
@@ -64,6 +68,12 @@ def adversarial_gram(kind: str, num_tasks: int) -> Tensor:
     elif kind == "opposite":
         rows[1::2] = -rows[0::2][: num_tasks // 2]
     return rows @ rows.T
+
+
+def update_gap(weights: Tensor, expected: Tensor, gram: Tensor) -> Tensor:
+    """‖Jᵀ(w − w')‖, read from G: how far apart the two updates are."""
+    difference = weights - expected
+    return (difference @ gram @ difference).clamp_min(0).sqrt()
 
 
 def as_inputs(gram: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -142,12 +152,14 @@ def test_opcheck_every_solver_op():
         torch.library.opcheck(ops.nash_mtl_weights.default, (losses, gram, 1e-9, None, 40))
         torch.library.opcheck(ops.imtl_g_weights.default, (losses, gram))
         torch.library.opcheck(ops.aligned_mtl_weights.default, (losses, gram, "median"))
-        torch.library.opcheck(ops.fairgrad_weights.default, (losses, gram, 2.0, 1e-8, 50))
+        torch.library.opcheck(ops.fairgrad_weights.default, (losses, gram, 2.0, 1e-8, 1e-6, 50))
         torch.library.opcheck(ops.config_weights.default, (losses, gram, None))
         torch.library.opcheck(ops.config_weights.default, (losses, gram, torch.arange(1.0, 6.0)))
         scales, taus = torch.rand(5, dtype=torch.float64) + 0.5, torch.full((4,), 0.5, dtype=torch.float64)
         torch.library.opcheck(ops.pcd_weights.default, (losses, gram, scales, taus))
         torch.library.opcheck(ops.pcgrad_weights.default, (losses, gram, torch.rand(5, 5, dtype=dtype)))
+        keys, targets = torch.rand(5, 5, dtype=dtype), torch.rand(5, 5, dtype=dtype) - 0.5
+        torch.library.opcheck(ops.gradvac_weights.default, (losses, gram, keys, targets, 0.5, 1e-8))
     assert set(_compiled.FAKES) == {
         name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")
     }
@@ -161,7 +173,7 @@ def test_opcheck_every_solver_op():
         (lambda ops: ops.imtl_g_weights(torch.ones(2), torch.ones(2, 2, dtype=torch.int64)), "floating point"),
         (lambda ops: ops.aligned_mtl_weights(torch.ones(2), torch.eye(2), "max"), "scale_mode"),
         (lambda ops: ops.project_onto_dual_cone(torch.eye(2), torch.ones(2), 0.0, 0.0), "preferences must be"),
-        (lambda ops: ops.fairgrad_weights(torch.ones(2), torch.eye(2), 0.0, 1e-8, 50), "p must be"),
+        (lambda ops: ops.fairgrad_weights(torch.ones(2), torch.eye(2), 0.0, 1e-8, 1e-6, 50), "p must be"),
         (lambda ops: ops.config_weights(torch.ones(2), torch.eye(2), torch.ones(3)), "preference must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(2), torch.ones(2)), "scales must be"),
         (lambda ops: ops.pcd_weights(torch.ones(3), torch.eye(3), torch.ones(3), torch.ones(3)), "taus must be"),
@@ -187,6 +199,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
     PCD()(losses, gram)
     config_weights(losses, gram)
     pcgrad_weights(losses, gram)
+    GradVac()(losses, gram)
     assert calls == [
         "project_onto_dual_cone",
         "project_onto_dual_cone",
@@ -199,6 +212,7 @@ def test_weightings_on_cpu_run_the_compiled_ops(monkeypatch):
         "pcd_weights",
         "config_weights",
         "pcgrad_weights",
+        "gradvac_weights",
     ]
 
 
@@ -262,9 +276,8 @@ def test_compiled_solvers_match_the_tensor_op_solvers(name, kind):
     compiled = function(losses, given, **options)
     expected = tensor_op_weights(function, losses, given, **options)
     # The update Jᵀα, measured in G's metric, relative to the scale Σ|α_i|·‖g_i‖.
-    difference = compiled - expected
     scale = (expected.abs() * gram.diagonal().sqrt()).sum()
-    assert (difference @ gram @ difference).clamp_min(0).sqrt() <= rtol * scale
+    assert update_gap(compiled, expected, gram) <= rtol * scale
     torch.testing.assert_close(compiled, expected, rtol=1e3 * rtol, atol=1e3 * rtol * expected.abs().max())
 
 
@@ -275,9 +288,9 @@ def test_compiled_solvers_give_the_tensor_op_update_on_singular_gram(name, kind)
     function, options, rtol = PARITY[name]
     gram = adversarial_gram(kind, 8)
     losses, given = as_inputs(gram, torch.float64)
-    difference = function(losses, given, **options) - tensor_op_weights(function, losses, given, **options)
+    expected = tensor_op_weights(function, losses, given, **options)
     scale = gram.diagonal().sqrt().sum()
-    assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e2 * rtol * scale
+    assert update_gap(function(losses, given, **options), expected, gram) <= 1e2 * rtol * scale
 
 
 # --- Accuracy against float64 references --------------------------------------------------------
@@ -437,9 +450,8 @@ def test_fairgrad_compiled_solves_the_tensor_op_equations(kind, num_tasks, p):
     assert fairgrad_residual(gram, expected, p) <= 1e-11
     rtol = 1e-10 if kind in WELL_POSED_KINDS else 1e-6
     torch.testing.assert_close(compiled, expected, rtol=rtol, atol=0)
-    difference = compiled - expected
     scale = (expected.abs() * gram.diagonal().sqrt()).sum()
-    assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-10 * scale
+    assert update_gap(compiled, expected, gram) <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("tau", [0.02, 0.5])
@@ -463,9 +475,8 @@ def test_pcd_compiled_is_torchjds_exact_solution_over_steps(kind, num_tasks, tau
         expected = theirs(gram)
         norms = gram.diagonal().sqrt()
         for other in (expected, expected_by_interior_point):
-            difference = weights - other
             scale = ((weights.abs() + other.abs()) * norms).sum()
-            assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
+            assert update_gap(weights, other, gram) <= 1e-9 * scale
         if kind in WELL_POSED_KINDS:
             torch.testing.assert_close(weights, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
 
@@ -480,9 +491,8 @@ def test_config_compiled_matches_the_tensor_op_solver_with_a_preference(kind, nu
     for preference in (None, torch.linspace(0.5, 2.0, num_tasks, dtype=torch.float64)):
         compiled = config_weights(losses, gram, preference=preference)
         expected = tensor_op_weights(config_weights, losses, gram, preference=preference)
-        difference = compiled - expected
         scale = ((compiled.abs() + expected.abs()) * gram.diagonal().sqrt()).sum()
-        assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-9 * scale
+        assert update_gap(compiled, expected, gram) <= 1e-9 * scale
         if kind in WELL_POSED_KINDS:
             torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()))
 
@@ -494,20 +504,35 @@ def test_pcgrad_compiled_matches_the_tensor_op_solver_on_the_same_draws_and_orde
     gradient that becomes orthogonal to another can meet it with an inner product of either sign
     at rounding level: the projection it then takes is of that size)."""
     losses, gram = as_inputs(adversarial_gram(kind, num_tasks), torch.float64)
-    orders = torch.stack(
-        [torch.randperm(num_tasks, generator=torch.Generator().manual_seed(i)) for i in range(num_tasks)]
-    )
+    orders = random_orders(num_tasks, seed=0)
     scale = gram.diagonal().max().sqrt()
-    for options in ({"orders": orders}, {"generator": "seeded"}):
-        runs = []
-        for solve in (pcgrad_weights, functools.partial(tensor_op_weights, pcgrad_weights)):
-            if "generator" in options:
-                options = {"generator": torch.Generator().manual_seed(7)}
-            runs.append(solve(losses, gram, **options))
-        compiled, expected = runs
-        difference = compiled - expected
-        assert (difference @ gram @ difference).clamp_min(0).sqrt() <= 1e-12 * (expected.abs().sum() + 1) * scale
+    # Each solve gets options of its own: a generator is used up by the draws it makes.
+    for options in (lambda: {"orders": orders}, lambda: {"generator": torch.Generator().manual_seed(7)}):
+        compiled = pcgrad_weights(losses, gram, **options())
+        expected = tensor_op_weights(pcgrad_weights, losses, gram, **options())
+        assert update_gap(compiled, expected, gram) <= 1e-12 * (expected.abs().sum() + 1) * scale
         torch.testing.assert_close(compiled, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_tasks", ZOO_NUM_TASKS)
+@pytest.mark.parametrize("kind", [*WELL_POSED_KINDS, "duplicates"])
+def test_gradvac_compiled_matches_the_tensor_op_solver_over_steps(kind, num_tasks):
+    """Float64 both, three steps on the same draws, given orders on the last: the same corrections
+    and the same moved targets, up to rounding amplified by 1/√(1 − φ̂²) as targets near ±1. Not on
+    rank-one or opposite G: similarities of exactly ±1 make that factor unbounded, and the two
+    solvers' rounding then part at any precision (TorchJD's as well)."""
+    losses, gram = as_inputs(adversarial_gram(kind, num_tasks), torch.float64)
+    orders = random_orders(num_tasks, seed=0)
+    compiled, tensor_op = GradVac(seed=3), GradVac(seed=3)
+    for step in range(3):
+        options = {"orders": orders} if step == 2 else {}
+        weights = compiled.weights(losses, gram, **options)
+        with tensor_op_solvers():
+            expected = tensor_op.weights(losses, gram, **options)
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+        torch.testing.assert_close(compiled.targets, tensor_op.targets, rtol=1e-6, atol=1e-7)
+    if kind == "random" and num_tasks > 1:
+        assert compiled.targets.abs().sum() > 0
 
 
 def test_fairgrad_pcd_and_config_tensor_op_solvers_trace_in_one_graph():
@@ -575,3 +600,131 @@ def test_torch_compile_traces_each_compiled_solve_in_one_graph(name):
     torch._dynamo.reset()
     compiled = torch.compile(functools.partial(function, **options), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(losses, gram), function(losses, gram, **options), rtol=0, atol=0)
+
+
+#: A float32 G of eight nearly dependent gradients, some opposite (found by the property test of
+#: finite weights): rounding left it indefinite by 6e-8 of its scaled diagonal, beyond reg_eps.
+INDEFINITE_BY_ROUNDING = [
+    [
+        2.374669075012207,
+        -0.45217281579971313,
+        -3.357506036758423,
+        0.8759503960609436,
+        -1.671244740486145,
+        -2.1552300453186035,
+        0.6215559244155884,
+        1.2913953065872192,
+    ],
+    [
+        -0.45217281579971313,
+        0.08610052615404129,
+        0.6393197774887085,
+        -0.16679416596889496,
+        0.31823021173477173,
+        0.410388320684433,
+        -0.11835362762212753,
+        -0.24590115249156952,
+    ],
+    [
+        -3.357506036758423,
+        0.6393197774887085,
+        4.7471232414245605,
+        -1.2384920120239258,
+        2.362945795059204,
+        3.0472447872161865,
+        -0.8788078427314758,
+        -1.825882911682129,
+    ],
+    [
+        0.8759503960609436,
+        -0.16679416596889496,
+        -1.2384920120239258,
+        0.3231141269207001,
+        -0.6164764165878296,
+        -0.7950053811073303,
+        0.2292749583721161,
+        0.47636038064956665,
+    ],
+    [
+        -1.671244740486145,
+        0.31823021173477173,
+        2.362945795059204,
+        -0.6164764165878296,
+        1.1761887073516846,
+        1.5168079137802124,
+        -0.4374386668205261,
+        -0.9088582992553711,
+    ],
+    [
+        -2.1552300453186035,
+        0.410388320684433,
+        3.0472447872161865,
+        -0.7950053811073303,
+        1.5168079137802124,
+        1.9560691118240356,
+        -0.5641190409660339,
+        -1.1720597743988037,
+    ],
+    [
+        0.6215559244155884,
+        -0.11835362762212753,
+        -0.8788078427314758,
+        0.2292749583721161,
+        -0.4374386668205261,
+        -0.5641190409660339,
+        0.16268867254257202,
+        0.33801528811454773,
+    ],
+    [
+        1.2913953065872192,
+        -0.24590115249156952,
+        -1.825882911682129,
+        0.47636038064956665,
+        -0.9088582992553711,
+        -1.1720597743988037,
+        0.33801528811454773,
+        0.7022881507873535,
+    ],
+]
+
+
+def test_fairgrad_solves_a_float32_gram_that_rounding_left_indefinite():
+    """The equations on the G above have no solution with the ridge reg_eps: the first solve
+    diverges, and both solvers then solve them with the ridge reg_eps + 2·T·eps."""
+    gram = torch.tensor(INDEFINITE_BY_ROUNDING, dtype=torch.float32)
+    losses = torch.ones(8)
+    assert not torch.isfinite(fairgrad._solve_by_newton(gram, 1.0, 1e-8, 50)).all()
+    with tensor_op_solvers():
+        expected = fairgrad_weights(losses, gram)
+    weights = fairgrad_weights(losses, gram)
+    assert torch.isfinite(weights).all() and (weights > 0).all()
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
+    ridge = 1e-8 + rounding_ridge(2 * 8, gram.dtype)
+    assert fairgrad_residual(gram.double(), weights.double(), 1.0, reg_eps=ridge) <= 1e-6
+
+
+def test_mgda_keeps_its_optimum_on_gram_graded_below_the_null_space_cut():
+    """Gradient norms from 1e-3 to 3.5e3 (found by the property test of MGDA's optimality): the
+    smallest tasks' directions fall below the least-norm step's null-space cut relative to λ_max,
+    yet decide the optimum, whose αᵀGα is 5e-7. The step must not move along them: KKT holds."""
+    jacobian = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 1e-3, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1e-3, 1e-3],
+            [0.0, 0.0, 0.0, -1e3, 0.0],
+            [0.0, 0.0, 1.0, 0.0, 0.0],
+            [0.0, -1e3, -1e3, -3e3, 1e3],
+        ],
+        dtype=torch.float64,
+    )
+    gram = jacobian @ jacobian.T
+    weights = mgda_weights(torch.ones(7, dtype=torch.float64), gram)
+    has_gradient = gram.diagonal() > 0
+    optimum = weights @ gram @ weights
+    assert (weights[has_gradient] >= 0).all() and abs(float(weights[has_gradient].sum()) - 1) <= 1e-12
+    assert ((gram @ weights)[has_gradient] >= optimum * (1 - 1e-6)).all()
+    with tensor_op_solvers():
+        expected = mgda_weights(torch.ones(7, dtype=torch.float64), gram)
+    torch.testing.assert_close(optimum, expected @ gram @ expected, rtol=1e-3, atol=0)

@@ -107,16 +107,17 @@ def assert_matches(result, expected):
     assert_float32_close(result["grads"], expected["grads"])
 
 
-@pytest.mark.parametrize("scenario", ["ddp_exact", "fsdp_exact"])
+@pytest.mark.parametrize("scenario", ["ddp_exact", "ddp_memory_exact", "fsdp_exact"])
 def test_exact_mode_is_one_process_on_the_global_batch(ranks, scenario):
     expected = global_batch_expectation()
     for result in successful(ranks[scenario]):
         assert_matches(result, expected)
 
 
-def test_local_mode_matches_its_definition(ranks):
+@pytest.mark.parametrize("scenario", ["ddp_local", "ddp_memory_local"])
+def test_local_mode_matches_its_definition(ranks, scenario):
     expected = local_mode_expectation()
-    for result in successful(ranks["ddp_local"]):
+    for result in successful(ranks[scenario]):
         assert_matches(result, expected)
     # Averaged local Gram matrices count each rank's sampling noise: the norms come out larger.
     exact = global_batch_expectation()
@@ -302,6 +303,20 @@ def test_one_rank_equals_mtlstep_and_adds_to_existing_gradients(one_rank_group, 
     assert step.communication.sent_bytes == 0
 
 
+@pytest.mark.parametrize("sync", ["exact", "local"])
+@pytest.mark.parametrize("head_gradients", ["weighted", "unweighted"])
+def test_one_rank_memory_mode_equals_mtlstep_speed_mode(one_rank_group, sync, head_gradients):
+    model = ToyMultiTask()
+    wrapped = DistributedDataParallel(model)
+    step = DistributedMTLStep(
+        wrapped, model.trunk.parameters(), "upgrad", sync=sync, mode="memory", head_gradients=head_gradients
+    )
+    weights = step.backward(wrapped(*toy_batch()))
+    expected_weights, expected_grads = single_process_result({"weighting": "upgrad"}, head_gradients=head_gradients)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-4, atol=1e-6)
+    assert_float32_close([p.grad for p in model.parameters()], expected_grads, tol=1e-5)
+
+
 # GLS reads the losses only: one backward of Σ_i w_i L_i, and one more of Σ_i L_i for the heads.
 @pytest.mark.parametrize("weighting", [WEIGHTING, {"weighting": "gls"}], ids=["gradnorm_scaling", "gls"])
 @pytest.mark.parametrize("wrap,sync", [("ddp", "exact"), ("ddp", "local"), ("fsdp", "exact")])
@@ -388,12 +403,7 @@ def bad_construction_cases():
         r"shapes \[\(4,\)\] that are not",
     )
     yield "ignored by ddp", lambda m: ignored_shared(m), ValueError, "not trainable parameters"
-    yield (
-        "memory mode",
-        lambda m: DistributedMTLStep(DistributedDataParallel(m), m.trunk.parameters(), mode="memory"),
-        ValueError,
-        "speed mode",
-    )
+    yield "fsdp memory", lambda m: fsdp_step(mode="memory"), ValueError, "mode='speed' only"
     yield "fsdp local", lambda m: fsdp_step(sync="local"), ValueError, "sync='exact' only"
     yield "fsdp batched", lambda m: fsdp_step(batched_backward=True), ValueError, "without batched_backward"
 

@@ -269,11 +269,6 @@ def test_retain_graph_allows_a_second_backward():
     sum(losses).backward()
 
 
-class FullGramWeighting(Weighting):
-    def weights(self, losses, gram):
-        return gram.sum(dim=1) * 0 + 1
-
-
 def bad_construction_cases():
     param = torch.nn.Parameter(torch.randn(3))
     yield "empty", lambda: MTLStep([]), ValueError, "empty"
@@ -296,13 +291,6 @@ def bad_construction_cases():
     yield "non-leaf", lambda: MTLStep([param * 2]), ValueError, "leaf"
     yield "mode", lambda: MTLStep([param], mode="fast"), ValueError, "mode"
     yield "backend", lambda: MTLStep([param], backend="cuda"), ValueError, "unknown backend"
-    yield "memory full gram", lambda: MTLStep([param], FullGramWeighting(), mode="memory"), ValueError, "whole Gram"
-    yield (
-        "memory batched",
-        lambda: MTLStep([param], mode="memory", batched_backward=True),
-        ValueError,
-        "batched_backward",
-    )
     yield "norm subset", lambda: MTLStep([param], norm_params=[torch.nn.Parameter(torch.ones(1))]), ValueError, "subset"
     yield "weighting", lambda: MTLStep([param], "pcgrad-typo"), ValueError, "unknown weighting"
 

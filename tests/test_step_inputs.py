@@ -19,6 +19,7 @@ MODES = {
     "speed": {},
     "memory": {"mode": "memory"},
     "batched": {"batched_backward": True},
+    "memory+batched": {"mode": "memory", "batched_backward": True},
 }
 
 

@@ -131,8 +131,6 @@ def make_step(model, weighting, options, head_gradients):
         "batched": {"batched_backward": True},
         "norm_params": {"norm_params": list(model.trunk[-2].parameters())},
     }[options]
-    if weighting == "upgrad" and options == "memory":
-        kwargs = {}
     chosen = weighting if weighting in ("equal", "emtl", "gradnorm_scaling", "upgrad") else CustomWeights(weighting)
     return MTLStep(model.shared(), chosen, head_gradients=head_gradients, **kwargs)
 

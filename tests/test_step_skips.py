@@ -17,8 +17,13 @@ import torch
 from emtl_kernels import SKIP_REASONS, MTLStep, Weighting
 from emtl_kernels.skip_check import all_finite, largest_magnitudes, min_and_max
 
-MODES = [{"mode": "speed"}, {"mode": "memory"}, {"mode": "speed", "batched_backward": True}]
-MODE_IDS = ["speed", "memory", "batched"]
+MODES = [
+    {"mode": "speed"},
+    {"mode": "memory"},
+    {"mode": "speed", "batched_backward": True},
+    {"mode": "memory", "batched_backward": True},
+]
+MODE_IDS = ["speed", "memory", "batched", "memory+batched"]
 
 
 def snapshot(params):

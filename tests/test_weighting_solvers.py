@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from _weighting_cases import NUM_TASKS, random_problem
+from _weighting_cases import NUM_TASKS, random_orders, random_problem
 from torch import Tensor
 
 from emtl_kernels.weightings import (
@@ -46,7 +46,7 @@ from emtl_kernels.weightings._solvers import (
     symmetric_eigh,
 )
 from emtl_kernels.weightings.nash_mtl import REG_EPS
-from emtl_kernels.weightings.task_orders import others_in_order
+from emtl_kernels.weightings.task_orders import other_tasks_in_order
 
 DTYPES = [torch.float64, torch.float32]
 EPS = {dtype: torch.finfo(dtype).eps for dtype in DTYPES}
@@ -349,11 +349,6 @@ def test_mgda_update_vanishes_when_zero_is_in_the_hull(dtype):
 # --- PCGrad -------------------------------------------------------------------------------------
 
 
-def random_orders(num_tasks: int, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)])
-
-
 def assert_same_update(weights: Tensor, jacobian: Tensor, expected: Tensor, rtol: float) -> None:
     """Jᵀw against ``expected``, relative to Σ_i |w_i|‖g_i‖, the scale of the rounding of Jᵀw."""
     weights = weights.double()
@@ -410,9 +405,9 @@ def test_pcgrad_rejects_bad_orders(orders, match):
         pcgrad_weights(torch.ones(4), torch.eye(4), orders=orders)
 
 
-def test_others_in_order_drops_each_rows_own_index_and_keeps_the_others_order():
+def test_other_tasks_in_order_drops_each_rows_own_index_and_keeps_the_others_order():
     orders = random_orders(7, seed=3)
-    others = others_in_order(orders)
+    others = other_tasks_in_order(7, orders.device, torch.float32, orders=orders)
     assert others.shape == (7, 6)
     for task, row in enumerate(orders.tolist()):
         assert others[task].tolist() == [other for other in row if other != task]
@@ -903,7 +898,7 @@ def test_make_weighting_by_name_passes_the_options(name, options):
     weighting = make_weighting(name, **options)
     assert type(weighting) is weighting_class
     assert {key: weighting.options[key] for key in options} == options
-    assert weighting.gram_use == "full"  # every one reads all of G: none runs in memory mode
+    assert weighting.gram_use == "full"  # every one reads all of G: memory mode streams it
     losses, gram = inputs(exact_gram("random", 5), torch.float64)
     assert torch.equal(weighting(losses, gram), function(losses, gram, **options))
 

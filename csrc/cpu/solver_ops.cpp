@@ -4,9 +4,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "../solvers/weightings.h"
 
@@ -98,13 +101,19 @@ at::Tensor nash_mtl_weights(const at::Tensor& losses, const at::Tensor& gram, do
 }
 
 at::Tensor fairgrad_weights(const at::Tensor& losses, const at::Tensor& gram, double p, double reg_eps,
-                            int64_t iterations) {
+                            double fallback_reg_eps, int64_t iterations) {
   const int num_tasks = checked_num_tasks(losses, gram, "emtl_solvers::fairgrad_weights");
-  TORCH_CHECK(p > 0.0 && reg_eps >= 0.0 && iterations >= 0,
-              "emtl_solvers::fairgrad_weights: p must be > 0, reg_eps and iterations >= 0, got ", p, ", ", reg_eps,
-              " and ", iterations);
-  const Vector weights =
-      solvers::fairgrad_weights(num_tasks, widened(gram), p, reg_eps, static_cast<int>(iterations));
+  TORCH_CHECK(p > 0.0 && reg_eps >= 0.0 && fallback_reg_eps >= 0.0 && iterations >= 0,
+              "emtl_solvers::fairgrad_weights: p must be > 0, reg_eps, fallback_reg_eps and iterations >= 0, got ", p,
+              ", ", reg_eps, ", ", fallback_reg_eps, " and ", iterations);
+  const Vector widened_gram = widened(gram);
+  Vector weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, reg_eps, static_cast<int>(iterations));
+  // Where G's rounding left it indefinite beyond reg_eps (no solution: the steps diverge), the
+  // caller's larger ridge makes one exist; the solve runs again only then.
+  const bool finite = std::all_of(weights.begin(), weights.end(), [](double w) { return std::isfinite(w); });
+  if (!finite) {
+    weights = solvers::fairgrad_weights(num_tasks, widened_gram, p, fallback_reg_eps, static_cast<int>(iterations));
+  }
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
@@ -146,15 +155,35 @@ at::Tensor config_weights(const at::Tensor& losses, const at::Tensor& gram,
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
 }
 
-at::Tensor pcgrad_weights(const at::Tensor& losses, const at::Tensor& gram, const at::Tensor& order_keys) {
-  const char* op = "emtl_solvers::pcgrad_weights";
-  const int num_tasks = checked_num_tasks(losses, gram, op);
+void check_order_keys(const at::Tensor& order_keys, int num_tasks, const char* op) {
   TORCH_CHECK(order_keys.dim() == 2 && order_keys.size(0) == num_tasks && order_keys.size(1) == num_tasks, op,
               ": order_keys must be [T, T] = [", num_tasks, ", ", num_tasks, "], got ", order_keys.sizes());
   TORCH_CHECK(order_keys.is_floating_point() && order_keys.device().is_cpu(), op,
               ": order_keys must be a floating point CPU tensor");
+}
+
+at::Tensor pcgrad_weights(const at::Tensor& losses, const at::Tensor& gram, const at::Tensor& order_keys) {
+  const char* op = "emtl_solvers::pcgrad_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  check_order_keys(order_keys, num_tasks, op);
   const Vector weights = solvers::pcgrad_weights(num_tasks, widened(gram), widened(order_keys));
   return as_tensor(weights, {num_tasks}, weights_dtype(losses));
+}
+
+std::tuple<at::Tensor, at::Tensor> gradvac_weights(const at::Tensor& losses, const at::Tensor& gram,
+                                                   const at::Tensor& order_keys, const at::Tensor& targets,
+                                                   double beta, double eps) {
+  const char* op = "emtl_solvers::gradvac_weights";
+  const int num_tasks = checked_num_tasks(losses, gram, op);
+  check_order_keys(order_keys, num_tasks, op);
+  TORCH_CHECK(targets.dim() == 2 && targets.size(0) == num_tasks && targets.size(1) == num_tasks, op,
+              ": targets must be [T, T] = [", num_tasks, ", ", num_tasks, "], got ", targets.sizes());
+  TORCH_CHECK(targets.is_floating_point() && targets.device().is_cpu(), op,
+              ": targets must be a floating point CPU tensor");
+  Vector moved = widened(targets);
+  const Vector weights = solvers::gradvac_weights(num_tasks, widened(gram), widened(order_keys), moved, beta, eps);
+  return {as_tensor(weights, {num_tasks}, weights_dtype(losses)),
+          as_tensor(moved, {num_tasks, num_tasks}, targets.scalar_type())};
 }
 
 solvers::ScaleMode scale_mode_named(const std::string& name) {
@@ -185,6 +214,7 @@ TORCH_LIBRARY_IMPL(emtl_solvers, CPU, m) {
   m.impl("config_weights", &config_weights);
   m.impl("aligned_mtl_weights", &aligned_mtl_weights);
   m.impl("pcgrad_weights", &pcgrad_weights);
+  m.impl("gradvac_weights", &gradvac_weights);
 }
 
 }  // namespace emtl::cpu

@@ -133,6 +133,24 @@ Vector least_norm_minimiser(int n, const Vector& normalized, const std::vector<i
   for (int i = 0; i < k; ++i) {
     if (result[free_set[i]] < 0.0) return alpha;
   }
+  // A direction below the cut may still matter at the scale of the optimum itself (G graded over
+  // many orders, αᵀĜα far below max λ): the move must leave αᵀĜα as it was, to its rounding.
+  const auto objective = [&](const Vector& weights, double& magnitude) {
+    double value = 0.0;
+    magnitude = 0.0;
+    for (int i : free_set) {
+      for (int j : free_set) {
+        const double term = weights[i] * at(normalized, n, i, j) * weights[j];
+        value += term;
+        magnitude += std::abs(term);
+      }
+    }
+    return value;
+  };
+  double before_magnitude = 0.0, after_magnitude = 0.0;
+  const double before = objective(alpha, before_magnitude);
+  const double after = objective(result, after_magnitude);
+  if (after > before + 4.0 * k * kEps * std::max(before_magnitude, after_magnitude)) return alpha;
   return result;
 }
 
@@ -646,25 +664,62 @@ Vector aligned_mtl_weights(int n, const Vector& gram, ScaleMode scale_mode, doub
   return weights;
 }
 
+namespace {
+
+// The tasks other than i, in increasing order_keys[i][j]: the order in which task i meets them.
+std::vector<int> others_in_key_order(int n, const Vector& order_keys, int i) {
+  std::vector<int> others;
+  others.reserve(n);
+  for (int j = 0; j < n; ++j) {
+    if (j != i) others.push_back(j);
+  }
+  std::stable_sort(others.begin(), others.end(),
+                   [&](int a, int b) { return at(order_keys, n, i, a) < at(order_keys, n, i, b); });
+  return others;
+}
+
+}  // namespace
+
 Vector pcgrad_weights(int n, const Vector& gram, const Vector& order_keys) {
   Vector weights(n, 0.0);
   Vector coefficients(n);  // task i's projected gradient, Σ_m coefficients[m] g_m
-  std::vector<int> others;
-  others.reserve(n);
   for (int i = 0; i < n; ++i) {
-    others.clear();
-    for (int j = 0; j < n; ++j) {
-      if (j != i) others.push_back(j);
-    }
-    std::stable_sort(others.begin(), others.end(),
-                     [&](int a, int b) { return at(order_keys, n, i, a) < at(order_keys, n, i, b); });
     std::fill(coefficients.begin(), coefficients.end(), 0.0);
     coefficients[i] = 1.0;
-    for (const int j : others) {
+    for (const int j : others_in_key_order(n, order_keys, i)) {
       double inner = 0.0;
       for (int m = 0; m < n; ++m) inner += coefficients[m] * at(gram, n, m, j);
       const double sq_norm = at(gram, n, j, j);
       if (inner < 0.0 && sq_norm > 0.0) coefficients[j] -= inner / sq_norm;
+    }
+    for (int m = 0; m < n; ++m) weights[m] += coefficients[m];
+  }
+  return weights;
+}
+
+Vector gradvac_weights(int n, const Vector& gram, const Vector& order_keys, Vector& targets, double beta,
+                       double eps) {
+  Vector norms(n), weights(n, 0.0), coefficients(n), inner(n);
+  for (int j = 0; j < n; ++j) norms[j] = std::sqrt(std::max(at(gram, n, j, j), 0.0));
+  for (int i = 0; i < n; ++i) {
+    // Task i's corrected gradient Σ_m coefficients[m] g_m, and its inner products with every g_m.
+    std::fill(coefficients.begin(), coefficients.end(), 0.0);
+    coefficients[i] = 1.0;
+    for (int m = 0; m < n; ++m) inner[m] = at(gram, n, i, m);
+    for (const int j : others_in_key_order(n, order_keys, i)) {
+      double sq_norm = 0.0;
+      for (int m = 0; m < n; ++m) sq_norm += inner[m] * coefficients[m];
+      const double own_norm = std::sqrt(std::max(sq_norm, 0.0));
+      const double similarity = inner[j] / (own_norm * norms[j] + eps);
+      double& target = targets[static_cast<size_t>(i) * n + j];
+      if (similarity < target && norms[j] > 0.0) {
+        const double sine = std::sqrt(std::max(1.0 - similarity * similarity, 0.0));
+        const double target_sine = std::sqrt(std::max(1.0 - target * target, 0.0));
+        const double amount = own_norm * (target * sine - similarity * target_sine) / (norms[j] * target_sine + eps);
+        coefficients[j] += amount;
+        for (int m = 0; m < n; ++m) inner[m] += amount * at(gram, n, j, m);
+      }
+      target = (1.0 - beta) * target + beta * similarity;
     }
     for (int m = 0; m < n; ++m) weights[m] += coefficients[m];
   }

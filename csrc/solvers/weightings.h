@@ -47,6 +47,11 @@ Vector config_weights(int n, const Vector& gram, const Vector& preference);
 // other tasks in increasing order_keys[i][j] (n×n) and projecting out each one it conflicts with.
 Vector pcgrad_weights(int n, const Vector& gram, const Vector& order_keys);
 
+// GradVac's weights, row i meeting the others as PCGrad's do, each correction toward the target
+// φ̂_ij in `targets` (n×n), which the call moves to (1 − beta)·φ̂_ij + beta·φ_ij in place.
+Vector gradvac_weights(int n, const Vector& gram, const Vector& order_keys, Vector& targets, double beta,
+                       double eps);
+
 enum class ScaleMode { kMin, kMedian, kRmse };
 
 // √σ · V Λ^{-1/2} Vᵀ π on the kept eigenpairs of G / tr(G).

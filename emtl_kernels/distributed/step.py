@@ -14,6 +14,12 @@ means over ranks, L = (1/W) Σ_r L^(r) and J = (1/W) Σ_r J_r, as DDP and FSDP a
   (one ``backward()`` a task); the step forms the Gram partials of the local shards, all-reduces
   them with the losses, and combines on the shards: the update stays sharded, as FSDP keeps it.
 
+``mode="memory"`` (DDP only) never holds the task gradients: one vectorised backward produces each
+shared parameter's T gradients, and each group of them, as soon as autograd has it, is
+reduce-scattered (exact sync: this rank's slice of Σ_r J_r) or kept local (local sync) and reduced
+into Gram partials (:mod:`emtl_kernels.streamed_gram`); one all-reduce of the partials and the
+losses gives G on every rank, and DDP's own backward of Σ_i w_i L_i writes the update.
+
 ``sync="local"`` (DDP only) approximates: each rank forms G_r from its local task gradients, one
 all-reduce averages the Gram matrices and the losses, every rank derives the same weights from
 (mean L, mean G_r) and combines its local gradients, and DDP's own reduction averages the
@@ -38,6 +44,8 @@ T(T+3)/2 = the T losses and the T(T+1)/2 entries of G's upper triangle):
     plain DDP:   all-reduce P + H
     exact DDP:   reduce-scatter T·P, all-gather P, all-reduce H + T(T+3)/2
     local DDP:   all-reduce P + H (DDP's own), all-reduce T(T+3)/2, all-reduce 1 (the skip)
+    memory DDP:  exact: reduce-scatter T·P, all-reduce P + H (DDP's own), all-reduce T(T+3)/2,
+                 all-reduce 1 (the skip); local: the same without the reduce-scatter
     exact FSDP2: reduce-scatter of P + H_i once per task i (FSDP's own), all-reduce T(T+3)/2,
                  all-reduce 1 (the skip)
     no G read:   DDP, either sync: all-reduce P + H (DDP's own), all-reduce T (the losses),
@@ -77,15 +85,16 @@ from ..features import (
 )
 from ..grad_writes import (
     accumulate_grad,
+    backups_of,
     give_empty_grads,
     grad_destinations,
-    held_grads,
-    restore_grads_if,
+    undo_if,
     values_to_check,
 )
 from ..ops import task_gram, weighted_combine
 from ..skip_check import SkipCheck, combination_bounded
-from ..step import HeadGradients, MTLStep, StepRecord, head_sums, task_rows, weighted_sum
+from ..step import HeadGradients, Mode, MTLStep, StepRecord, head_sums, task_rows, weighted_sum
+from ..streamed_gram import streamed_gram
 from ..task_gradients import TaskGradients
 from ..weightings import Weighting
 from .buckets import Bucket, fill_bucket, plan_buckets
@@ -113,6 +122,8 @@ class DistributedMTLStep(MTLStep):
             other tensor the losses reach must be a parameter of ``model`` too.
         weighting, backend, batched_backward, head_gradients, **weighting_options: as for
             :class:`~emtl_kernels.MTLStep` (``batched_backward`` under DDP only).
+        mode: "speed" (default) or "memory" (DDP only): the exact G of the sync without keeping
+            the task gradients, for every weighting (see the module's notes).
         sync: "exact" (default): the weights and update of one process on the global batch.
             "local" (DDP only): weights from the Gram matrices averaged over ranks, zero extra
             gradient communication; an approximation.
@@ -139,6 +150,7 @@ class DistributedMTLStep(MTLStep):
         weighting: str | Weighting = "emtl",
         *,
         sync: Sync = "exact",
+        mode: Mode = "speed",
         backend: str = "auto",
         batched_backward: bool = False,
         head_gradients: HeadGradients = "weighted",
@@ -146,12 +158,8 @@ class DistributedMTLStep(MTLStep):
         **weighting_options,
     ):
         self.data_parallel = data_parallel(model)
-        unsupported = sorted({"mode", "norm_params"} & set(weighting_options))
-        if unsupported:
-            raise ValueError(
-                f"{', '.join(unsupported)}: the distributed step keeps the task gradients (speed mode) "
-                "and takes the norms over every shared parameter"
-            )
+        if "norm_params" in weighting_options:
+            raise ValueError("norm_params: the distributed step takes the norms over every shared parameter")
         if sync not in ("exact", "local"):
             raise ValueError(f"sync must be 'exact' or 'local', got {sync!r}")
         if self.data_parallel.kind == "fsdp" and (sync == "local" or batched_backward):
@@ -159,12 +167,15 @@ class DistributedMTLStep(MTLStep):
                 "under fully_shard the step runs FSDP's own backward once a task, which reduce-scatters "
                 "each task's gradients: sync='exact' only, without batched_backward"
             )
+        if self.data_parallel.kind == "fsdp" and mode == "memory":
+            raise ValueError("under fully_shard the step keeps each task's sharded gradients: mode='speed' only")
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
         super().__init__(
             shared_params,
             weighting,
             backend=backend,
+            mode=mode,
             batched_backward=batched_backward,
             head_gradients=head_gradients,
             **weighting_options,
@@ -228,6 +239,8 @@ class DistributedMTLStep(MTLStep):
         self.data_parallel.check_covers(heads, "the task-specific tensors the losses reach")
         if not self.weighting.reads_gram:
             return self._commit(self._backward_once_replicated(loss_list, loss_vector, heads, retain_graph))
+        if self.mode == "memory":
+            return self._commit(self._memory_replicated(loss_list, loss_vector, heads, retain_graph))
         per_task = self._task_gradients(loss_list, self.shared_params + heads, retain_graph)
         self._refuse_sparse_heads(heads, per_task)
         reached, jacobian = self._jacobian_on(per_task, self.shared_params)
@@ -401,12 +414,12 @@ class DistributedMTLStep(MTLStep):
         check.require(comm.all_true(check.update_finite))
         additions = _unless(check.skipped, [*cotangents, *head_grads])
         trunk = self.shared_params + trunk_others
-        held = held_grads(trunk + heads)
+        backups = backups_of([p.grad for p in trunk + heads])
         _backward_by_ddp([*features, *heads], additions, retain_graph=retain_graph)
         # The trunk's gradients exist only now, averaged by DDP: the same on every rank, so is the
         # check; finite cotangents can still meet an infinite derivative below the features.
-        check.require_finite([p.grad for p in trunk if p.grad is not None])
-        restore_grads_if(check.skipped, trunk + heads, held)
+        check.require_finite([p.grad for p in trunk])
+        undo_if(check.skipped, [p.grad for p in trunk + heads], backups)
         return self._record(losses, gram, weights, check, gram_formed=True)
 
     # FSDP2, exact: FSDP reduce-scatters each task's gradients; Gram partials of the local shards.
@@ -449,6 +462,11 @@ class DistributedMTLStep(MTLStep):
         every rank, so DDP's own reduction of this rank's gradients of Σ_i w_i L_i is the update."""
         losses = self._mean_losses(loss_vector)
         unmeasured, weights, check = self._weights_from_losses(losses)
+        self._weighted_sum_by_ddp(loss_list, weights, check, heads, retain_graph)
+        return self._record(losses, unmeasured, weights, check, gram_formed=False)
+
+    def _weighted_sum_by_ddp(self, loss_list, weights: Tensor, check: SkipCheck, heads, retain_graph) -> None:
+        """This rank's gradients of Σ_i w_i L_i, checked, handed to DDP's own reduction."""
         grads = self._weighted_sum_gradients(loss_list, weights, heads, retain_graph)
         targets = self.shared_params + heads
         self._refuse_sparse_heads(targets, [grads], offset=0)
@@ -456,7 +474,29 @@ class DistributedMTLStep(MTLStep):
         check.require_finite(grads)
         check.require(self._collectives.all_true(check.update_finite))
         _backward_by_ddp(targets, _unless(check.skipped, grads), retain_graph=False)
-        return self._record(losses, unmeasured, weights, check, gram_formed=False)
+
+    # DDP, memory mode: G streamed from one vectorised backward, then DDP's own backward of Σ w_i L_i.
+    def _memory_replicated(self, loss_list, loss_vector, heads, retain_graph) -> StepRecord:
+        """Exact sync: each group of pending blocks is reduce-scattered, so that the Gram pass reads
+        this rank's slice of Σ_r J_r and one all-reduce of the partials gives W²·G; local sync:
+        each rank's own G_r, averaged by that all-reduce."""
+        comm, world = self._collectives, self._collectives.world_size
+        exact = self.sync == "exact"
+        gathering = self._summed_shard if exact else TaskGradients.from_blocks
+        gram_partial, reached = streamed_gram(loss_list, self.shared_params, backend=self.backend, gathering=gathering)
+        self._reached_from([reached], self.shared_params)
+        loss_sum, gram_sum = comm.sum_losses_and_gram(loss_vector, gram_partial)
+        losses, gram = loss_sum / world, gram_sum / (world**2 if exact else world)
+        weights = self._weights(losses, gram)
+        check = self._skip_check(losses, gram, weights)
+        self._weighted_sum_by_ddp(loss_list, weights, check, heads, retain_graph)
+        return self._record(losses, gram, weights, check, gram_formed=True)
+
+    def _summed_shard(self, blocks: list[Tensor]) -> TaskGradients:
+        """Σ_r of the ranks' ``[T, *shape]`` blocks on this rank's slice of them (one bucket)."""
+        grads = TaskGradients.from_blocks(blocks)
+        bucket = plan_buckets(grads.sizes, self._collectives.world_size, grads.numel)[0]
+        return self._reduce_scatter_buckets(grads, [bucket])
 
     def _backward_once_sharded(self, loss_list, loss_vector, retain_graph) -> StepRecord:
         """FSDP2: FSDP's own backward of Σ_i w_i L_i reduce-scatters the update into the shards,

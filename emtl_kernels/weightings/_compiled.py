@@ -36,8 +36,12 @@ def _fake_projection(gram: Tensor, preferences: Tensor, norm_eps: float, reg_eps
     return torch.empty_like(preferences)
 
 
+def _fake_gradvac(losses: Tensor, gram: Tensor, order_keys: Tensor, targets: Tensor, beta: float, eps: float):
+    return _fake_weights(losses, gram), torch.empty_like(targets)
+
+
 #: The solver ops' fake kernels, by name.
-FAKES: dict[str, Callable[..., Tensor]] = {
+FAKES: dict[str, Callable[..., object]] = {
     "project_onto_dual_cone": _fake_projection,
     "mgda_weights": _fake_weights,
     "cagrad_weights": _fake_weights,
@@ -48,6 +52,7 @@ FAKES: dict[str, Callable[..., Tensor]] = {
     "config_weights": _fake_weights,
     "aligned_mtl_weights": _fake_weights,
     "pcgrad_weights": _fake_weights,
+    "gradvac_weights": _fake_gradvac,
 }
 
 if _extension.LOAD_ERROR is None:

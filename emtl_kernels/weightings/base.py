@@ -13,8 +13,9 @@ from .task_orders import SeededGenerators
 
 #: Which entries of the Gram matrix a weighting reads. "diagonal": the squared norms only;
 #: "diagonal_and_total": those and the sum of all entries, 1ᵀG1 = ‖Σ_i g_i‖²; "full": all of G.
-#: A step in memory mode never forms G: it hands a weighting that reads less than "full" a matrix
-#: with the exact diagonal (and exact total), other entries undefined.
+#: A step in memory mode forms all of G (by one vectorised backward) only for a weighting that reads
+#: it all; one that reads less gets, from T backward passes, a matrix with the exact diagonal (and
+#: exact total), other entries undefined.
 GramUse = Literal["diagonal", "diagonal_and_total", "full"]
 
 #: A per-task option (a preference, a reference point): T numbers, or a tensor that may live on the

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
+from ._solvers import rounding_ridge
 from .base import (
     FunctionWeighting,
     check_count,
@@ -68,7 +69,11 @@ def fairgrad_weights(
             ``FairGrad_alpha``: its default 1.0; TorchJD has none).
         reg_eps: ≥ 0, each diagonal entry G̃_ii is multiplied by 1 + reg_eps, so that a solution
             exists for any G with a positive diagonal; it shifts the weights by about reg_eps
-            times the condition number of the Newton system.
+            times the condition number of the Newton system. The rounding of G's entries can
+            leave G indefinite by up to T·eps of its diagonal (eps of G's dtype: a float32 G of
+            nearly dependent gradients), beyond that ridge: the equations then have no solution
+            and the Newton steps diverge. Where the solve gives non-finite weights, a second
+            solve with the ridge reg_eps + 2·T·eps gives them.
         iterations: Newton steps of the tensor-op solver (default :data:`NEWTON_ITERATIONS` =
             50); the compiled CPU solver stops earlier once converged.
 
@@ -80,9 +85,15 @@ def fairgrad_weights(
     """
     check_weighting_inputs(losses, gram)
     _check_options(p, reg_eps, iterations)
+    # The second solve's ridge, 2·T·eps of G's dtype on top, makes the ridged G̃ positive definite
+    # whatever G's rounding did.
+    fallback_reg_eps = reg_eps + rounding_ridge(2 * gram.shape[-1], gram.dtype)
     if _compiled.runs_compiled(gram):
-        return _compiled.ops().fairgrad_weights(losses, gram, p, reg_eps, iterations)
-    return _solve_by_newton(gram, p, reg_eps, iterations).to(compute_dtype(losses))
+        return _compiled.ops().fairgrad_weights(losses, gram, p, reg_eps, fallback_reg_eps, iterations)
+    # Tensor ops cannot take the second solve only where the first failed: both run.
+    first = _solve_by_newton(gram, p, reg_eps, iterations)
+    second = _solve_by_newton(gram, p, fallback_reg_eps, iterations)
+    return torch.where(torch.isfinite(first).all(), first, second).to(compute_dtype(losses))
 
 
 def _solve_by_newton(gram: Tensor, p: float, reg_eps: float, iterations: int) -> Tensor:

@@ -11,7 +11,9 @@ and each target follows the similarities seen, φ̂_ij ← (1 − β) φ̂_ij + 
 update is Σ_i g_i^PC. As in PCGrad, every g_i^PC = Σ_m C_im g_m is tracked on its T×T
 coefficients, every similarity read from C and G, and the T tasks take their k-th correction at
 once. This matches TorchJD's ``GradVacWeighting`` (same order convention, same ε placement), which
-runs the T(T − 1) corrections one by one on the host.
+runs the T(T − 1) corrections one by one on the host. On a CPU, where the extension is built, the
+compiled op ``emtl_solvers::gradvac_weights`` takes the same draws (or orders) and targets and
+runs the rows' corrections one by one in double.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _compiled
 from .base import check_number, compute_dtype
 from .stateful import StatefulWeighting, continued_state, finite_inputs
-from .task_orders import SeededGenerators, other_tasks_in_order
+from .task_orders import SeededGenerators, order_keys, other_tasks_in_order
 
 
 class GradVac(StatefulWeighting):
@@ -65,15 +68,24 @@ class GradVac(StatefulWeighting):
         dtype = compute_dtype(losses)
         num_tasks = losses.numel()
         device = losses.device
-        others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
         self.targets, _ = continued_state(self.targets, (num_tasks, num_tasks), dtype, device)
-        gram = gram.to(dtype)
+        if _compiled.runs_compiled(gram):
+            keys = order_keys(num_tasks, device, dtype, self.generator(device), orders)
+            weights, moved = _compiled.ops().gradvac_weights(losses, gram, keys, self.targets, self.beta, self.eps)
+        else:
+            others = other_tasks_in_order(num_tasks, device, dtype, self.generator(device), orders)
+            weights, moved = self._corrected(gram.to(dtype), others, self.targets)
+        self.targets.copy_(torch.where(finite_inputs(losses, gram), moved, self.targets))
+        return weights
+
+    def _corrected(self, gram: Tensor, others: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The tensor-op corrections: the weights (column sums of C) and the moved targets."""
+        num_tasks = gram.shape[0]
         norms = gram.diagonal().clamp_min(0).sqrt()
-        tasks = torch.arange(num_tasks, device=device)
-        coefficients = torch.eye(num_tasks, dtype=dtype, device=device)
+        tasks = torch.arange(num_tasks, device=gram.device)
+        coefficients = torch.eye(num_tasks, dtype=gram.dtype, device=gram.device)
         # (C G)_ij = g_i^PC · g_j, kept up to date with C.
         inner = gram.clone()
-        targets = self.targets.clone()
         for k in range(num_tasks - 1):
             other = others[:, k]
             own_norm = (inner * coefficients).sum(1).clamp_min(0).sqrt()
@@ -88,8 +100,7 @@ class GradVac(StatefulWeighting):
             inner = inner + amount[:, None] * gram[other]
             moved = (1 - self.beta) * target + self.beta * similarity
             targets = targets.index_put((tasks, other), moved)
-        self.targets.copy_(torch.where(finite_inputs(losses, gram), targets, self.targets))
-        return coefficients.sum(0)
+        return coefficients.sum(0), targets
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta}, eps={self.eps}, seed={self.generator.seed})"

@@ -17,12 +17,11 @@ def other_tasks_in_order(
     """``[T, T − 1]`` integer tensor, row i the other tasks in the order task i meets them, from
     :func:`order_keys`. Each row's own entry is dropped, which spares the methods one of T batched
     steps; their rows never read one another, so where a row's skip fell changes nothing."""
-    if orders is None:
-        draws = order_keys(num_tasks, device, dtype, generator)
-        # Each row's own draw, raised above every other (< 1), ranks last; the others keep their ranks.
-        own_last = draws + torch.eye(num_tasks, dtype=dtype, device=device)
-        return own_last.argsort(dim=1)[:, :-1]
-    return others_in_order(checked_orders(orders, num_tasks, device))
+    keys = order_keys(num_tasks, device, dtype, generator, orders)
+    # Each row's own key, raised above every other (draws are below 1, places below T), ranks
+    # last; the others keep their ranks.
+    own_last = keys + num_tasks * torch.eye(num_tasks, dtype=dtype, device=device)
+    return own_last.argsort(dim=1)[:, :-1]
 
 
 def order_keys(
@@ -51,14 +50,6 @@ def checked_orders(orders: Tensor, num_tasks: int, device: torch.device) -> Tens
     if orders.device != device:
         raise ValueError(f"orders are on {orders.device}, the losses on {device}")
     return orders
-
-
-def others_in_order(orders: Tensor) -> Tensor:
-    """``[T, T − 1]``: each row i of ``orders [T, T]`` without its entry i, the others in their
-    order (i sorted last by a stable sort, then cut)."""
-    tasks = torch.arange(orders.shape[0], device=orders.device)
-    own_last = torch.argsort((orders == tasks[:, None]).to(torch.int8), dim=1, stable=True)
-    return orders.gather(1, own_last)[:, :-1]
 
 
 def check_seed(seed: object) -> None:

@@ -1,0 +1,264 @@
+"""Memory mode's exact Gram matrix (:mod:`emtl_kernels.streamed_gram`): G and ``.grad`` against
+float64 autograd and against speed mode, over models with tied weights, LayerNorm, attention,
+embeddings, frozen and unreached parameters; and the memory it saves."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _asserts import GRAM_RTOL, assert_within, gram64
+from multitask_models import ToyMultiTask, toy_batch
+from torch import nn
+
+from bench.memory import cpu_peak_increase
+from emtl_kernels import MTLStep, StreamedGramError, available_backends
+from emtl_kernels.streamed_gram import GramAccumulator, streamed_gram
+
+LOSS_SCALES = (1.0, 30.0, 0.05, 3.0)
+# The float32 model's gradients against its float64 twin's: the backward's own rounding, relative
+# to sqrt(G_ii G_jj) (the Gram pass alone stays within GRAM_RTOL of its float32 input).
+MODEL_GRAM_RTOL = 1e-4
+
+
+class TiedTrunk(nn.Module):
+    """Token embeddings, self-attention, a LayerNorm and an output projection tied to the
+    embedding; a frozen linear layer on the path and a trainable one the forward never uses."""
+
+    def __init__(self, vocab: int = 13, width: int = 8, heads: int = 2):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.frozen = nn.Linear(width, width).requires_grad_(False)
+        self.unreached = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        x = self.norm(x + torch.tanh(self.frozen(x)))
+        return (x @ self.embedding.weight.T).mean(dim=1)
+
+
+class TiedMultiTask(nn.Module):
+    def __init__(self, num_tasks: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.trunk = TiedTrunk()
+        self.heads = nn.ModuleList(nn.Linear(13, 1) for _ in range(num_tasks))
+
+    def losses(self, tokens: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        features = self.trunk(tokens)
+        return [
+            LOSS_SCALES[i % len(LOSS_SCALES)] * (head(features).squeeze(-1) - targets[:, i]).square().mean()
+            for i, head in enumerate(self.heads)
+        ]
+
+
+def tied_batch(num_tasks: int = 4, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 13, (6, 5), generator=generator)
+    return tokens, torch.randn(6, num_tasks, generator=generator, dtype=torch.float64).to(dtype)
+
+
+MODELS = {
+    "mlp": (ToyMultiTask, lambda dtype=torch.float32: toy_batch(3, dtype=dtype)),
+    "tied transformer": (TiedMultiTask, tied_batch),
+}
+
+
+def reference_jacobian64(model: nn.Module, batch_of) -> torch.Tensor:
+    """J on the trunk's trainable parameters, [T, P], by T float64 backward passes."""
+    model64 = copy.deepcopy(model).double()
+    losses = model64.losses(*batch_of(dtype=torch.float64))
+    shared = [p for p in model64.trunk.parameters() if p.requires_grad]
+    rows = []
+    for loss in losses:
+        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True, materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def assert_gram_near(gram: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    scale = expected.diagonal().double().sqrt()
+    assert_within(gram, expected.double(), rtol * torch.outer(scale, scale) + 1e-30, "Gram matrix")
+
+
+def run(make_model, batch_of, weighting: str, **options):
+    model = make_model()
+    step = MTLStep(model.trunk.parameters(), weighting, **options)
+    weights = step.backward(model.losses(*batch_of()))
+    return step, weights, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("weighting", ["upgrad", "mgda", "cagrad"])
+def test_memory_mode_forms_the_exact_gram_matrix_and_writes_speed_modes_update(model_name, weighting):
+    make_model, batch_of = MODELS[model_name]
+    speed, speed_weights, speed_grads = run(make_model, batch_of, weighting)
+    memory, memory_weights, memory_grads = run(make_model, batch_of, weighting, mode="memory")
+    assert memory.last.gram is not None
+    assert_gram_near(memory.last.gram, gram64(reference_jacobian64(make_model(), batch_of)), MODEL_GRAM_RTOL)
+    assert_gram_near(memory.last.gram, speed.last.gram, GRAM_RTOL * 10)
+    torch.testing.assert_close(memory_weights, speed_weights, rtol=1e-4, atol=1e-6)
+    assert speed_grads.keys() == memory_grads.keys()
+    for name, grad in speed_grads.items():
+        if grad is None:  # the frozen and the unreached parameters
+            assert memory_grads[name] is None, name
+            continue
+        scale = grad.double().norm()
+        assert (memory_grads[name].double() - grad.double()).norm() <= 1e-4 * scale + 1e-12, name
+
+
+@pytest.mark.parametrize("head_gradients", ["weighted", "unweighted"])
+def test_a_weighting_of_the_norms_gets_the_same_step_from_the_vectorised_backward(head_gradients):
+    """``batched_backward`` in memory mode: G from the one vectorised backward, not T passes."""
+    results = [
+        run(TiedMultiTask, tied_batch, "emtl", mode="memory", head_gradients=head_gradients, **options)
+        for options in ({}, {"batched_backward": True})
+    ]
+    (by_passes, passes_weights, passes_grads), (streamed, streamed_weights, streamed_grads) = results
+    assert by_passes.last.gram is None
+    exact = gram64(reference_jacobian64(TiedMultiTask(), tied_batch))
+    assert_gram_near(streamed.last.gram, exact, MODEL_GRAM_RTOL)
+    torch.testing.assert_close(streamed.last.sq_norms, by_passes.last.sq_norms, rtol=1e-4, atol=0)
+    torch.testing.assert_close(streamed_weights, passes_weights, rtol=1e-4, atol=1e-6)
+    for name, grad in passes_grads.items():
+        if grad is None:
+            assert streamed_grads[name] is None, name
+        else:
+            torch.testing.assert_close(streamed_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_norm_params_in_memory_mode_take_the_exact_gram_matrix_on_the_subset():
+    results = []
+    for options in ({}, {"mode": "memory"}):
+        model = ToyMultiTask()
+        step = MTLStep(model.trunk.parameters(), "upgrad", norm_params=model.trunk[2].parameters(), **options)
+        weights = step.backward(model.losses(*toy_batch(3)))
+        results.append((step.last.gram, weights, [p.grad for p in model.parameters()]))
+    (speed_gram, speed_weights, speed_grads), (memory_gram, memory_weights, memory_grads) = results
+    assert_gram_near(memory_gram, speed_gram, GRAM_RTOL * 10)
+    torch.testing.assert_close(memory_weights, speed_weights, rtol=1e-4, atol=1e-6)
+    for memory_grad, speed_grad in zip(memory_grads, speed_grads, strict=True):
+        torch.testing.assert_close(memory_grad, speed_grad, rtol=1e-4, atol=1e-6)
+
+
+def tied_losses(weight: torch.Tensor, first_use: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Three losses of a weight used twice (an encoder and its transposed decoder); with
+    ``first_use``, that tensor stands in for the weight's first use."""
+    inputs = torch.randn(7, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(weight.dtype)
+    decoded = torch.tanh(inputs @ (weight if first_use is None else first_use)) @ weight.T
+    return [(decoded * scale).sin().sum() for scale in (1.0, -2.0, 0.5)]
+
+
+def test_a_tied_weight_contributes_the_gram_matrix_of_its_summed_gradient():
+    weight = nn.Parameter(torch.randn(5, 5, generator=torch.Generator().manual_seed(1)))
+    gram, reached = streamed_gram(tied_losses(weight), [weight], backend="auto")
+    assert reached == [True]
+    weight64 = weight.detach().double().requires_grad_()
+    rows = [torch.autograd.grad(loss, weight64, retain_graph=True)[0].reshape(-1) for loss in tied_losses(weight64)]
+    exact = gram64(torch.stack(rows))
+    assert_gram_near(gram, exact, MODEL_GRAM_RTOL)
+    # What summing each use's Gram matrix would give instead: far outside the bound.
+    first = weight64.detach().clone().requires_grad_()
+    per_use = [torch.autograd.grad(loss, [first, weight64], retain_graph=True) for loss in tied_losses(weight64, first)]
+    sum_of_uses = sum(gram64(torch.stack([grads[u].reshape(-1) for grads in per_use])) for u in range(2))
+    scale = exact.diagonal().sqrt()
+    assert ((sum_of_uses - exact).abs() / torch.outer(scale, scale)).max() > 1e3 * MODEL_GRAM_RTOL
+
+
+def test_parameters_no_loss_reaches_are_reported_and_left_out():
+    model = TiedMultiTask()
+    shared = [p for p in model.trunk.parameters() if p.requires_grad]
+    gram, reached = streamed_gram(model.losses(*tied_batch()), shared, backend="auto")
+    unreached = {id(p) for p in model.trunk.unreached.parameters()}
+    assert reached == [id(p) not in unreached for p in shared]
+    assert_gram_near(gram, gram64(reference_jacobian64(TiedMultiTask(), tied_batch)), MODEL_GRAM_RTOL)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_accumulator_reduces_its_pending_blocks_once_they_hold_its_capacity():
+    generator = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, *shape, generator=generator) for shape in [(4,), (2, 3), (5,), (1,), (7,)]]
+    accumulator = GramAccumulator(3, capacity=3 * 6, device=torch.device("cpu"), backend="auto")
+    pending = []
+    for block in blocks:
+        accumulator.add(block)
+        pending.append(block.numel())
+        if sum(pending) >= 18:
+            pending = []
+        assert accumulator._pending_numel == sum(pending)
+    exact = torch.cat([block.reshape(3, -1) for block in blocks], dim=1).double()
+    assert_gram_near(accumulator.flush(), gram64(exact), GRAM_RTOL)
+    assert accumulator._pending_numel == 0
+
+
+class ItemInBackward(torch.autograd.Function):
+    """Doubles its input; its backward reads a value on the host, which no vmap can batch."""
+
+    @staticmethod
+    def forward(ctx, inputs):
+        return inputs * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2 + 0 * grad.sum().item()
+
+
+def test_an_op_without_a_batched_form_raises_by_name_and_writes_nothing():
+    weight = nn.Parameter(torch.randn(4))
+    doubled = ItemInBackward.apply(weight)
+    step = MTLStep([weight], "upgrad", mode="memory")
+    with pytest.raises(StreamedGramError, match=r"mode='memory'.*\.item\(\)"):
+        step.backward([doubled.sum(), doubled.square().sum()])
+    assert weight.grad is None and step.last is None
+
+
+def test_memory_mode_keeps_no_task_gradient_matrix():
+    """Peak extra CPU tensor bytes of a step on a deep MLP: speed mode holds T·P·s of task
+    gradients; memory mode's exact G at most the update (P·s) and twice T times the largest
+    parameter in pending blocks, plus the vectorised backward's activation gradients."""
+    num_tasks, width, depth, batch = 8, 192, 6, 16
+    peaks = {}
+    for mode in ("speed", "memory"):
+        torch.manual_seed(0)
+        trunk = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())])
+        heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
+        inputs = torch.randn(batch, width)
+        step = MTLStep(trunk.parameters(), "upgrad", mode=mode)
+
+        def one_step(trunk=trunk, heads=heads, inputs=inputs, step=step):
+            features = trunk(inputs)
+            step.backward([(i + 1) * head(features).square().mean() for i, head in enumerate(heads)])
+
+        peaks[mode] = cpu_peak_increase(one_step)
+    shared_bytes = depth * (width * width + width) * 4
+    activation_gradients = num_tasks * depth * 2 * batch * width * 4
+    assert peaks["speed"] >= num_tasks * shared_bytes
+    assert peaks["memory"] <= 0.5 * peaks["speed"]
+    assert peaks["memory"] <= shared_bytes + 2 * num_tasks * (width * width) * 4 + activation_gradients
+
+
+def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding():
+    """The blocks reach the Gram pass in their storage dtype; the vectorised backward rounds its
+    bfloat16 gradients in another order than T passes may (one rounding, 2⁻⁸ relative)."""
+    grams = []
+    for mode in ("speed", "memory"):
+        model = ToyMultiTask().to(torch.bfloat16)
+        step = MTLStep(model.trunk.parameters(), "upgrad", mode=mode)
+        step.backward(model.losses(*toy_batch(3, dtype=torch.bfloat16)))
+        assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
+        grams.append(step.last.gram)
+    assert grams[1].dtype == torch.float32
+    assert_gram_near(grams[1], grams[0], 2**-8)
+
+
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_every_backend_streams_the_same_gram_matrix(backend):
+    """The Gram pass runs inside the vectorised backward, on plain tensors, with any backend."""
+    model = TiedMultiTask()
+    shared = [p for p in model.trunk.parameters() if p.requires_grad]
+    gram, _ = streamed_gram(model.losses(*tied_batch()), shared, backend=backend)
+    assert_gram_near(gram, gram64(reference_jacobian64(TiedMultiTask(), tied_batch)), MODEL_GRAM_RTOL)
