@@ -2,8 +2,9 @@
 
 A Gram pass does T(T+1)/2 fused multiply-adds per column of J, so from some T on the FMA units
 bound it rather than memory. :file:`fma_peak.c` is a loop of independent FMAs as wide as the
-vectors of the native kernels that run here (512-bit for the AVX-512 variant, 256-bit for AVX2:
-``EMTL_CPU_ISA`` picks both). It is compiled once per process with the system C compiler and
+vectors of the native kernels that run the compute-bound Gram pass here (512-bit for the AVX-512
+variant, 256-bit for AVX2: the widest variant, ``_extension.CPU_ISA``, which the Gram pass from
+T = 16 runs on and ``EMTL_CPU_ISA`` caps). It is compiled once per process with the system C compiler and
 run through ctypes (which releases the GIL) on as many threads at once as torch uses, so one
 sample times :func:`fmas_per_sample` FMAs at the machine's peak.
 """

@@ -219,17 +219,42 @@ def test_device_mix_raises_on_cuda():
         ops.weighted_combine_([a, a.clone()], 2, torch.ones(2), [torch.zeros(10, device="cuda")], False)
 
 
-# ---- the narrower kernel variants, which a wider CPU does not pick by itself
+# ---- the kernel variants: the per-pass choice, and each variant forced
 
-NARROWER_ISA_CHECK = """
+
+@needs_extension
+def test_each_pass_runs_a_variant_no_wider_than_cpu_isa():
+    forced = os.environ.get("EMTL_CPU_ISA")
+    for kernel_pass in ("gram", "sq_norms", "combine"):
+        for dtype in DTYPES:
+            for num_tasks in range(1, 41):
+                isa = _extension.cpu_pass_isa(kernel_pass, dtype, num_tasks)
+                assert CPU_ISAS.index(isa) >= CPU_ISAS.index(_extension.CPU_ISA), (kernel_pass, dtype, num_tasks)
+                if forced in CPU_ISAS or (kernel_pass == "gram" and num_tasks >= 16):
+                    # bench/roofline.py measures the FMA peak as wide as CPU_ISA for the T >= 16 Gram.
+                    assert isa == _extension.CPU_ISA, (kernel_pass, dtype, num_tasks)
+
+
+@needs_extension
+@pytest.mark.parametrize("args", [("gemm", "float32", 4), ("gram", "float64", 4), ("gram", "float32", 0)])
+def test_cpu_pass_isa_rejects_unknown_names(args):
+    with pytest.raises(ValueError, match="cpu_pass_isa"):
+        _extension._C.cpu_pass_isa(*args)
+
+
+ISA_CHECK = """
 import sys
 import torch
 from emtl_kernels import _extension, task_gram, task_sq_norms, weighted_combine
 from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
 from task_gradient_cases import make_task_gradients
-assert _extension.CPU_ISA == sys.argv[1], _extension.CPU_ISA
+forced = sys.argv[1]  # the variant EMTL_CPU_ISA names, or "" for the per-pass default
+assert _extension.CPU_ISA == (forced or _extension.CPU_ISA), _extension.CPU_ISA
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for num_tasks in (1, 2, 3, 5, 8, 16, 17, 31, 32, 33):
+        if forced:
+            for kernel_pass in ("gram", "sq_norms", "combine"):
+                assert _extension.cpu_pass_isa(kernel_pass, dtype, num_tasks) == forced
         for layout in ("strided_rows", "blocks"):
             grads, exact = make_task_gradients(num_tasks, 4099, dtype, layout, seed=num_tasks)
             assert_gram_close(task_gram(grads, backend="native"), exact)
@@ -240,17 +265,26 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 """
 
 
-def narrower_than_chosen(isa: str) -> bool:
-    chosen = _extension.CPU_ISA
-    return chosen in CPU_ISAS and CPU_ISAS.index(isa) > CPU_ISAS.index(chosen)
+def runs_here(isa: str) -> bool:
+    """Whether this build and CPU run ``isa`` when EMTL_CPU_ISA names it ("": the default)."""
+    widest = _extension.CPU_ISA
+    return isa == "" or (widest in CPU_ISAS and CPU_ISAS.index(isa) >= CPU_ISAS.index(widest))
+
+
+def isa_env(isa: str) -> dict[str, str]:
+    """This process's environment with EMTL_CPU_ISA naming ``isa`` (unset for "")."""
+    env = {name: value for name, value in os.environ.items() if name != "EMTL_CPU_ISA"}
+    return env | {"EMTL_CPU_ISA": isa} if isa else env
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", CPU_ISAS[1:])
-def test_narrower_kernels_match_float64(isa):
-    if not narrower_than_chosen(isa):
-        pytest.skip(f"the kernels run {_extension.CPU_ISA} here: {isa} is not a narrower variant of this build")
+@pytest.mark.parametrize("isa", ["", *CPU_ISAS], ids=["per-pass", *CPU_ISAS])
+def test_each_isa_setting_matches_float64(isa):
+    # Every variant the CPU runs, forced on every pass, and the default's per-pass mix: in a
+    # process of its own, as the choice is made once per process.
+    if not runs_here(isa):
+        pytest.skip(f"the kernels run {_extension.CPU_ISA} at most here: {isa} is not a variant of this build")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, EMTL_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
-    result = subprocess.run([sys.executable, "-c", NARROWER_ISA_CHECK, isa], env=env, capture_output=True, text=True)
+    env = isa_env(isa) | {"PYTHONPATH": os.pathsep.join([tests_dir, *sys.path])}
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
