@@ -231,27 +231,63 @@ C10_ALWAYS_INLINE Vec held_in_register(Vec v) {
 // is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
 // the hardware prefetchers follow (and the requests would have GCC keep 16-bit accumulators on
 // the stack). The loops over i and j are unrolled so that the accumulators stay in registers.
+//
+// Vector registers: 32 with AVX-512, 16 with AVX2 (and counted so for the baseline).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
+// A triangle read in place has 1, 3, 6 or 10 accumulators: too few chains to keep the FMA units
+// busy (each step's FMAs wait on the previous step's, 4 cycles), and an L2- or L3-resident 16-bit
+// J was read at 0.6-0.8x float32's byte rate. Where twice the accumulators and the row vectors fit
+// in the registers (with two to spare for the conversions), each slot has two, taking alternate
+// vectors of the rows, summed at the end.
+template <int NI>
+constexpr int kSplit = 2 * NI * (NI + 1) / 2 + NI <= kVectorRegisters - 2 ? 2 : 1;
+
+// The products of one vector of the rows at e into sum (slot i(i+1)/2 + j).
+template <int NI, typename scalar_t>
+C10_ALWAYS_INLINE void triangle_step(const scalar_t* const (&a)[NI], int64_t e,
+                                     Accumulator (&sum)[NI * (NI + 1) / 2]) {
+  Vec x[NI];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) {
+    x[i] = load(a[i] + e);
+    EMTL_UNROLL
+    for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
+  }
+}
+
 template <int NI, typename scalar_t = float>
 void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, int64_t n, const Ahead&,
                      float* acc) {
   constexpr int kCount = NI * (NI + 1) / 2;
+  constexpr int kWays = kSplit<NI>;
   const scalar_t* a[NI];
   EMTL_UNROLL
   for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
-  Accumulator sum[kCount];
+  Accumulator sum[kWays][kCount];
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
-  for (int64_t e = 0; e < n; e += kVec) {
-    Vec x[NI];
+  for (int slot = 0; slot < kCount; ++slot) {
+    sum[0][slot] = Vec::loadu(acc + slot * kVec);
     EMTL_UNROLL
-    for (int i = 0; i < NI; ++i) {
-      x[i] = load(a[i] + e);
-      EMTL_UNROLL
-      for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
-    }
+    for (int way = 1; way < kWays; ++way) sum[way][slot] = Vec(0.f);
   }
+  int64_t e = 0;
+  for (; e + kWays * kVec <= n; e += kWays * kVec) {
+    EMTL_UNROLL
+    for (int way = 0; way < kWays; ++way) triangle_step<NI>(a, e + way * kVec, sum[way]);
+  }
+  if (e < n) triangle_step<NI>(a, e, sum[0]);  // n is a multiple of kVec: one vector left at most
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
+  for (int slot = 0; slot < kCount; ++slot) {
+    Vec total(sum[0][slot]);
+    EMTL_UNROLL
+    for (int way = 1; way < kWays; ++way) total = total + Vec(sum[way][slot]);
+    total.store(acc + slot * kVec);
+  }
 }
 
 // Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle from the
@@ -331,13 +367,6 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
 template <typename scalar_t>
 using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, int64_t, const Ahead&, float*);
 using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, const Ahead&, float*);
-
-// Vector registers: 32 with AVX-512, 16 with AVX2 (and counted so for the baseline).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kVectorRegisters = 32;
-#else
-constexpr int kVectorRegisters = 16;
-#endif
 
 // The triangle of `rows` rows from row0: through the buffer where strips read it (`buffered`),
 // and for 4 rows of a 16-bit J with 16 registers (too few for 10 accumulators and the
