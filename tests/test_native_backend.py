@@ -133,7 +133,7 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
 @pytest.mark.parametrize("num_tasks", [2, 3, 4, 5, 16, 17, 31, 32, 33])
 @pytest.mark.parametrize("layout", ["matrix", "strided_rows", "blocks"])
 def test_passes_over_several_blocks_match_float64(dtype, num_tasks, layout):
-    # 7001 elements: 1 to 11 of the Gram pass's column blocks (40 KiB of float32 over T rows),
+    # 7001 elements: 2 to 37 of the Gram pass's column blocks (28 KiB of float32 over T rows),
     # neither a whole number of blocks nor of vectors, so every tile asks for the next block's
     # rows, the last block of each tensor for its own, and a tail follows; an odd number of
     # vectors (437 of 16, 875 of 8), so a triangle read in place with two accumulators a slot

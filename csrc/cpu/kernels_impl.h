@@ -160,7 +160,7 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 #define EMTL_UNROLL _Pragma("GCC unroll 16")
 
 constexpr int kRowBlock = 4;
-constexpr int64_t kGramBlockBytes = 40 * 1024;  // the float32 buffer: T rows of a block, in L1
+constexpr int64_t kGramBlockBytes = 28 * 1024;  // the float32 buffer: T rows of a block, in L1
 
 // Elements of a row per block: a multiple of 2 kVec, at least 8 vectors.
 inline int64_t gram_block(int64_t num_tasks) {
