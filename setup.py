@@ -16,16 +16,23 @@ from glob import glob
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# Flags of the one file compiled for AVX2 (see csrc/cpu/kernels.h); the rest builds for the baseline.
-AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
-AVX2_SOURCE_SUFFIX = "_avx2.cpp"
+# The files compiled alone for an instruction set (see csrc/cpu/kernels.h), from the narrowest:
+# each is linked after the baseline objects and the narrower variants, so that an inline function
+# several objects emit keeps its narrowest copy. The rest builds for the baseline.
+ISA_VARIANTS = {
+    "_avx2.cpp": ("EMTL_WITH_AVX2_KERNELS", ["-mavx2", "-mfma", "-mf16c"]),
+    "_avx512.cpp": (
+        "EMTL_WITH_AVX512_KERNELS",
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    ),
+}
 
 
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(path, ROOT) for path in glob(os.path.join(ROOT, pattern)))
 
 
-def _build_avx2_variant() -> bool:
+def _build_isa_variants() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and os.name != "nt"
 
 
@@ -36,36 +43,39 @@ def _extension_build():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    class BuildWithAvx2Variant(BuildExtension):
-        """Compiles the ``*_avx2.cpp`` sources with AVX2_FLAGS and links them after all the others."""
+    class BuildWithIsaVariants(BuildExtension):
+        """Compiles each ISA_VARIANTS source with its flags and links them after all the others."""
 
         def build_extension(self, ext):
-            avx2_sources = [source for source in ext.sources if source.endswith(AVX2_SOURCE_SUFFIX)]
-            if avx2_sources:
-                ext.sources = [source for source in ext.sources if source not in avx2_sources]
-                flags = dict(ext.extra_compile_args)
-                flags["cxx"] = [*flags["cxx"], *AVX2_FLAGS]
-                ext.extra_objects = [
-                    *ext.extra_objects,
-                    *self.compiler.compile(
-                        avx2_sources,
-                        output_dir=self.build_temp,
-                        macros=ext.define_macros,
-                        include_dirs=ext.include_dirs,
-                        debug=self.debug,
-                        extra_postargs=flags,
-                        depends=ext.depends,
-                    ),
-                ]
+            variant_objects = []
+            for suffix, (_, isa_flags) in ISA_VARIANTS.items():
+                variant_sources = [source for source in ext.sources if source.endswith(suffix)]
+                ext.sources = [source for source in ext.sources if source not in variant_sources]
+                if variant_sources:
+                    variant_objects += self._compile_with(ext, variant_sources, isa_flags)
+            ext.extra_objects = [*ext.extra_objects, *variant_objects]
             super().build_extension(ext)
+
+        def _compile_with(self, ext, sources, isa_flags):
+            flags = dict(ext.extra_compile_args)
+            flags["cxx"] = [*flags["cxx"], *isa_flags]
+            return self.compiler.compile(
+                sources,
+                output_dir=self.build_temp,
+                macros=ext.define_macros,
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=flags,
+                depends=ext.depends,
+            )
 
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp") + _sources("csrc/solvers/*.cpp")
     macros = []
-    if _build_avx2_variant():
-        macros.append(("EMTL_WITH_AVX2_KERNELS", None))
+    if _build_isa_variants():
+        macros += [(macro, None) for macro, _ in ISA_VARIANTS.values()]
     else:
-        sources = [source for source in sources if not source.endswith(AVX2_SOURCE_SUFFIX)]
+        sources = [source for source in sources if not source.endswith(tuple(ISA_VARIANTS))]
     # Strict IEEE float arithmetic (no -ffast-math): inf and NaN must reach the Gram diagonal.
     compile_args = {"cxx": ["-O3", "-fno-fast-math", "-Wall", "-Wno-unknown-pragmas"]}
     link_args = []
@@ -89,7 +99,7 @@ def _extension_build():
         include_dirs=[os.path.join(ROOT, "csrc")],
         py_limited_api=True,
     )
-    return [extension], {"build_ext": BuildWithAvx2Variant.with_options(use_ninja=True)}
+    return [extension], {"build_ext": BuildWithIsaVariants.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extension_build()

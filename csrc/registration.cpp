@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "cpu/ops_cpu.h"
 
 TORCH_LIBRARY(emtl_kernels, m) {
@@ -38,15 +40,65 @@ TORCH_LIBRARY(emtl_solvers, m) {
   m.def("aligned_mtl_weights(Tensor losses, Tensor gram, str scale_mode) -> Tensor");
 }
 
+namespace {
+
+// A name of Python's (a pass, a dtype) and the C++ value it stands for.
+template <typename T>
+struct Named {
+  const char* name;
+  T value;
+};
+constexpr Named<emtl::cpu::Pass> kPassNames[] = {
+    {"gram", emtl::cpu::Pass::kGram}, {"sq_norms", emtl::cpu::Pass::kSqNorms}, {"combine", emtl::cpu::Pass::kCombine}};
+constexpr Named<emtl::Storage> kDtypeNames[] = {{"float32", emtl::Storage::kFloat32},
+                                                {"bfloat16", emtl::Storage::kBFloat16},
+                                                {"float16", emtl::Storage::kFloat16}};
+
+template <typename T, size_t N>
+const T* find_named(const Named<T> (&names)[N], const char* name) {
+  for (const Named<T>& named : names) {
+    if (std::strcmp(named.name, name) == 0) return &named.value;
+  }
+  return nullptr;
+}
+
+// _C.cpu_pass_isa(pass, dtype, num_tasks): the CPU kernel variant that pass runs on.
+PyObject* cpu_pass_isa(PyObject*, PyObject* args) {
+  const char* pass_name = nullptr;
+  const char* dtype_name = nullptr;
+  long long num_tasks = 0;
+  if (!PyArg_ParseTuple(args, "ssL", &pass_name, &dtype_name, &num_tasks)) return nullptr;
+  const emtl::cpu::Pass* pass = find_named(kPassNames, pass_name);
+  const emtl::Storage* storage = find_named(kDtypeNames, dtype_name);
+  if (pass == nullptr || storage == nullptr || num_tasks < 1) {
+    PyErr_Format(PyExc_ValueError,
+                 "cpu_pass_isa(pass, dtype, num_tasks) takes a pass of gram, sq_norms or combine, a dtype of "
+                 "float32, bfloat16 or float16 and num_tasks >= 1; got (%s, %s, %lld)",
+                 pass_name, dtype_name, num_tasks);
+    return nullptr;
+  }
+  return PyUnicode_FromString(emtl::cpu::pass_kernel_isa(*pass, *storage, num_tasks));
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_pass_isa", cpu_pass_isa, METH_VARARGS,
+     "cpu_pass_isa(pass, dtype, num_tasks) -> str: the CPU kernel variant the pass ('gram', 'sq_norms' or "
+     "'combine') runs on for a J of that dtype ('float32', 'bfloat16' or 'float16') and T."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
-// The module itself holds two facts about the build; importing it runs the registrations above.
+// The module holds two facts about the build and the per-pass CPU variant; importing it runs the
+// registrations above.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",
       "Custom ops torch.ops.emtl_kernels.* (CPU kernels; CUDA kernels when with_cuda).",
       -1,
-      nullptr,
+      module_methods,
   };
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
@@ -56,7 +108,7 @@ PyObject* PyInit__C(void) {
   const long with_cuda = 0;
 #endif
   if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) < 0 ||
-      PyModule_AddStringConstant(module, "cpu_isa", emtl::cpu::kernel_isa()) < 0) {
+      PyModule_AddStringConstant(module, "cpu_isa", emtl::cpu::widest_kernel_isa()) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch  # noqa: F401  (libtorch must be loaded before _C, which links against it)
+import torch  # libtorch must be loaded before _C, which links against it
 
 
 def _load():
@@ -28,5 +28,17 @@ _C, LOAD_ERROR = _load()
 
 #: Whether the extension was built with its CUDA kernels.
 WITH_CUDA = bool(_C is not None and _C.with_cuda)
-#: The instruction set of the CPU kernels picked on this machine ("avx2" or "baseline").
+#: The widest instruction set the CPU kernels run on here ("avx512", "avx2" or "baseline"):
+#: the CPU's widest, capped by EMTL_CPU_ISA. A pass may run on a narrower one
+#: (:func:`cpu_pass_isa`).
 CPU_ISA = _C.cpu_isa if _C is not None else None
+
+
+def cpu_pass_isa(kernel_pass: str, dtype: torch.dtype, num_tasks: int) -> str:
+    """The instruction set the CPU kernels of ``kernel_pass`` ("gram", "sq_norms" or "combine")
+    run on for a J of ``dtype`` with ``num_tasks`` rows: :data:`CPU_ISA`, or a narrower variant
+    where the extension's per-pass table measured it faster on this CPU (the table is set aside
+    where EMTL_CPU_ISA names a variant, which then runs every pass)."""
+    if _C is None:
+        raise RuntimeError(f"the native extension is not loaded: {LOAD_ERROR}")
+    return _C.cpu_pass_isa(kernel_pass, str(dtype).removeprefix("torch."), num_tasks)

@@ -20,6 +20,8 @@ from emtl_kernels import TaskGradients, _extension, backends, task_gram, task_sq
 from emtl_kernels.backends import native
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+#: The CPU kernel variants, widest first; EMTL_CPU_ISA names one narrower than the CPU's to force it.
+CPU_ISAS = ("avx512", "avx2", "baseline")
 CUDA = torch.cuda.is_available() and backends.unavailable_reason("native", "cuda") is None
 
 needs_extension = pytest.mark.skipif(
@@ -54,7 +56,7 @@ def test_auto_picks_native_on_cpu():
     for kernel_pass in ("gram", "sq_norms", "combine"):
         assert backends.AUTO.choose(kernel_pass, grads, run=None) is native.BACKEND
     assert "native" in backends.available_backends("cpu")
-    assert _extension.CPU_ISA in ("avx2", "baseline")
+    assert _extension.CPU_ISA in CPU_ISAS
 
 
 # ---- registration: torch.compile (opcheck: test_ops_contract.py)
@@ -128,12 +130,14 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_tasks", [5, 16, 17, 31, 32, 33])
+@pytest.mark.parametrize("num_tasks", [2, 3, 4, 5, 16, 17, 31, 32, 33])
 @pytest.mark.parametrize("layout", ["matrix", "strided_rows", "blocks"])
 def test_passes_over_several_blocks_match_float64(dtype, num_tasks, layout):
-    # 7001 elements: 3 to 11 of the Gram pass's column blocks (40 KiB of float32 over T rows),
+    # 7001 elements: 2 to 37 of the Gram pass's column blocks (28 KiB of float32 over T rows),
     # neither a whole number of blocks nor of vectors, so every tile asks for the next block's
-    # rows, the last block of each tensor for its own, and a tail follows; and several combine
+    # rows, the last block of each tensor for its own, and a tail follows; an odd number of
+    # vectors (437 of 16, 875 of 8), so a triangle read in place with two accumulators a slot
+    # (T <= 4) ends on a single vector; and several combine
     # spans read in task groups that ask for the next span (T > 8). strided_rows: rows that are
     # not contiguous; blocks: five tensors, each its own run of blocks.
     grads, exact = make_task_gradients(num_tasks, 7001, dtype, layout, seed=num_tasks)
@@ -217,27 +221,72 @@ def test_device_mix_raises_on_cuda():
         ops.weighted_combine_([a, a.clone()], 2, torch.ones(2), [torch.zeros(10, device="cuda")], False)
 
 
-# ---- the baseline kernels, which an AVX2 machine does not pick by itself
-
-BASELINE_CHECK = """
-import torch
-from emtl_kernels import _extension, task_gram, weighted_combine
-from _asserts import assert_combine_close, assert_gram_close, combine64
-from task_gradient_cases import make_task_gradients
-assert _extension.CPU_ISA == "baseline", _extension.CPU_ISA
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    grads, exact = make_task_gradients(9, 40_001, dtype, "blocks", seed=2)
-    assert_gram_close(task_gram(grads, backend="native"), exact)
-    weights = torch.linspace(-1, 1, 9)
-    expected, scale = combine64(exact, weights)
-    assert_combine_close(weighted_combine(grads, weights, backend="native"), expected, scale, dtype)
-"""
+# ---- the kernel variants: the per-pass choice, and each variant forced
 
 
 @needs_extension
-@pytest.mark.skipif(_extension.CPU_ISA != "avx2", reason="no AVX2 kernels here: the other tests ran the baseline")
-def test_baseline_kernels_match_float64():
+def test_each_pass_runs_a_variant_no_wider_than_cpu_isa():
+    forced = os.environ.get("EMTL_CPU_ISA")
+    for kernel_pass in ("gram", "sq_norms", "combine"):
+        for dtype in DTYPES:
+            for num_tasks in range(1, 41):
+                isa = _extension.cpu_pass_isa(kernel_pass, dtype, num_tasks)
+                assert CPU_ISAS.index(isa) >= CPU_ISAS.index(_extension.CPU_ISA), (kernel_pass, dtype, num_tasks)
+                if forced in CPU_ISAS or (kernel_pass == "gram" and num_tasks >= 16):
+                    # bench/roofline.py measures the FMA peak as wide as CPU_ISA for the T >= 16 Gram.
+                    assert isa == _extension.CPU_ISA, (kernel_pass, dtype, num_tasks)
+
+
+@needs_extension
+@pytest.mark.parametrize("args", [("gemm", "float32", 4), ("gram", "float64", 4), ("gram", "float32", 0)])
+def test_cpu_pass_isa_rejects_unknown_names(args):
+    with pytest.raises(ValueError, match="cpu_pass_isa"):
+        _extension._C.cpu_pass_isa(*args)
+
+
+ISA_CHECK = """
+import sys
+import torch
+from emtl_kernels import _extension, task_gram, task_sq_norms, weighted_combine
+from _asserts import assert_combine_close, assert_gram_close, assert_sq_norms_close, combine64
+from task_gradient_cases import make_task_gradients
+forced = sys.argv[1]  # the variant EMTL_CPU_ISA names, or "" for the per-pass default
+assert _extension.CPU_ISA == (forced or _extension.CPU_ISA), _extension.CPU_ISA
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for num_tasks in (1, 2, 3, 5, 8, 16, 17, 31, 32, 33):
+        if forced:
+            for kernel_pass in ("gram", "sq_norms", "combine"):
+                assert _extension.cpu_pass_isa(kernel_pass, dtype, num_tasks) == forced
+        for layout in ("strided_rows", "blocks"):
+            grads, exact = make_task_gradients(num_tasks, 4099, dtype, layout, seed=num_tasks)
+            assert_gram_close(task_gram(grads, backend="native"), exact)
+            assert_sq_norms_close(task_sq_norms(grads, backend="native"), exact)
+            weights = torch.linspace(-1, 1, num_tasks)
+            expected, scale = combine64(exact, weights)
+            assert_combine_close(weighted_combine(grads, weights, backend="native"), expected, scale, dtype)
+"""
+
+
+def runs_here(isa: str) -> bool:
+    """Whether this build and CPU run ``isa`` when EMTL_CPU_ISA names it ("": the default)."""
+    widest = _extension.CPU_ISA
+    return isa == "" or (widest in CPU_ISAS and CPU_ISAS.index(isa) >= CPU_ISAS.index(widest))
+
+
+def isa_env(isa: str) -> dict[str, str]:
+    """This process's environment with EMTL_CPU_ISA naming ``isa`` (unset for "")."""
+    env = {name: value for name, value in os.environ.items() if name != "EMTL_CPU_ISA"}
+    return env | {"EMTL_CPU_ISA": isa} if isa else env
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["", *CPU_ISAS], ids=["per-pass", *CPU_ISAS])
+def test_each_isa_setting_matches_float64(isa):
+    # Every variant the CPU runs, forced on every pass, and the default's per-pass mix: in a
+    # process of its own, as the choice is made once per process.
+    if not runs_here(isa):
+        pytest.skip(f"the kernels run {_extension.CPU_ISA} at most here: {isa} is not a variant of this build")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, EMTL_CPU_ISA="baseline", PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
-    result = subprocess.run([sys.executable, "-c", BASELINE_CHECK], env=env, capture_output=True, text=True)
+    env = isa_env(isa) | {"PYTHONPATH": os.pathsep.join([tests_dir, *sys.path])}
+    result = subprocess.run([sys.executable, "-c", ISA_CHECK, isa], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -94,6 +94,12 @@ C10_ALWAYS_INLINE const char* byte_offset(const void* p, int64_t bytes) {
 // a load slot).
 C10_ALWAYS_INLINE void prefetch(const void* p, int64_t bytes) { __builtin_prefetch(byte_offset(p, bytes), 0, 2); }
 
+// The first cache line boundary at or after p.
+inline float* line_aligned(float* p) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  return reinterpret_cast<float*>((address + kCacheLine - 1) & ~static_cast<uintptr_t>(kCacheLine - 1));
+}
+
 // Lanes summed in double, in lane order: a fixed order, and no float rounding of the total.
 inline double lane_sum(const Vec& v) {
   float lanes[kVec];
@@ -143,7 +149,7 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // from the buffer, which its strips read too: the strips never read rows of J, which lie a power
 // of two apart and would compete for the same L1 sets, and each element is converted once. A
 // single triangle (T <= 4) reads J in place, a few long sequential streams (16-bit: up to 3 rows
-// converted in registers, 4 through the buffer).
+// converted in registers, 4 through the buffer with 16 vector registers, in registers with 32).
 //
 // Where there are strips, a block's tiles also ask for the next block's rows of J, two rows a
 // tile, a cache line a step: the next block reaches the caches while this one is computed, the
@@ -154,7 +160,7 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 #define EMTL_UNROLL _Pragma("GCC unroll 16")
 
 constexpr int kRowBlock = 4;
-constexpr int64_t kGramBlockBytes = 40 * 1024;  // the float32 buffer: T rows of a block, in L1
+constexpr int64_t kGramBlockBytes = 28 * 1024;  // the float32 buffer: T rows of a block, in L1
 
 // Elements of a row per block: a multiple of 2 kVec, at least 8 vectors.
 inline int64_t gram_block(int64_t num_tasks) {
@@ -169,10 +175,12 @@ struct Ahead {
   int64_t element_bytes;
 };
 
-// Asks for the two rows of `ahead` over a tile's n steps, one request a step: step e (an element
-// offset) asks for byte 2·e·element_bytes of the rows end to end, so the first half of the steps
-// covers row 0 and the second half row 1. The row is picked by a select, not a branch: a branch
-// in the tiles' loops leaves GCC keeping the accumulators on the stack.
+// Asks for the two rows of `ahead` over a tile's n steps: step e (an element offset) asks for
+// byte 2·e·element_bytes of the rows end to end, so the first half of the steps covers row 0 and
+// the second half row 1. A step of float32 rows spans 2·kVec·4 bytes: one cache line up to
+// 8 lanes, two at 16 (AVX-512), where the step also asks for the line kVec elements further. The
+// row is picked by a select, not a branch: a branch in the tiles' loops leaves GCC keeping the
+// accumulators on the stack.
 struct AheadWalk {
   const char* first;
   const char* second_less_row;  // the second row, row_bytes before it: its start at offset row_bytes
@@ -187,36 +195,99 @@ struct AheadWalk {
 
   C10_ALWAYS_INLINE void ask(int64_t e) const {
     const int64_t offset = e * step_bytes;
-    prefetch(offset < row_bytes ? first : second_less_row, offset);
+    const char* row = offset < row_bytes ? first : second_less_row;
+    prefetch(row, offset);
+    if constexpr (kStepSpansTwoLines) prefetch(row, offset + kVec * step_bytes / 2);
   }
+
+  static constexpr bool kStepSpansTwoLines = 2 * kVec * static_cast<int64_t>(sizeof(float)) > kCacheLine;
 };
+
+// The type of a tile's accumulators: at 16 lanes the raw vector, as GCC 12 keeps an array of
+// at::vec's AVX-512 vectors in memory and stores all of it at every step.
+#if defined(CPU_CAPABILITY_AVX512)
+using Accumulator = __m512;
+C10_ALWAYS_INLINE void fma_into(Accumulator& sum, const Vec& x, const Vec& y) { sum = at::vec::fmadd(x, y, Vec(sum)); }
+#else
+using Accumulator = Vec;
+C10_ALWAYS_INLINE void fma_into(Accumulator& sum, const Vec& x, const Vec& y) { sum = at::vec::fmadd(x, y, sum); }
+#endif
+
+// v, from a register: at 16 lanes GCC otherwise folds the load of a strip's row vector into
+// each FMA that uses it (15 loads a step for 12 FMAs in a 4 × 3 strip), and the steps wait on
+// the load ports (two 512-bit loads a cycle) rather than the FMA units.
+C10_ALWAYS_INLINE Vec held_in_register(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 raw = v;
+  __asm__("" : "+v"(raw));
+  return raw;
+#else
+  return v;
+#endif
+}
 
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
 // of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. It asks for nothing ahead: it
 // is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
 // the hardware prefetchers follow (and the requests would have GCC keep 16-bit accumulators on
 // the stack). The loops over i and j are unrolled so that the accumulators stay in registers.
+//
+// Vector registers: 32 with AVX-512, 16 with AVX2 (and counted so for the baseline).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVectorRegisters = 32;
+#else
+constexpr int kVectorRegisters = 16;
+#endif
+
+// A triangle read in place has 1, 3, 6 or 10 accumulators: too few chains to keep the FMA units
+// busy (each step's FMAs wait on the previous step's, 4 cycles), and an L2- or L3-resident 16-bit
+// J was read at 0.6-0.8x float32's byte rate. Where twice the accumulators and the row vectors fit
+// in the registers (with two to spare for the conversions), each slot has two, taking alternate
+// vectors of the rows, summed at the end.
+template <int NI>
+constexpr int kSplit = 2 * NI * (NI + 1) / 2 + NI <= kVectorRegisters - 2 ? 2 : 1;
+
+// The products of one vector of the rows at e into sum (slot i(i+1)/2 + j).
+template <int NI, typename scalar_t>
+C10_ALWAYS_INLINE void triangle_step(const scalar_t* const (&a)[NI], int64_t e,
+                                     Accumulator (&sum)[NI * (NI + 1) / 2]) {
+  Vec x[NI];
+  EMTL_UNROLL
+  for (int i = 0; i < NI; ++i) {
+    x[i] = load(a[i] + e);
+    EMTL_UNROLL
+    for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
+  }
+}
+
 template <int NI, typename scalar_t = float>
 void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, int64_t n, const Ahead&,
                      float* acc) {
   constexpr int kCount = NI * (NI + 1) / 2;
+  constexpr int kWays = kSplit<NI>;
   const scalar_t* a[NI];
   EMTL_UNROLL
   for (int i = 0; i < NI; ++i) a[i] = rows[row0 + i];
-  Vec sum[kCount];
+  Accumulator sum[kWays][kCount];
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
-  for (int64_t e = 0; e < n; e += kVec) {
-    Vec x[NI];
+  for (int slot = 0; slot < kCount; ++slot) {
+    sum[0][slot] = Vec::loadu(acc + slot * kVec);
     EMTL_UNROLL
-    for (int i = 0; i < NI; ++i) {
-      x[i] = load(a[i] + e);
-      EMTL_UNROLL
-      for (int j = 0; j <= i; ++j) sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x[i], x[j], sum[i * (i + 1) / 2 + j]);
-    }
+    for (int way = 1; way < kWays; ++way) sum[way][slot] = Vec(0.f);
   }
+  int64_t e = 0;
+  for (; e + kWays * kVec <= n; e += kWays * kVec) {
+    EMTL_UNROLL
+    for (int way = 0; way < kWays; ++way) triangle_step<NI>(a, e + way * kVec, sum[way]);
+  }
+  if (e < n) triangle_step<NI>(a, e, sum[0]);  // n is a multiple of kVec: one vector left at most
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
+  for (int slot = 0; slot < kCount; ++slot) {
+    Vec total(sum[0][slot]);
+    EMTL_UNROLL
+    for (int way = 1; way < kWays; ++way) total = total + Vec(sum[way][slot]);
+    total.store(acc + slot * kVec);
+  }
 }
 
 // Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle from the
@@ -237,7 +308,7 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
     copy[i] = copies[row0 + i];
   }
   const AheadWalk walk(ahead, n);
-  Vec sum[kCount];
+  Accumulator sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
   for (int64_t run = 0; run < n; run += kCopyRun) {
@@ -254,13 +325,13 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
         EMTL_UNROLL
         for (int j = 0; j <= i; ++j) {
           const Vec y = j == i ? x : Vec::loadu(copy[j] + e);
-          sum[i * (i + 1) / 2 + j] = at::vec::fmadd(x, y, sum[i * (i + 1) / 2 + j]);
+          fma_into(sum[i * (i + 1) / 2 + j], x, y);
         }
       }
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot].store(acc + slot * kVec);
+  for (int slot = 0; slot < kCount; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
 }
 
 // Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
@@ -274,23 +345,23 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
   EMTL_UNROLL
   for (int j = 0; j < NJ; ++j) b[j] = rows[col0 + j];
   const AheadWalk walk(ahead, n);
-  Vec sum[NI * NJ];
+  Accumulator sum[NI * NJ];
   EMTL_UNROLL
   for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
   for (int64_t e = 0; e < n; e += kVec) {
     walk.ask(e);
     Vec y[NJ];
     EMTL_UNROLL
-    for (int j = 0; j < NJ; ++j) y[j] = Vec::loadu(b[j] + e);
+    for (int j = 0; j < NJ; ++j) y[j] = held_in_register(Vec::loadu(b[j] + e));
     EMTL_UNROLL
     for (int i = 0; i < NI; ++i) {
-      const Vec x = Vec::loadu(a[i] + e);
+      const Vec x = held_in_register(Vec::loadu(a[i] + e));
       EMTL_UNROLL
-      for (int j = 0; j < NJ; ++j) sum[i * NJ + j] = at::vec::fmadd(x, y[j], sum[i * NJ + j]);
+      for (int j = 0; j < NJ; ++j) fma_into(sum[i * NJ + j], x, y[j]);
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot].store(acc + slot * kVec);
+  for (int slot = 0; slot < NI * NJ; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
 }
 
 template <typename scalar_t>
@@ -298,13 +369,14 @@ using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, 
 using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, const Ahead&, float*);
 
 // The triangle of `rows` rows from row0: through the buffer where strips read it (`buffered`),
-// and for 4 rows of a 16-bit J (too many accumulators to convert in registers as well).
+// and for 4 rows of a 16-bit J with 16 registers (too few for 10 accumulators and the
+// conversions).
 template <int NI, typename scalar_t>
 TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool buffered) {
   if constexpr (NI > 1) {
     if (rows < NI) return triangle_kernel<NI - 1, scalar_t>(rows, buffered);
   }
-  if constexpr (std::is_same_v<scalar_t, float> || NI < kRowBlock) {
+  if constexpr (std::is_same_v<scalar_t, float> || NI < kRowBlock || kVectorRegisters >= 32) {
     return buffered ? buffered_triangle<NI, scalar_t> : direct_triangle<NI, scalar_t>;
   } else {
     return buffered_triangle<NI, scalar_t>;
@@ -389,9 +461,13 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   const GramTiles<scalar_t> tiling(num_tasks);
   std::vector<float> accumulators(tiling.accumulators * kVec, 0.f);
   float* const acc = accumulators.data();
-  const std::unique_ptr<float[]> buffer(new float[num_tasks * block]);  // written before it is read
+  // Written before it is read. Its rows start on cache lines (block is a multiple of 2 kVec
+  // floats, a line from 8 lanes on): at 16 lanes, a load from a row that straddled two lines
+  // would cost two.
+  const std::unique_ptr<float[]> storage(new float[num_tasks * block + kCacheLine / sizeof(float)]);
+  float* const buffer = line_aligned(storage.get());
   std::vector<float*> copies(num_tasks);
-  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer.get() + i * block;
+  for (int64_t i = 0; i < num_tasks; ++i) copies[i] = buffer + i * block;
   std::vector<const scalar_t*> rows(num_tasks);
   std::vector<const char*> next_rows(num_tasks);
 

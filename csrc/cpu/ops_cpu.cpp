@@ -12,6 +12,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <limits>
+#include <optional>
 #include <vector>
 
 #include "../task_pieces.h"
@@ -21,23 +24,99 @@
 namespace emtl::cpu {
 namespace {
 
-// AVX2 kernels where the CPU has AVX2, FMA and F16C, unless EMTL_CPU_ISA=baseline forces the
-// baseline (to test it on an AVX2 machine).
-const KernelTable& choose_kernels() {
+// The kernel variants, narrowest first: each pass runs on the widest the CPU supports (AVX-512
+// where it has avx512f/bw/vl/dq and AVX2's extensions, else AVX2 where it has avx2, fma and
+// f16c, else the baseline), unless kNarrowerPasses below names a narrower one for its dtype and
+// T. EMTL_CPU_ISA=avx512, =avx2 or =baseline runs every pass on that variant (or the widest the
+// CPU has, if narrower) and sets the table aside, so that each variant can be tested and measured
+// on a wide CPU.
+enum class Isa : int { kBaseline, kAvx2, kAvx512 };
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+// Where a narrower variant measured faster than the widest on an AMD Zen 5 core (one thread,
+// thread time, both variants interleaved, J of 2^20 and 2^22 columns; csrc/README.md). The pick
+// depends only on (pass, dtype, T) and the CPU, never on the data.
+struct NarrowerPass {
+  Pass pass;
+  Storage storage;
+  int64_t min_tasks, max_tasks;
+  Isa isa;
+};
+constexpr int64_t kAnyT = std::numeric_limits<int64_t>::max();
+constexpr NarrowerPass kNarrowerPasses[] = {
+    // float32 tiles through the L1 buffer (T > 4): 13-32 % slower at 16 lanes on a J in DRAM.
+    {Pass::kGram, Storage::kFloat32, 5, 12, Isa::kAvx2},
+    // 16-bit rows in two groups or more, from T = 12: 8-20 % slower at 16 lanes.
+    {Pass::kCombine, Storage::kBFloat16, 12, kAnyT, Isa::kAvx2},
+    {Pass::kCombine, Storage::kFloat16, 12, kAnyT, Isa::kAvx2},
+};
+
+Isa widest_supported() {
 #if defined(EMTL_WITH_AVX2_KERNELS)
   __builtin_cpu_init();
-  const bool has_avx2 =
+  const bool avx2 =
       __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  const char* forced = std::getenv("EMTL_CPU_ISA");
-  const bool baseline_forced = forced != nullptr && std::strcmp(forced, "baseline") == 0;
-  if (has_avx2 && !baseline_forced) return avx2_kernels();
+#if defined(EMTL_WITH_AVX512_KERNELS)
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
 #endif
-  return default_kernels();
+  if (avx2) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
 }
 
-const KernelTable& kernels() {
-  static const KernelTable& chosen = choose_kernels();
-  return chosen;
+// The variant EMTL_CPU_ISA names, or none.
+std::optional<Isa> forced_isa() {
+  const char* forced = std::getenv("EMTL_CPU_ISA");
+  if (forced == nullptr) return std::nullopt;
+  for (int isa = 0; isa < static_cast<int>(std::size(kIsaNames)); ++isa) {
+    if (std::strcmp(forced, kIsaNames[isa]) == 0) return static_cast<Isa>(isa);
+  }
+  return std::nullopt;
+}
+
+struct IsaChoice {
+  Isa widest;      // the CPU's widest, capped by EMTL_CPU_ISA
+  bool use_table;  // false where EMTL_CPU_ISA names a variant
+};
+
+const IsaChoice& isa_choice() {
+  static const IsaChoice choice = [] {
+    const Isa widest = widest_supported();
+    const std::optional<Isa> forced = forced_isa();
+    return forced ? IsaChoice{std::min(*forced, widest), false} : IsaChoice{widest, true};
+  }();
+  return choice;
+}
+
+Isa pass_isa(Pass pass, Storage storage, int64_t num_tasks) {
+  const IsaChoice& choice = isa_choice();
+  if (choice.use_table) {
+    for (const NarrowerPass& narrower : kNarrowerPasses) {
+      if (narrower.pass == pass && narrower.storage == storage && narrower.min_tasks <= num_tasks &&
+          num_tasks <= narrower.max_tasks) {
+        return std::min(narrower.isa, choice.widest);
+      }
+    }
+  }
+  return choice.widest;
+}
+
+const KernelTable& kernels(Pass pass, Storage storage, int64_t num_tasks) {
+  switch (pass_isa(pass, storage, num_tasks)) {
+#if defined(EMTL_WITH_AVX512_KERNELS)
+    case Isa::kAvx512:
+      return avx512_kernels();
+#endif
+#if defined(EMTL_WITH_AVX2_KERNELS)
+    case Isa::kAvx2:
+      return avx2_kernels();
+#endif
+    default:
+      return default_kernels();
+  }
 }
 
 // At least ~2^15 elements a chunk (per task: enough work to amortise a partial slot), at least
@@ -91,9 +170,10 @@ std::vector<double> reduce_over_chunks(const TaskPieces& grads, int64_t width, F
 at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
   const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_gram");
   const TaskTable table = grads.table();
+  const KernelTable& gram_kernels = kernels(Pass::kGram, table.storage, num_tasks);
   const std::vector<double> lower =
       reduce_over_chunks(grads, num_lower_pairs(num_tasks), [&](int64_t begin, int64_t end, double* partial) {
-        kernels().gram_range(table, begin, end, partial);
+        gram_kernels.gram_range(table, begin, end, partial);
       });
   at::Tensor gram = at::empty({num_tasks, num_tasks}, grads.options().dtype(at::kFloat));
   float* out = gram.data_ptr<float>();
@@ -108,9 +188,10 @@ at::Tensor task_gram(at::TensorList pieces, int64_t num_tasks) {
 at::Tensor task_sq_norms(at::TensorList pieces, int64_t num_tasks) {
   const TaskPieces grads(pieces, num_tasks, "emtl_kernels::task_sq_norms");
   const TaskTable table = grads.table();
+  const KernelTable& norm_kernels = kernels(Pass::kSqNorms, table.storage, num_tasks);
   const std::vector<double> total =
       reduce_over_chunks(grads, num_tasks, [&](int64_t begin, int64_t end, double* partial) {
-        kernels().sq_norms_range(table, begin, end, partial);
+        norm_kernels.sq_norms_range(table, begin, end, partial);
       });
   at::Tensor sq_norms = at::empty({num_tasks}, grads.options().dtype(at::kFloat));
   std::copy(total.begin(), total.end(), sq_norms.data_ptr<float>());
@@ -141,14 +222,19 @@ void weighted_combine_(at::TensorList pieces, int64_t num_tasks, const at::Tenso
   const ActiveTasks active{tasks.data(), active_weights.data(), static_cast<int64_t>(tasks.size())};
   const TaskTable table = grads.table();
   const Chunking chunks = chunking(grads.numel(), num_tasks);
+  const KernelTable& combine_kernels = kernels(Pass::kCombine, table.storage, num_tasks);
   parallel_over_chunks(chunks, grads.numel(), [&](int64_t, int64_t begin, int64_t end) {
-    kernels().combine_range(table, active, out_pointers.data(), accumulate, begin, end);
+    combine_kernels.combine_range(table, active, out_pointers.data(), accumulate, begin, end);
   });
 }
 
 }  // namespace
 
-const char* kernel_isa() { return kernels().isa; }
+const char* widest_kernel_isa() { return kIsaNames[static_cast<int>(isa_choice().widest)]; }
+
+const char* pass_kernel_isa(Pass pass, Storage storage, int64_t num_tasks) {
+  return kIsaNames[static_cast<int>(pass_isa(pass, storage, num_tasks))];
+}
 
 TORCH_LIBRARY_IMPL(emtl_kernels, CPU, m) {
   m.impl("task_gram", &task_gram);

@@ -2,9 +2,9 @@
 ``torch.ops.emtl_kernels.*`` of :data:`~emtl_kernels.backends.contract.OPS` (the extension
 registers their schemas and kernels, this module their fake kernels).
 
-On CPU it is the fast path where no GPU is present: multi-threaded, vectorised (AVX2 where the
-CPU has it), float32 accumulation, and results that do not depend on the thread count. On CUDA
-it runs the kernels of csrc/cuda when the extension was built against a CUDA torch.
+On CPU it is the fast path where no GPU is present: multi-threaded, vectorised (AVX-512 or AVX2
+where the CPU has it), float32 accumulation, and results that do not depend on the thread count.
+On CUDA it runs the kernels of csrc/cuda when the extension was built against a CUDA torch.
 """
 
 from __future__ import annotations
