@@ -11,12 +11,17 @@ the vectorised backward keeps in flight, and the pending blocks, at most ``T·n_
 (n_max the largest parameter on this path) plus the block that reaches the bound.
 
 A weight whose one use is a linear layer (``nn.Linear``, attention's packed input and output
-projections: see :mod:`.linear_layers`) is left out of the backward instead, so autograd never
-forms its ``[T, out, in]`` block: a hook on the layer's product takes the T output gradients D
-reaching it and adds the layer's share of G from D and the input X the product saved
-(:mod:`.linear_gram`, tile by tile). A tied or reused weight keeps the per-parameter path: its
-share of G is that of its summed gradient, with the cross terms between its uses. So does every
-weight under a gathering, whose summed blocks the per-layer share, quadratic in D, cannot give.
+projections) or a dense embedding (``nn.Embedding``, ``F.embedding``; see :mod:`.sole_use_layers`)
+is left out of the backward instead, so autograd never forms its ``[T, out, in]`` or ``[T, V, d]``
+block: the layer's share of G comes from the T output gradients D reaching its node and what the
+node saved, the input X of a linear layer (:mod:`.linear_gram`, tile by tile) or the indices of an
+embedding (:mod:`.embedding_gram`, on the at most N rows the batch looks up). Where the backward
+runs the layer's node (something below it needs a gradient), a hook on the node takes D; where
+it would not (an embedding of the input tokens), the node's input is one of the backward's inputs
+(a gradient edge) and D is taken when the backward returns: until then it is held, ``T·N·d``
+elements for an embedding. A tied or reused weight keeps the per-parameter path: its share of G
+is that of its summed gradient, with the cross terms between its uses. So does every weight under
+a gathering, whose summed blocks the per-layer share, quadratic in D, cannot give.
 
 Every op on the backward path must run under ``torch.vmap`` (PyTorch's batching rules, or its
 slow per-task fallback): an op that cannot fails with PyTorch's error naming it, wrapped in a
@@ -26,14 +31,15 @@ slow per-task fallback): an op that cannot fails with PyTorch's error naming it,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch._C import _functorch
+from torch.autograd.graph import GradientEdge
 
-from .linear_gram import linear_gram
-from .linear_layers import LinearLayer, sole_linear_layers
 from .ops import task_gram
+from .sole_use_layers import SoleUseLayer, sole_use_layers
 from .task_gradients import TaskGradients
 
 
@@ -93,14 +99,16 @@ def streamed_gram(
     ``params`` are leaf tensors of one dtype and device; nothing is written into their ``.grad``.
     ``gathering``: what the Gram pass reads of a group of pending blocks; G is then the Gram
     matrix of what it returns. By default (None) the blocks themselves, and a weight whose one use
-    is a linear layer takes its share of G from that layer's input and output gradient instead.
+    is a linear layer or an embedding takes its share of G from that layer's saved input and
+    output gradient instead.
     """
     num_tasks = len(losses)
     stacked = torch.stack(list(losses))
     # The per-layer form is not linear in the gradients: a gathering's sum of them cannot take it.
-    layers = sole_linear_layers([stacked], params) if gathering is None else {}
+    layers = sole_use_layers([stacked], params) if gathering is None else {}
     blocks = [k for k in range(len(params)) if k not in layers]
-    largest = max(params[k].numel() for k in blocks)
+    captured = [k for k, layer in layers.items() if not layer.runs]
+    largest = max((params[k].numel() for k in blocks), default=0)
     accumulator = GramAccumulator(
         num_tasks, num_tasks * largest, params[0].device, backend, gathering or TaskGradients.from_blocks
     )
@@ -115,24 +123,27 @@ def streamed_gram(
             accumulator.add(_task_rows(grad, level[0], num_tasks))
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
-    def take_layer(k: int, layer: LinearLayer, output_grads: tuple[Tensor | None, ...]) -> None:
-        if output_grads[0] is None:
+    def take_layer(k: int, layer: SoleUseLayer, output_grad: Tensor | None) -> None:
+        if output_grad is None:
             return
         reached[k] = True
-        rows = _task_rows(output_grads[0], level[0], num_tasks)
-        accumulator.gram += layer.scale() * linear_gram(layer.inputs(), rows, backend=backend)
+        accumulator.gram += layer.gram(_task_rows(output_grad, level[0], num_tasks), backend)
 
     def backward_of_one_cotangent(cotangent: Tensor) -> Tensor:
         level.append(_functorch.current_level())
-        inputs = [params[k] for k in blocks]
-        torch.autograd.grad(stacked, inputs, cotangent, retain_graph=True, allow_unused=True)
+        # Parameters and edges mixed: torch's annotation allows one sort or the other, the engine both.
+        inputs: list[Any] = [params[k] for k in blocks] + [GradientEdge(layers[k].node, 0) for k in captured]
+        grads = torch.autograd.grad(stacked, inputs, cotangent, retain_graph=True, allow_unused=True)
+        for k, output_grad in zip(captured, grads[len(blocks) :], strict=True):
+            take_layer(k, layers[k], output_grad)
         return cotangent
 
     cotangents = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
     handles = [params[k].register_hook(lambda grad, k=k: take(k, grad)) for k in blocks]
     handles += [
-        layer.node.register_prehook(lambda grads, k=k, layer=layer: take_layer(k, layer, grads))
+        layer.node.register_prehook(lambda grads, k=k, layer=layer: take_layer(k, layer, grads[0]))
         for k, layer in layers.items()
+        if layer.runs
     ]
     try:
         torch.func.vmap(backward_of_one_cotangent)(cotangents)

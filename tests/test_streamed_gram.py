@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.memory import cpu_peak_increase
 from emtl_kernels import MTLStep, StreamedGramError, available_backends
-from emtl_kernels.linear_layers import sole_linear_layers
+from emtl_kernels.sole_use_layers import sole_use_layers
 from emtl_kernels.streamed_gram import GramAccumulator, streamed_gram
 from emtl_kernels.task_gradients import TaskGradients
 
@@ -70,6 +70,25 @@ class LinearUsesTrunk(nn.Module):
         return self.tied(self.norm(x + self.frozen(x))).mean(dim=1)
 
 
+class EmbeddingTrunk(nn.Module):
+    """Token embeddings (row 0 for padding) on 2-D indices that repeat, positions looked up by
+    ``F.embedding`` on 1-D ones, norm-bounded embeddings whose gradient rows are scaled by the
+    tokens' counts, a LayerNorm and an output projection."""
+
+    def __init__(self, vocab: int = 13, width: int = 8, length: int = 5):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width, padding_idx=0)
+        self.positions = nn.Parameter(torch.randn(length, width))
+        self.scaled = nn.Embedding(vocab, width, max_norm=1.0, scale_grad_by_freq=True)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = nn.functional.embedding(torch.arange(tokens.shape[1]), self.positions)
+        x = self.tokens(tokens) + positions + self.scaled(tokens.flip(0))
+        return self.out(self.norm(x)).mean(dim=1)
+
+
 class TiedMultiTask(nn.Module):
     def __init__(self, num_tasks: int = 4, seed: int = 0, trunk: type[nn.Module] = TiedTrunk):
         super().__init__()
@@ -86,8 +105,10 @@ class TiedMultiTask(nn.Module):
 
 
 def tied_batch(num_tasks: int = 4, dtype=torch.float32):
+    """Tokens [6, 5] of a vocabulary of 13 (so repeated), row 0 (padding) among them."""
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, 13, (6, 5), generator=generator)
+    tokens[0, 0] = 0
     return tokens, torch.randn(6, num_tasks, generator=generator, dtype=torch.float64).to(dtype)
 
 
@@ -95,6 +116,7 @@ MODELS = {
     "mlp": (ToyMultiTask, lambda dtype=torch.float32: toy_batch(3, dtype=dtype)),
     "tied transformer": (TiedMultiTask, tied_batch),
     "linear uses": (lambda: TiedMultiTask(trunk=LinearUsesTrunk), tied_batch),
+    "embeddings": (lambda: TiedMultiTask(trunk=EmbeddingTrunk), tied_batch),
 }
 
 
@@ -271,14 +293,17 @@ def test_memory_mode_keeps_no_task_gradient_matrix():
     assert peaks["memory"] <= shared_bytes + 2 * num_tasks * (width * width) * 4 + activation_gradients
 
 
-def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding():
+@pytest.mark.parametrize("model_name", ["mlp", "embeddings"])
+def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding(model_name):
     """The blocks reach the Gram pass in their storage dtype; the vectorised backward rounds its
-    bfloat16 gradients in another order than T passes may (one rounding, 2⁻⁸ relative)."""
+    bfloat16 gradients in another order than T passes may (one rounding, 2⁻⁸ relative), and an
+    embedding's repeated rows are summed in float32, where speed mode sums them in bfloat16."""
+    make_model, batch_of = MODELS[model_name]
     grams = []
     for mode in ("speed", "memory"):
-        model = ToyMultiTask().to(torch.bfloat16)
+        model = make_model().to(torch.bfloat16)
         step = MTLStep(model.trunk.parameters(), "upgrad", mode=mode)
-        step.backward(model.losses(*toy_batch(3, dtype=torch.bfloat16)))
+        step.backward(model.losses(*batch_of(dtype=torch.bfloat16)))
         assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters())
         grams.append(step.last.gram)
     assert grams[1].dtype == torch.float32
@@ -294,18 +319,39 @@ def test_every_backend_streams_the_same_gram_matrix(backend):
     assert_gram_near(gram, gram64(reference_jacobian64(TiedMultiTask(), tied_batch)), MODEL_GRAM_RTOL)
 
 
-def test_only_a_weight_used_once_by_a_linear_product_below_other_parameters_takes_the_layer_form():
-    """The weights on 3-D input (contiguous or not) and attention's projections take it; the
-    tied, the twice-applied, the one with nothing else below its product, and the biases do not."""
-    expected = {
-        LinearUsesTrunk: {"up.weight", "down.weight"},
-        TiedTrunk: {"attention.in_proj_weight", "attention.out_proj.weight"},
+def test_only_a_weight_used_once_by_a_linear_product_or_an_embedding_takes_the_layer_form():
+    """The weights on 3-D input (contiguous or not), attention's projections and the untied
+    embeddings take it, those at the bottom of the graph captured at their node; the tied, the
+    twice-applied weights and the biases do not."""
+    runs = {
+        LinearUsesTrunk: {"up.weight": True, "down.weight": True, "one_hot.weight": False},
+        TiedTrunk: {"attention.in_proj_weight": True, "attention.out_proj.weight": True},
+        EmbeddingTrunk: {"tokens.weight": False, "positions": False, "scaled.weight": False, "out.weight": True},
     }
-    for trunk, names in expected.items():
+    for trunk, expected in runs.items():
         model = TiedMultiTask(trunk=trunk)
         shared = [(name, p) for name, p in model.trunk.named_parameters() if p.requires_grad]
-        layers = sole_linear_layers([torch.stack(model.losses(*tied_batch()))], [p for _, p in shared])
-        assert {shared[k][0] for k in layers} == names
+        layers = sole_use_layers([torch.stack(model.losses(*tied_batch()))], [p for _, p in shared])
+        assert {shared[k][0]: layer.runs for k, layer in layers.items()} == expected
+
+
+def test_shared_parameters_that_all_take_the_layer_form():
+    """No parameter on the per-parameter path: the backward only captures the embedding's input."""
+    embedding = nn.Embedding(13, 4, padding_idx=0)
+    features = embedding(tied_batch()[0]).mean(dim=1)
+    losses = [(features[:, i] * features[:, -1]).sum() for i in range(3)]
+    gram, reached = streamed_gram(losses, [embedding.weight], backend="auto")
+    assert reached == [True]
+    rows = [torch.autograd.grad(loss, embedding.weight, retain_graph=True)[0].reshape(-1) for loss in losses]
+    assert_gram_near(gram, gram64(torch.stack(rows).double()), MODEL_GRAM_RTOL)
+
+
+def test_a_sparse_embedding_keeps_the_per_parameter_path_and_fails_by_name():
+    embedding = nn.Embedding(13, 4, sparse=True)
+    features = embedding(tied_batch()[0]).sum(dim=(0, 1))
+    assert sole_use_layers([features], [embedding.weight]) == {}
+    with pytest.raises(StreamedGramError, match="mode='memory'"):
+        streamed_gram([features[0], features[1]], [embedding.weight], backend="auto")
 
 
 class CutGradient(torch.autograd.Function):
@@ -320,18 +366,19 @@ class CutGradient(torch.autograd.Function):
         return None
 
 
-def test_a_linear_layer_no_gradient_reaches_is_reported_unreached():
+def test_a_layer_no_gradient_reaches_is_reported_unreached():
+    """Below a cut, a linear layer (its product runs) and an embedding (captured at its node)."""
     torch.manual_seed(0)
-    cut, kept = nn.Linear(4, 6), nn.Linear(6, 3)
-    features = kept(CutGradient.apply(cut(torch.randn(5, 4))))
-    shared = [cut.weight, cut.bias, kept.weight, kept.bias]
-    assert set(sole_linear_layers([features], shared)) == {0, 2}
+    embedding, cut, kept = nn.Embedding(9, 4), nn.Linear(4, 6), nn.Linear(6, 3)
+    features = kept(CutGradient.apply(cut(embedding(torch.tensor([1, 5, 1, 8, 0])))))
+    shared = [embedding.weight, cut.weight, cut.bias, kept.weight, kept.bias]
+    assert {k: layer.runs for k, layer in sole_use_layers([features], shared).items()} == {0: False, 1: True, 3: True}
     losses = [features[:, i].square().sum() for i in range(3)]
     gram, reached = streamed_gram(losses, shared, backend="auto")
-    assert reached == [False, False, True, True]
+    assert reached == [False, False, False, True, True]
     jacobian = torch.stack(
         [
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared[2:], retain_graph=True)])
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared[3:], retain_graph=True)])
             for loss in losses
         ]
     )
@@ -352,45 +399,50 @@ class OutputShapes(TorchDispatchMode):
         return result
 
 
-def wide_mlp(num_tasks: int, width: int, hidden: int, batch: int):
-    """Losses of T heads on a trunk of two up and down linear pairs, and the trunk's parameters."""
+def wide_trunk(num_tasks: int, vocab: int, width: int, hidden: int, batch: int):
+    """Losses of T heads on a trunk of a token embedding and two up and down linear pairs, and the
+    trunk's parameters."""
     torch.manual_seed(0)
     trunk = nn.Sequential(
-        *[m for _ in range(2) for m in (nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))]
+        nn.Embedding(vocab, width),
+        *[m for _ in range(2) for m in (nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))],
     )
     heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
-    features = trunk(torch.randn(batch, width))
+    features = trunk(torch.randint(0, vocab, (batch,)))
     return [(i + 1) * head(features).square().mean() for i, head in enumerate(heads)], list(trunk.parameters())
 
 
 @pytest.mark.parametrize("gathering", [None, TaskGradients.from_blocks])
-def test_a_linear_layers_weight_gradients_are_formed_only_on_the_per_parameter_path(gathering):
-    """With a gathering the blocks are the weight gradients [T, out, in]; without, the layers'
-    products never form one (the ghost form here, and the direct form's tiles hold fewer rows)."""
-    num_tasks, width, hidden = 4, 96, 160
-    losses, shared = wide_mlp(num_tasks, width, hidden, batch=8)
+def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_path(gathering):
+    """With a gathering the blocks are the weight gradients [T, out, in] and the table's [T, V, d];
+    without, the layers never form one (the linear layers' ghost form here, and the direct form's
+    tiles hold fewer rows; the embedding's merged rows are [T, N, d])."""
+    num_tasks, vocab, width, hidden = 4, 50, 96, 160
+    losses, shared = wide_trunk(num_tasks, vocab, width, hidden, batch=8)
     with OutputShapes() as recorded:
         gram, _ = streamed_gram(losses, shared, backend="auto", gathering=gathering)
-    weight_shapes = {(hidden, width), (width, hidden)}
-    formed = [shape for shape in recorded.shapes if shape[-2:] in weight_shapes]
-    assert bool(formed) == (gathering is not None)
+    for weight_shapes in ({(hidden, width), (width, hidden)}, {(vocab, width)}):
+        formed = [shape for shape in recorded.shapes if shape[-2:] in weight_shapes]
+        assert bool(formed) == (gathering is not None), weight_shapes
     jacobian = torch.stack(
         [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
     )
     assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL)
 
 
-def test_the_layer_form_saves_the_weight_gradient_blocks():
+@pytest.mark.parametrize("vocab", [64, 16384])
+def test_the_layer_form_saves_the_weight_gradient_blocks(vocab):
     """Peak extra CPU tensor bytes of the streamed Gram matrix on a linear-heavy trunk (forward
-    included): the per-parameter path holds at least one [T, out, in] block more."""
+    included): the per-parameter path holds at least one block of the largest weight more, the
+    [T, V, d] table gradients for a large vocabulary."""
     num_tasks, width, hidden = 8, 128, 512
     peaks = {}
     for gathering in (None, TaskGradients.from_blocks):
 
         def gram_of_one_batch(gathering=gathering):
-            losses, shared = wide_mlp(num_tasks, width, hidden, batch=64)
+            losses, shared = wide_trunk(num_tasks, vocab, width, hidden, batch=64)
             streamed_gram(losses, shared, backend="auto", gathering=gathering)
 
         peaks[gathering] = cpu_peak_increase(gram_of_one_batch)
-    block_bytes = num_tasks * hidden * width * 4
+    block_bytes = num_tasks * max(hidden, vocab) * width * 4
     assert peaks[None] <= peaks[TaskGradients.from_blocks] - block_bytes
