@@ -585,9 +585,9 @@ constexpr int64_t kCombineSpan = 1024;  // elements per span, a multiple of ever
 constexpr int64_t kTaskGroup = 8;
 
 // Vectors of each row a step reads (its accumulators). Two where 16-bit rows in several groups
-// are read 8 lanes at a time: 32 bytes of a row a step rather than 64 took the pass from 33-40
-// to 37-43 GB/s at T = 12-32 on a Zen 5 core (csrc/README.md). A single group, or 16 lanes,
-// ran as fast or faster with four.
+// are read 8 lanes at a time: 32 bytes of a row a step rather than 64 made the pass 4-35 %
+// faster at T = 9-32 on a J in DRAM, one Zen 5 core (csrc/README.md). A single group, or 16
+// lanes, ran as fast or faster with four.
 template <typename scalar_t, bool kAskAhead>
 constexpr int kStepVectors = sizeof(scalar_t) == 2 && kVec == 8 && kAskAhead ? 2 : 4;
 
