@@ -581,77 +581,87 @@ void sq_norms_range(const TaskTable& grads, int64_t begin, int64_t end, double* 
 // the sum between groups. Every element sees the same sequence of FMAs in task order, whatever
 // the grouping.
 
-constexpr int64_t kCombineSpan = 1024;  // elements per span, a multiple of kStep
-constexpr int64_t kStep = 4 * kVec;     // elements per inner step: four accumulators
+constexpr int64_t kCombineSpan = 1024;  // elements per span, a multiple of every step
 constexpr int64_t kTaskGroup = 8;
 
-template <typename scalar_t>
-C10_ALWAYS_INLINE void load_step(const scalar_t* p, Vec (&x)[4]) {
-  for (int q = 0; q < 4; ++q) x[q] = load(p + q * kVec);
+// Vectors of each row a step reads (its accumulators). Two where 16-bit rows in several groups
+// are read 8 lanes at a time: 32 bytes of a row a step rather than 64 made the pass 4-35 %
+// faster at T = 9-32 on a J in DRAM, one Zen 5 core (csrc/README.md). A single group, or 16
+// lanes, ran as fast or faster with four.
+template <typename scalar_t, bool kAskAhead>
+constexpr int kStepVectors = sizeof(scalar_t) == 2 && kVec == 8 && kAskAhead ? 2 : 4;
+
+template <typename scalar_t, int kN>
+C10_ALWAYS_INLINE void load_step(const scalar_t* p, Vec (&x)[kN]) {
+  for (int q = 0; q < kN; ++q) x[q] = load(p + q * kVec);
 }
 
-template <typename scalar_t>
-void load_step(const scalar_t* p, int64_t count, Vec (&x)[4]) {
-  for (int q = 0; q < 4; ++q) {
+template <typename scalar_t, int kN>
+void load_step(const scalar_t* p, int64_t count, Vec (&x)[kN]) {
+  for (int q = 0; q < kN; ++q) {
     const int64_t left = count - q * kVec;
     x[q] = left >= kVec ? load(p + q * kVec) : left > 0 ? load(p + q * kVec, left) : Vec(0.f);
   }
 }
 
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_step(scalar_t* p, const Vec (&x)[4]) {
-  store_pair(p, x[0], x[1]);
-  store_pair(p + 2 * kVec, x[2], x[3]);
+template <typename scalar_t, int kN>
+C10_ALWAYS_INLINE void store_step(scalar_t* p, const Vec (&x)[kN]) {
+  for (int q = 0; q < kN; q += 2) store_pair(p + q * kVec, x[q], x[q + 1]);
 }
 
-template <typename scalar_t>
-void store_step(scalar_t* p, int64_t count, const Vec (&x)[4]) {
-  store_pair(p, std::min(count, 2 * kVec), x[0], x[1]);
-  if (count > 2 * kVec) store_pair(p + 2 * kVec, count - 2 * kVec, x[2], x[3]);
+template <typename scalar_t, int kN>
+void store_step(scalar_t* p, int64_t count, const Vec (&x)[kN]) {
+  for (int q = 0; q < kN && count > q * kVec; q += 2) {
+    store_pair(p + q * kVec, std::min(count - q * kVec, 2 * kVec), x[q], x[q + 1]);
+  }
 }
 
 // Asks for the step's elements in the next span of the row, which this group reads after the
 // other groups of this span: for T > kTaskGroup a row is read kCombineSpan elements at a time,
-// too short a run for the hardware prefetchers to follow.
-template <typename scalar_t>
+// too short a run for the hardware prefetchers to follow. A step shorter than a line asks for
+// its line at each of its steps.
+template <int64_t kStepBytes, typename scalar_t>
 C10_ALWAYS_INLINE void ask_next_span(const scalar_t* p) {
   constexpr int64_t kSpanBytes = kCombineSpan * sizeof(scalar_t);
-  for (int64_t line = 0; line < kStep * static_cast<int64_t>(sizeof(scalar_t)); line += kCacheLine) {
+  for (int64_t line = 0; line < kStepBytes; line += kCacheLine) {
     prefetch(p, kSpanBytes + line);
   }
 }
 
-// One step of `count` elements (kStep, or fewer at the end of a segment) at offset e of the
+// One step of `count` elements (kN vectors, or fewer at the end of a segment) at offset e of the
 // rows: acc = carry (or 0) + Σ_a weights[a] · rows[a][e:], then to the carry or to out.
-template <bool kFull, bool kAskAhead, typename scalar_t>
+template <bool kFull, bool kAskAhead, int kN, typename scalar_t>
 C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* weights, int64_t group, int64_t e,
                                     int64_t count, bool first, bool last, bool accumulate, float* carry,
                                     scalar_t* out) {
-  Vec acc[4];
-  for (int q = 0; q < 4; ++q) acc[q] = first ? Vec(0.f) : Vec::loadu(carry + q * kVec);
+  Vec acc[kN];
+#pragma GCC unroll 8
+  for (int q = 0; q < kN; ++q) acc[q] = first ? Vec(0.f) : Vec::loadu(carry + q * kVec);
   for (int64_t a = 0; a < group; ++a) {
     const Vec weight(weights[a]);
-    Vec x[4];
+    Vec x[kN];
     if constexpr (kFull) {
-      if constexpr (kAskAhead) ask_next_span(rows[a] + e);
+      if constexpr (kAskAhead) ask_next_span<kN * kVec * sizeof(scalar_t)>(rows[a] + e);
       load_step(rows[a] + e, x);
     } else {
       load_step(rows[a] + e, count, x);
     }
-    for (int q = 0; q < 4; ++q) acc[q] = at::vec::fmadd(weight, x[q], acc[q]);
+#pragma GCC unroll 8
+    for (int q = 0; q < kN; ++q) acc[q] = at::vec::fmadd(weight, x[q], acc[q]);
   }
   if (!last) {
-    for (int q = 0; q < 4; ++q) acc[q].store(carry + q * kVec);
+#pragma GCC unroll 8
+    for (int q = 0; q < kN; ++q) acc[q].store(carry + q * kVec);
     return;
   }
   if (accumulate) {
-    Vec before[4];
+    Vec before[kN];
     if constexpr (kFull) {
       load_step(out + e, before);
     } else {
       load_step(out + e, count, before);
     }
-    for (int q = 0; q < 4; ++q) acc[q] = before[q] + acc[q];
+    for (int q = 0; q < kN; ++q) acc[q] = before[q] + acc[q];
   }
   if constexpr (kFull) {
     store_step(out + e, acc);
@@ -665,6 +675,8 @@ C10_ALWAYS_INLINE void combine_step(const scalar_t* const* rows, const float* we
 template <bool kAskAhead, typename scalar_t>
 void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, scalar_t* out, bool accumulate,
                      int64_t n, float* carry) {
+  constexpr int kN = kStepVectors<scalar_t, kAskAhead>;
+  constexpr int64_t step = kN * kVec;
   for (int64_t start = 0; start < n; start += kCombineSpan) {
     const int64_t span = std::min(kCombineSpan, n - start);
     for (int64_t g0 = 0; g0 < active.count; g0 += kTaskGroup) {
@@ -673,11 +685,11 @@ void combine_segment(const scalar_t* const* rows, const ActiveTasks& active, sca
       const scalar_t* const* group_rows = rows + g0;
       const float* weights = active.weights + g0;
       int64_t e = 0;
-      for (; e + kStep <= span; e += kStep) {
-        combine_step<true, kAskAhead>(group_rows, weights, group, start + e, kStep, first, last, accumulate, carry + e, out);
+      for (; e + step <= span; e += step) {
+        combine_step<true, kAskAhead, kN>(group_rows, weights, group, start + e, step, first, last, accumulate, carry + e, out);
       }
       if (e < span) {
-        combine_step<false, kAskAhead>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
+        combine_step<false, kAskAhead, kN>(group_rows, weights, group, start + e, span - e, first, last, accumulate, carry + e,
                             out);
       }
     }

@@ -46,9 +46,9 @@ constexpr int64_t kAnyT = std::numeric_limits<int64_t>::max();
 constexpr NarrowerPass kNarrowerPasses[] = {
     // float32 tiles through the L1 buffer (T > 4): 13-32 % slower at 16 lanes on a J in DRAM.
     {Pass::kGram, Storage::kFloat32, 5, 12, Isa::kAvx2},
-    // 16-bit rows in two groups or more, from T = 12: 8-20 % slower at 16 lanes.
-    {Pass::kCombine, Storage::kBFloat16, 12, kAnyT, Isa::kAvx2},
-    {Pass::kCombine, Storage::kFloat16, 12, kAnyT, Isa::kAvx2},
+    // 16-bit rows in two groups or more (T > 8): 15-25 % slower at 16 lanes on a J in DRAM.
+    {Pass::kCombine, Storage::kBFloat16, 9, kAnyT, Isa::kAvx2},
+    {Pass::kCombine, Storage::kFloat16, 9, kAnyT, Isa::kAvx2},
 };
 
 Isa widest_supported() {
