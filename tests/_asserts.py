@@ -20,6 +20,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from emtl_kernels import task_gram, task_sq_norms, weighted_combine
+
 GRAM_RTOL = 1e-5
 COMBINE_RTOL = {torch.float32: 2e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 # Keeps a bound positive where the exact value is 0.
@@ -88,6 +90,17 @@ def assert_combine_close(result: Tensor | list[Tensor], expected: Tensor, scale:
     bound = COMBINE_RTOL[dtype] * scale + subnormal_spacing(dtype)
     sizes = [result.numel()] if isinstance(result, Tensor) else [part.numel() for part in result]
     assert_within(flat_output(result), expected, bound, "combined gradient", where=lambda flat: _piece_of(flat, sizes))
+
+
+def assert_passes_close(grads, exact: Tensor, weights: Tensor, dtype: torch.dtype, backend: str) -> None:
+    """The three passes of ``backend`` on ``grads`` against the float64 ``exact`` J: the Gram
+    matrix (also exactly symmetric), the squared norms and the combination with ``weights``."""
+    gram = task_gram(grads, backend=backend)
+    assert_gram_close(gram, exact)
+    assert torch.equal(gram, gram.T)
+    assert_sq_norms_close(task_sq_norms(grads, backend=backend), exact)
+    expected, scale = combine64(exact, weights)
+    assert_combine_close(weighted_combine(grads, weights, backend=backend), expected, scale, dtype)
 
 
 def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
