@@ -464,26 +464,30 @@ class OutputShapes(TorchDispatchMode):
         return result
 
 
-def wide_trunk(num_tasks: int, vocab: int, width: int, hidden: int, batch: int):
+def wide_trunk(num_tasks: int, vocab: int, width: int, hidden: int, batch: int, autocast: torch.dtype | None = None):
     """Losses of T heads on a trunk of a token embedding and two up and down linear pairs, and the
-    trunk's parameters."""
+    trunk's parameters; the forward under CPU autocast to ``autocast``, if given."""
     torch.manual_seed(0)
     trunk = nn.Sequential(
         nn.Embedding(vocab, width),
         *[m for _ in range(2) for m in (nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))],
     )
     heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
-    features = trunk(torch.randint(0, vocab, (batch,)))
-    return [(i + 1) * head(features).square().mean() for i, head in enumerate(heads)], list(trunk.parameters())
+    with forward_under(autocast):
+        features = trunk(torch.randint(0, vocab, (batch,)))
+        losses = [(i + 1) * head(features).float().square().mean() for i, head in enumerate(heads)]
+    return losses, list(trunk.parameters())
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 @pytest.mark.parametrize("gathering", [None, TaskGradients.from_blocks])
-def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_path(gathering):
+def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_path(gathering, autocast):
     """With a gathering the blocks are the weight gradients [T, out, in] and the table's [T, V, d];
     without, the layers never form one (the linear layers' ghost form here, and the direct form's
-    tiles hold fewer rows; the embedding's merged rows are [T, N, d])."""
+    tiles hold fewer rows; the embedding's merged rows are [T, N, d]), under autocast as well. The
+    task gradients of autograd are bfloat16 products under autocast, the layer form's unrounded."""
     num_tasks, vocab, width, hidden = 4, 50, 96, 160
-    losses, shared = wide_trunk(num_tasks, vocab, width, hidden, batch=8)
+    losses, shared = wide_trunk(num_tasks, vocab, width, hidden, batch=8, autocast=autocast)
     with OutputShapes() as recorded:
         gram, _ = streamed_gram(losses, shared, backend="auto", gathering=gathering)
     for weight_shapes in ({(hidden, width), (width, hidden)}, {(vocab, width)}):
@@ -492,7 +496,7 @@ def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_pat
     jacobian = torch.stack(
         [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
     )
-    assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL)
+    assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL if autocast is None else 2**-8)
 
 
 @pytest.mark.parametrize("vocab", [64, 16384])
