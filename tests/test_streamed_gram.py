@@ -419,6 +419,20 @@ def test_a_sparse_embedding_keeps_the_per_parameter_path_and_fails_by_name():
         streamed_gram([features[0], features[1]], [embedding.weight], backend="auto")
 
 
+def test_a_weight_cast_to_float64_keeps_the_per_parameter_path():
+    """The layer form is formed in a dtype of the Gram pass: a float32 weight multiplied in float64
+    takes its float32 gradient from the per-parameter path."""
+    layer = nn.Linear(6, 4)
+    inputs = torch.randn(5, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    outputs = nn.functional.linear(inputs, layer.weight.double())
+    assert sole_use_layers([outputs], [layer.weight]) == {}
+    losses = [outputs[:, i].sin().sum() for i in range(3)]
+    gram, reached = streamed_gram(losses, [layer.weight], backend="auto")
+    assert reached == [True]
+    rows = [torch.autograd.grad(loss, layer.weight, retain_graph=True)[0].reshape(-1) for loss in losses]
+    assert_gram_near(gram, gram64(torch.stack(rows).double()), MODEL_GRAM_RTOL)
+
+
 class CutGradient(torch.autograd.Function):
     """The identity, whose backward passes no gradient on."""
 
