@@ -342,9 +342,14 @@ def test_under_autocast_memory_mode_gets_speed_modes_step_within_bfloat16_roundi
     assert [n for n, g in memory_grads.items() if g is None] == [n for n, g in speed_grads.items() if g is None]
 
     differences = {n: memory_grads[n].double() - g.double() for n, g in speed_grads.items() if g is not None}
-    # Head i's gradient scales with w_i: the weights' difference moves it by Δw_i / w_i of itself.
+    # Head i's gradient is w_i h_i: the weights' difference moves it by Δw_i ‖h_i‖, ‖h_i‖ read from
+    # whichever mode gave it a nonzero weight (MGDA may give a task none).
     moved_heads = sum(
-        (weight_errors[i] / speed_weights[i].abs()) * norm_of(speed_grads, f"heads.{i}.")
+        weight_errors[i]
+        * max(
+            (norm_of(grads, f"heads.{i}.") / weights[i].double().abs()).nan_to_num(0.0, posinf=0.0)
+            for grads, weights in ((speed_grads, speed_weights), (memory_grads, memory_weights))
+        )
         for i in range(len(speed_weights))
     )
     assert (
