@@ -11,6 +11,14 @@ The kinds of layer (:data:`_KINDS`), each a chain of nodes from the weight's ``A
   on W. Task gradients: D_i added at the saved indices (:mod:`.embedding_gram`). A sparse one is
   not taken (its gradient has no batched form: it stays where it fails by name).
 
+A linear product may take its weight through one cast (``ToCopyBackward0``) first: autocast
+multiplies a float32 weight's bfloat16 or float16 copy, cached for the forward (so a layer applied
+twice shares one cast node, with two users: not taken). W's gradient is then the cast back of
+D_iᵀ X, and the layer's share is formed in float32 from the saved X and D of the cast dtype: the
+exact Gram matrix of D_iᵀ X, where the per-parameter path has each product rounded to that
+dtype before it is widened. Autocast casts no embedding table (``embedding`` is on neither of
+its lists): an embedding takes no cast.
+
 That holds only where the layer is W's one use: a weight used again (an output projection tied
 to an embedding, a layer applied twice) has a gradient summed over its uses, whose Gram matrix has
 cross terms between them.
@@ -31,25 +39,32 @@ from torch import Tensor
 from .autograd_graph import leaf_of
 from .embedding_gram import embedding_gram
 from .linear_gram import linear_gram
+from .task_gradients import SUPPORTED_DTYPES
 
 
 @dataclass(frozen=True)
 class _Kind:
     """How to find one kind of layer: the nodes from W's ``AccumulateGrad`` up to the layer's node,
     each the one user of the one before (``between``), then the layer's node names with the input
-    at which W enters it; and how the layer's share of G follows from its node and D ``[T, …]``."""
+    at which W enters it; and how the layer's share of G follows from its node and D ``[T, …]``.
+    ``cast_input``: for a kind that may take W through a cast, the node's saved input, which
+    tells the cast's dtype and device."""
 
     between: tuple[str, ...]
     weight_inputs: Mapping[str, int]
     gram: Callable[[Any, Tensor, str], Tensor]
     serves: Callable[[Any], bool] = lambda node: True
+    cast_input: Callable[[Any], Tensor] | None = None
+
+
+def _linear_inputs(node: Any) -> Tensor:
+    return node._saved_mat1 if _name(node) == "AddmmBackward0" else node._saved_self
 
 
 def _linear_share(node: Any, output_grads: Tensor, backend: str) -> Tensor:
-    inputs = node._saved_mat1 if _name(node) == "AddmmBackward0" else node._saved_self
     # addmm's α scales the product, so G by its square (1 for F.linear).
     alpha = float(getattr(node, "_saved_alpha", 1))
-    return alpha**2 * linear_gram(inputs, output_grads, backend=backend)
+    return alpha**2 * linear_gram(_linear_inputs(node), output_grads, backend=backend)
 
 
 def _embedding_share(node: Any, output_grads: Tensor, backend: str) -> Tensor:
@@ -65,7 +80,7 @@ def _embedding_share(node: Any, output_grads: Tensor, backend: str) -> Tensor:
 
 
 _KINDS = (
-    _Kind(("TBackward0",), {"AddmmBackward0": 2, "MmBackward0": 1}, _linear_share),
+    _Kind(("TBackward0",), {"AddmmBackward0": 2, "MmBackward0": 1}, _linear_share, cast_input=_linear_inputs),
     _Kind((), {"EmbeddingBackward0": 0}, _embedding_share, serves=lambda node: not node._saved_sparse),
 )
 
@@ -149,15 +164,35 @@ class _Graph:
 def _sole_layer_of(graph: _Graph, accumulator: Any) -> tuple[Any, _Kind] | None:
     """The layer, of a kind of :data:`_KINDS`, that is the one use of the weight behind ``accumulator``."""
     for kind in _KINDS:
-        user = graph.only_parent(accumulator)
-        for name in kind.between:
-            if user is None or _name(user[0]) != name:
-                break
-            user = graph.only_parent(user[0])
-        else:
-            if user is not None and kind.weight_inputs.get(_name(user[0])) == user[1] and kind.serves(user[0]):
-                return user[0], kind
+        node = _layer_node(graph, accumulator, kind)
+        if node is not None:
+            return node, kind
     return None
+
+
+def _layer_node(graph: _Graph, accumulator: Any, kind: _Kind) -> Any | None:
+    """The node of the ``kind`` layer that is the one use of the weight behind ``accumulator``, if any."""
+    user = graph.only_parent(accumulator)
+    # The saved input behind a cast tells its dtype and device (None: no cast, or none taken).
+    cast_input = kind.cast_input if user is not None and _name(user[0]) == "ToCopyBackward0" else None
+    if user is not None and cast_input is not None:
+        user = graph.only_parent(user[0])
+    for name in kind.between:
+        if user is None or _name(user[0]) != name:
+            return None
+        user = graph.only_parent(user[0])
+    if user is None or kind.weight_inputs.get(_name(user[0])) != user[1] or not kind.serves(user[0]):
+        return None
+    if cast_input is not None and not _casts_within(cast_input(user[0]), leaf_of(accumulator)):
+        return None
+    return user[0]
+
+
+def _casts_within(inputs: Tensor, weight: Tensor) -> bool:
+    """Whether a cast of ``weight`` to a layer of saved input ``inputs`` keeps its device and gives
+    a dtype the share is formed in (a cast to float64 or to another device keeps the per-parameter
+    path)."""
+    return inputs.device == weight.device and inputs.dtype in SUPPORTED_DTYPES
 
 
 def _name(node: Any) -> str:

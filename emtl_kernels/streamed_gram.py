@@ -11,17 +11,20 @@ the vectorised backward keeps in flight, and the pending blocks, at most ``T·n_
 (n_max the largest parameter on this path) plus the block that reaches the bound.
 
 A weight whose one use is a linear layer (``nn.Linear``, attention's packed input and output
-projections) or a dense embedding (``nn.Embedding``, ``F.embedding``; see :mod:`.sole_use_layers`)
-is left out of the backward instead, so autograd never forms its ``[T, out, in]`` or ``[T, V, d]``
-block: the layer's share of G comes from the T output gradients D reaching its node and what the
-node saved, the input X of a linear layer (:mod:`.linear_gram`, tile by tile) or the indices of an
-embedding (:mod:`.embedding_gram`, on the at most N rows the batch looks up). Where the backward
-runs the layer's node (something below it needs a gradient), a hook on the node takes D; where
-it would not (an embedding of the input tokens), the node's input is one of the backward's inputs
-(a gradient edge) and D is taken when the backward returns: until then it is held, ``T·N·d``
-elements for an embedding. A tied or reused weight keeps the per-parameter path: its share of G
-is that of its summed gradient, with the cross terms between its uses. So does every weight under
-a gathering, whose summed blocks the per-layer share, quadratic in D, cannot give.
+projections; under autocast as well, through the cast of the weight) or a dense embedding
+(``nn.Embedding``, ``F.embedding``; see :mod:`.sole_use_layers`) is left out of the backward
+instead, so autograd never forms its ``[T, out, in]`` or ``[T, V, d]`` block: the layer's share of G
+comes from the T output gradients D reaching its node and what the node saved, the input X of a
+linear layer (:mod:`.linear_gram`, tile by tile) or the indices of an embedding
+(:mod:`.embedding_gram`, on the at most N rows the batch looks up). Where the backward runs the
+layer's node (something below it needs a gradient), a hook on the node takes D; where it would not
+(an embedding of the input tokens), the node's input is one of the backward's inputs (a gradient
+edge) and D is taken when the backward returns: until then it is held, ``T·N·d`` elements for an
+embedding. Under autocast the share is the exact Gram matrix of the products D_iᵀ X of the
+low-precision D and X, where the per-parameter path reads each rounded to that precision. A tied or
+reused weight keeps the per-parameter path: its share of G is that of its summed gradient, with the
+cross terms between its uses. So does every weight under a gathering, whose summed blocks the
+per-layer share, quadratic in D, cannot give.
 
 Every op on the backward path must run under ``torch.vmap`` (PyTorch's batching rules, or its
 slow per-task fallback): an op that cannot fails with PyTorch's error naming it, wrapped in a

@@ -137,10 +137,17 @@ def assert_gram_near(gram: torch.Tensor, expected: torch.Tensor, rtol: float) ->
     assert_within(gram, expected.double(), rtol * torch.outer(scale, scale) + 1e-30, "Gram matrix")
 
 
-def run(make_model, batch_of, weighting: str, **options):
+def forward_under(autocast: torch.dtype | None):
+    """CPU autocast to ``autocast`` over the forward, or none."""
+    return torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+
+
+def run(make_model, batch_of, weighting: str, autocast: torch.dtype | None = None, **options):
     model = make_model()
     step = MTLStep(model.trunk.parameters(), weighting, **options)
-    weights = step.backward(model.losses(*batch_of()))
+    with forward_under(autocast):
+        losses = model.losses(*batch_of())
+    weights = step.backward(losses)
     return step, weights, {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -310,6 +317,65 @@ def test_bfloat16_parameters_get_speed_modes_gram_matrix_within_their_rounding(m
     assert_gram_near(grams[1], grams[0], 2**-8)
 
 
+def norm_of(grads: dict[str, torch.Tensor | None], prefix: str) -> torch.Tensor:
+    """The float64 norm of the gradients of the parameters named from ``prefix``, together."""
+    parts = [g.double().reshape(-1) for n, g in grads.items() if n.startswith(prefix) and g is not None]
+    return torch.cat(parts).norm()
+
+
+# LinearUsesTrunk's LayerNorm on a bfloat16 input has a backward that vmap cannot run under CPU
+# autocast ("expected scalar type BFloat16 but found Float"), on the per-parameter path as well.
+@pytest.mark.parametrize("model_name", ["mlp", "tied transformer", "embeddings"])
+@pytest.mark.parametrize("weighting", ["upgrad", "mgda", "cagrad"])
+def test_under_autocast_memory_mode_gets_speed_modes_step_within_bfloat16_rounding(model_name, weighting):
+    """Under CPU autocast to bfloat16 the float32 weights' task gradients are bfloat16 products:
+    speed mode's G is that of each rounded to bfloat16, the layer form's that of the unrounded
+    products (2⁻⁸ relative at most). The update comes from one bfloat16 backward of Σ w_i L_i in
+    memory mode, from the sum of the T widened gradients in speed mode: they differ by a few
+    roundings of the terms w_i g_i, plus the terms' share of the weights' difference."""
+    make_model, batch_of = MODELS[model_name]
+    speed, speed_weights, speed_grads = run(make_model, batch_of, weighting, autocast=torch.bfloat16)
+    memory, memory_weights, memory_grads = run(make_model, batch_of, weighting, autocast=torch.bfloat16, mode="memory")
+    assert_gram_near(memory.last.gram, speed.last.gram, 2**-8)
+    task_norms = speed.last.gram.double().diagonal().sqrt()
+    weight_errors = (memory_weights - speed_weights).double().abs()
+    assert [n for n, g in memory_grads.items() if g is None] == [n for n, g in speed_grads.items() if g is None]
+
+    differences = {n: memory_grads[n].double() - g.double() for n, g in speed_grads.items() if g is not None}
+    # Head i's gradient is w_i h_i: the weights' difference moves it by Δw_i ‖h_i‖, ‖h_i‖ read from
+    # whichever mode gave it a nonzero weight (MGDA may give a task none).
+    moved_heads = sum(
+        weight_errors[i]
+        * max(
+            (norm_of(grads, f"heads.{i}.") / weights[i].double().abs()).nan_to_num(0.0, posinf=0.0)
+            for grads, weights in ((speed_grads, speed_weights), (memory_grads, memory_weights))
+        )
+        for i in range(len(speed_weights))
+    )
+    assert (
+        norm_of(differences, "trunk.")
+        <= 2**-6 * (speed_weights.double().abs() * task_norms).sum() + (weight_errors * task_norms).sum()
+    )
+    assert norm_of(differences, "heads.") <= 2**-6 * norm_of(speed_grads, "heads.") + moved_heads
+
+
+@pytest.mark.parametrize("gathering", [None, TaskGradients.from_blocks])
+def test_under_autocast_a_linear_layer_forms_the_gram_matrix_of_its_unrounded_products(gathering):
+    """The layer form's share is float64's of the same bfloat16 D and X to float32 rounding; the
+    per-parameter path's block is D_iᵀ X rounded to bfloat16, then widened."""
+    generator = torch.Generator().manual_seed(4)
+    layer = nn.Linear(24, 10)
+    inputs = torch.randn(16, 24, generator=generator)
+    output_grads = torch.randn(3, 16, 10, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = layer(inputs)
+    # L_i = ⟨Y, C_i⟩ read in float32: D_i is C_i rounded to bfloat16.
+    losses = [(outputs.float() * grads).sum() for grads in output_grads]
+    gram, _ = streamed_gram(losses, [layer.weight], backend="auto", gathering=gathering)
+    weight_grads = output_grads.bfloat16().double().transpose(1, 2) @ inputs.bfloat16().double()
+    assert_gram_near(gram, gram64(weight_grads.reshape(3, -1)), MODEL_GRAM_RTOL if gathering is None else 2**-8)
+
+
 @pytest.mark.parametrize("backend", available_backends("cpu"))
 def test_every_backend_streams_the_same_gram_matrix(backend):
     """The Gram pass runs inside the vectorised backward, on plain tensors, with any backend."""
@@ -319,10 +385,12 @@ def test_every_backend_streams_the_same_gram_matrix(backend):
     assert_gram_near(gram, gram64(reference_jacobian64(TiedMultiTask(), tied_batch)), MODEL_GRAM_RTOL)
 
 
-def test_only_a_weight_used_once_by_a_linear_product_or_an_embedding_takes_the_layer_form():
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16])
+def test_only_a_weight_used_once_by_a_linear_product_or_an_embedding_takes_the_layer_form(autocast):
     """The weights on 3-D input (contiguous or not), attention's projections and the untied
     embeddings take it, those at the bottom of the graph captured at their node; the tied, the
-    twice-applied weights and the biases do not."""
+    twice-applied weights and the biases do not. Under autocast the same: a linear product takes
+    its weight through a cast, which a layer applied twice shares between its two products."""
     runs = {
         LinearUsesTrunk: {"up.weight": True, "down.weight": True, "one_hot.weight": False},
         TiedTrunk: {"attention.in_proj_weight": True, "attention.out_proj.weight": True},
@@ -331,7 +399,9 @@ def test_only_a_weight_used_once_by_a_linear_product_or_an_embedding_takes_the_l
     for trunk, expected in runs.items():
         model = TiedMultiTask(trunk=trunk)
         shared = [(name, p) for name, p in model.trunk.named_parameters() if p.requires_grad]
-        layers = sole_use_layers([torch.stack(model.losses(*tied_batch()))], [p for _, p in shared])
+        with forward_under(autocast):
+            losses = model.losses(*tied_batch())
+        layers = sole_use_layers([torch.stack(losses)], [p for _, p in shared])
         assert {shared[k][0]: layer.runs for k, layer in layers.items()} == expected
 
 
@@ -352,6 +422,20 @@ def test_a_sparse_embedding_keeps_the_per_parameter_path_and_fails_by_name():
     assert sole_use_layers([features], [embedding.weight]) == {}
     with pytest.raises(StreamedGramError, match="mode='memory'"):
         streamed_gram([features[0], features[1]], [embedding.weight], backend="auto")
+
+
+def test_a_weight_cast_to_float64_keeps_the_per_parameter_path():
+    """The layer form is formed in a dtype of the Gram pass: a float32 weight multiplied in float64
+    takes its float32 gradient from the per-parameter path."""
+    layer = nn.Linear(6, 4)
+    inputs = torch.randn(5, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    outputs = nn.functional.linear(inputs, layer.weight.double())
+    assert sole_use_layers([outputs], [layer.weight]) == {}
+    losses = [outputs[:, i].sin().sum() for i in range(3)]
+    gram, reached = streamed_gram(losses, [layer.weight], backend="auto")
+    assert reached == [True]
+    rows = [torch.autograd.grad(loss, layer.weight, retain_graph=True)[0].reshape(-1) for loss in losses]
+    assert_gram_near(gram, gram64(torch.stack(rows).double()), MODEL_GRAM_RTOL)
 
 
 class CutGradient(torch.autograd.Function):
@@ -399,26 +483,30 @@ class OutputShapes(TorchDispatchMode):
         return result
 
 
-def wide_trunk(num_tasks: int, vocab: int, width: int, hidden: int, batch: int):
+def wide_trunk(num_tasks: int, vocab: int, width: int, hidden: int, batch: int, autocast: torch.dtype | None = None):
     """Losses of T heads on a trunk of a token embedding and two up and down linear pairs, and the
-    trunk's parameters."""
+    trunk's parameters; the forward under CPU autocast to ``autocast``, if given."""
     torch.manual_seed(0)
     trunk = nn.Sequential(
         nn.Embedding(vocab, width),
         *[m for _ in range(2) for m in (nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))],
     )
     heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(num_tasks))
-    features = trunk(torch.randint(0, vocab, (batch,)))
-    return [(i + 1) * head(features).square().mean() for i, head in enumerate(heads)], list(trunk.parameters())
+    with forward_under(autocast):
+        features = trunk(torch.randint(0, vocab, (batch,)))
+        losses = [(i + 1) * head(features).float().square().mean() for i, head in enumerate(heads)]
+    return losses, list(trunk.parameters())
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
 @pytest.mark.parametrize("gathering", [None, TaskGradients.from_blocks])
-def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_path(gathering):
+def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_path(gathering, autocast):
     """With a gathering the blocks are the weight gradients [T, out, in] and the table's [T, V, d];
     without, the layers never form one (the linear layers' ghost form here, and the direct form's
-    tiles hold fewer rows; the embedding's merged rows are [T, N, d])."""
+    tiles hold fewer rows; the embedding's merged rows are [T, N, d]), under autocast as well. The
+    task gradients of autograd are bfloat16 products under autocast, the layer form's unrounded."""
     num_tasks, vocab, width, hidden = 4, 50, 96, 160
-    losses, shared = wide_trunk(num_tasks, vocab, width, hidden, batch=8)
+    losses, shared = wide_trunk(num_tasks, vocab, width, hidden, batch=8, autocast=autocast)
     with OutputShapes() as recorded:
         gram, _ = streamed_gram(losses, shared, backend="auto", gathering=gathering)
     for weight_shapes in ({(hidden, width), (width, hidden)}, {(vocab, width)}):
@@ -427,7 +515,7 @@ def test_the_weight_and_table_gradients_are_formed_only_on_the_per_parameter_pat
     jacobian = torch.stack(
         [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared, retain_graph=True)]) for loss in losses]
     )
-    assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL)
+    assert_gram_near(gram, gram64(jacobian.double()), MODEL_GRAM_RTOL if autocast is None else 2**-8)
 
 
 @pytest.mark.parametrize("vocab", [64, 16384])
