@@ -534,3 +534,23 @@ def test_the_layer_form_saves_the_weight_gradient_blocks(vocab):
         peaks[gathering] = cpu_peak_increase(gram_of_one_batch)
     block_bytes = num_tasks * max(hidden, vocab) * width * 4
     assert peaks[None] <= peaks[TaskGradients.from_blocks] - block_bytes
+
+
+def test_a_layer_norm_of_a_bfloat16_linear_output_under_cpu_autocast_fails_by_name():
+    """The limit the README states: torch.func.vmap's LayerNorm backward hands the linear layer
+    below it a float32 gradient of its bfloat16 output; speed mode's batched backward serves it.
+    Should PyTorch fix it, this fails and the README's sentence goes."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8))
+    heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(3))
+
+    def losses():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = trunk(torch.randn(5, 6))
+            return [head(features).float().square().mean() for head in heads]
+
+    with pytest.raises(StreamedGramError, match="expected scalar type BFloat16 but found Float"):
+        MTLStep(trunk.parameters(), "upgrad", mode="memory").backward(losses())
+    speed = MTLStep(trunk.parameters(), "upgrad", batched_backward=True)
+    speed.backward(losses())
+    assert torch.isfinite(speed.last.gram).all()
