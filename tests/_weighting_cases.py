@@ -1,4 +1,5 @@
-"""Weighting problems shared by the weighting tests: task losses, their gradients and Gram matrix."""
+"""Weighting problems shared by the weighting tests: task losses, their gradients and Gram matrix,
+and how far apart two of their updates are."""
 
 from __future__ import annotations
 
@@ -34,3 +35,9 @@ def random_orders(num_tasks: int, seed: int) -> torch.Tensor:
     """``[T, T]``: each row a random permutation of the tasks (the orders PCGrad and GradVac take)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(num_tasks, generator=generator) for _ in range(num_tasks)])
+
+
+def update_gap(weights: torch.Tensor, expected: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """‖Jᵀ(w − w')‖, read from G: how far apart the two updates are."""
+    difference = weights - expected
+    return (difference @ gram @ difference).clamp_min(0).sqrt()
