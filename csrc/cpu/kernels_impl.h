@@ -496,16 +496,18 @@ struct GramTiles {
     assign_ahead(num_tasks);
   }
 
-  // Tile t of the C tiles, in the order they run, asks for rows t and t + C (mod T): every row
-  // where 2C >= T, which holds from T = 5 on, where there are strips (a single triangle asks for
+  // Tile t of the C tiles, in the order they run, asks for rows t and t + S (mod T), S = C mod T
+  // (T/2 where C is a multiple of T, where a tile would ask for one row twice): every row where
+  // 2C >= T, which holds from T = 5 on, where there are strips (a single triangle asks for
   // nothing).
   void assign_ahead(int64_t num_tasks) {
     int64_t tiles = static_cast<int64_t>(triangles.size());
     for (const auto& row_block : strips) tiles += static_cast<int64_t>(row_block.size());
+    const int64_t shift = tiles % num_tasks != 0 ? tiles % num_tasks : num_tasks / 2;
     int64_t tile = 0;
     auto assign = [&](int64_t (&ahead)[2]) {
       ahead[0] = tile % num_tasks;
-      ahead[1] = (tile + tiles) % num_tasks;
+      ahead[1] = (tile + shift) % num_tasks;
       ++tile;
     };
     for (size_t r = 0; r < triangles.size(); ++r) {
