@@ -11,9 +11,11 @@
 #define EMTL_CPU_ISA avx512
 #define EMTL_CPU_ISA_NAME "avx512"
 // GCC 12's _mm512_undefined_* initialise a variable from itself, which -Wmaybe-uninitialized
-// reports wherever at::vec widens 16-bit values (GCC bug 105593, fixed in GCC 13).
+// reports wherever at::vec widens 16-bit values, and -Wuninitialized where the Gram tiles fold
+// their accumulators' halves (GCC bug 105593, fixed in GCC 13).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "kernels_impl.h"
 #pragma GCC diagnostic pop
 

@@ -143,8 +143,8 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 //
 // The lower triangle of the T×T products is computed in register tiles, column block by column
 // block: per block of 4 rows, a triangle on the diagonal (10 accumulators), then strips of those
-// 4 rows by 3 columns below it (12 accumulators, 7 loads for 12 FMAs; 2 columns where 4 or 2
-// remain). Where there are strips (T > 4), each triangle first copies its 4 rows of the block
+// 4 rows by 3 or 6 columns below it (12 or 24 accumulators, 7 loads for 12 FMAs or 10 for 24;
+// 2 columns where 4 or 2 remain), all in one call. Where there are strips (T > 4), each triangle first copies its 4 rows of the block
 // from J into a float32 buffer in L1 (widening 16-bit rows), a run at a time, then accumulates
 // from the buffer, which its strips read too: the strips never read rows of J, which lie a power
 // of two apart and would compete for the same L1 sets, and each element is converted once. A
@@ -157,7 +157,8 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // at every block boundary, and a triangle's own requests alone come in bursts that the miss
 // buffers cannot hold.)
 
-#define EMTL_UNROLL _Pragma("GCC unroll 16")
+// Loops over a tile's accumulators (up to 24) must unroll fully for them to stay in registers.
+#define EMTL_UNROLL _Pragma("GCC unroll 32")
 
 constexpr int kRowBlock = 4;
 constexpr int64_t kGramBlockBytes = 28 * 1024;  // the float32 buffer: T rows of a block, in L1
@@ -226,6 +227,21 @@ C10_ALWAYS_INLINE Vec held_in_register(Vec v) {
 #endif
 }
 
+// A tile's accumulators start at zero in registers and are added to the stored ones at its end:
+// the first FMAs wait on no load. The stored accumulators have kAccLanes lanes: at 16 lanes the
+// tile adds its upper half to its lower first, as T(T+1)/2 stored accumulators of 16 lanes would
+// outgrow L1 beside the 28 KiB block (33 KiB at T = 32) and evict the block's rows.
+constexpr int64_t kAccLanes = kVec == 16 ? 8 : kVec;
+
+C10_ALWAYS_INLINE void add_to_stored(float* stored, const Accumulator& sum) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(sum), _mm512_extractf32x8_ps(sum, 1));
+  _mm256_storeu_ps(stored, _mm256_add_ps(_mm256_loadu_ps(stored), folded));
+#else
+  (Vec::loadu(stored) + Vec(sum)).store(stored);
+#endif
+}
+
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
 // of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. It asks for nothing ahead: it
 // is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
@@ -271,9 +287,8 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
   Accumulator sum[kWays][kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) {
-    sum[0][slot] = Vec::loadu(acc + slot * kVec);
     EMTL_UNROLL
-    for (int way = 1; way < kWays; ++way) sum[way][slot] = Vec(0.f);
+    for (int way = 0; way < kWays; ++way) sum[way][slot] = Vec(0.f);
   }
   int64_t e = 0;
   for (; e + kWays * kVec <= n; e += kWays * kVec) {
@@ -286,7 +301,7 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
     Vec total(sum[0][slot]);
     EMTL_UNROLL
     for (int way = 1; way < kWays; ++way) total = total + Vec(sum[way][slot]);
-    total.store(acc + slot * kVec);
+    add_to_stored(acc + slot * kAccLanes, total);
   }
 }
 
@@ -310,7 +325,7 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
   const AheadWalk walk(ahead, n);
   Accumulator sum[kCount];
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
+  for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec(0.f);
   for (int64_t run = 0; run < n; run += kCopyRun) {
     const int64_t stop = std::min(n, run + kCopyRun);
     for (int64_t e = run; e < stop; e += kVec) {
@@ -331,13 +346,22 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
+  for (int slot = 0; slot < kCount; ++slot) add_to_stored(acc + slot * kAccLanes, sum[slot]);
+}
+
+// The accumulator of rows[row0 + i] · rows[col0 + j] in a strip of NI rows by NJ columns: row-major
+// NI × 3 blocks of 3 columns side by side (NI × NJ where NJ < 3), so that a strip of 6 columns
+// holds its entries as two strips of 3 would.
+constexpr int64_t strip_slot(int64_t rows, int64_t cols, int64_t i, int64_t j) {
+  const int64_t group = cols < 3 ? cols : 3;
+  return (j / group) * rows * group + i * group + j % group;
 }
 
 // Accumulates rows[row0 + i] · rows[col0 + j] over n elements (a multiple of kVec) into acc
-// (row-major NI × NJ).
+// (strip_slot order).
 template <int NI, int NJ>
-void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n, const Ahead& ahead, float* acc) {
+C10_ALWAYS_INLINE void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n, const Ahead& ahead,
+                                  float* acc) {
   const float* a[NI];
   const float* b[NJ];
   EMTL_UNROLL
@@ -347,7 +371,7 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
   const AheadWalk walk(ahead, n);
   Accumulator sum[NI * NJ];
   EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec::loadu(acc + slot * kVec);
+  for (int slot = 0; slot < NI * NJ; ++slot) sum[slot] = Vec(0.f);
   for (int64_t e = 0; e < n; e += kVec) {
     walk.ask(e);
     Vec y[NJ];
@@ -357,16 +381,15 @@ void gram_strip(const float* const* rows, int64_t row0, int64_t col0, int64_t n,
     for (int i = 0; i < NI; ++i) {
       const Vec x = held_in_register(Vec::loadu(a[i] + e));
       EMTL_UNROLL
-      for (int j = 0; j < NJ; ++j) fma_into(sum[i * NJ + j], x, y[j]);
+      for (int j = 0; j < NJ; ++j) fma_into(sum[strip_slot(NI, NJ, i, j)], x, y[j]);
     }
   }
   EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) Vec(sum[slot]).store(acc + slot * kVec);
+  for (int slot = 0; slot < NI * NJ; ++slot) add_to_stored(acc + slot * kAccLanes, sum[slot]);
 }
 
 template <typename scalar_t>
 using TriangleKernel = void (*)(const scalar_t* const*, float* const*, int64_t, int64_t, const Ahead&, float*);
-using StripKernel = void (*)(const float* const*, int64_t, int64_t, int64_t, const Ahead&, float*);
 
 // The triangle of `rows` rows from row0: through the buffer where strips read it (`buffered`),
 // and for 4 rows of a 16-bit J with 16 registers (too few for 10 accumulators and the
@@ -383,17 +406,56 @@ TriangleKernel<scalar_t> triangle_kernel(int64_t rows, bool buffered) {
   }
 }
 
+// Columns of a row block's widest strip: 6 where the 24 accumulators and the 6 column vectors
+// fit in the 32 registers (10 loads for 24 FMAs a step, against 7 for 12 at 3 columns), for
+// more than kWideFrom tasks. One Zen 5 thread, 16-bit J in DRAM: 1.1-1.2x as fast at T = 32
+// and 48, no faster at T = 20-28; at T = 16 the float32 pass (memory-bound) ran 10 % slower.
+constexpr int64_t kWideStrip = kVectorRegisters >= 32 ? 6 : 3;
+constexpr int64_t kWideFrom = 16;
+
+// A strip of a row block: its first column, its columns (2, 3 or kWideStrip), its accumulators
+// and the two rows of the next block it asks for.
+struct StripTile {
+  int64_t col0, cols, acc;
+  int64_t ahead[2];
+};
+
+// The strips of the NI rows from row0, one after the other in one call.
 template <int NI>
-StripKernel strip_kernel(int64_t rows, int64_t cols) {
-  if constexpr (NI > 1) {
-    if (rows < NI) return strip_kernel<NI - 1>(rows, cols);
+void row_block_strips(const float* const* rows, int64_t row0, const StripTile* strips, int64_t count, int64_t n,
+                      const char* const* next_rows, int64_t element_bytes, float* acc) {
+  for (const StripTile* strip = strips; strip < strips + count; ++strip) {
+    const Ahead ahead{{next_rows[strip->ahead[0]], next_rows[strip->ahead[1]]}, element_bytes};
+    float* const strip_acc = acc + strip->acc * kAccLanes;
+    switch (strip->cols) {
+      case 2: gram_strip<NI, 2>(rows, row0, strip->col0, n, ahead, strip_acc); break;
+      case 3: gram_strip<NI, 3>(rows, row0, strip->col0, n, ahead, strip_acc); break;
+      default: gram_strip<NI, kWideStrip>(rows, row0, strip->col0, n, ahead, strip_acc); break;
+    }
   }
-  return cols == 3 ? gram_strip<NI, 3> : gram_strip<NI, 2>;
 }
 
-// The tiles, row block by row block: its triangle, then strips of 3 columns (2 where 4 or 2
-// columns remain; row0 is a multiple of 4, so 1 never remains); which rows of the next block
-// each tile asks for; and where each of G's lower entries accumulates.
+using RowBlockKernel = void (*)(const float* const*, int64_t, const StripTile*, int64_t, int64_t,
+                                const char* const*, int64_t, float*);
+
+template <int NI>
+RowBlockKernel row_block_kernel(int64_t rows) {
+  if constexpr (NI > 1) {
+    if (rows < NI) return row_block_kernel<NI - 1>(rows);
+  }
+  return row_block_strips<NI>;
+}
+
+// The columns of the next strip where `left` columns remain left of the diagonal: the widest
+// that leaves no single column (left starts at a multiple of 4).
+inline int64_t strip_columns(int64_t left, int64_t num_tasks) {
+  if (left == 2 || left == 4) return 2;
+  if (kWideStrip == 6 && num_tasks > kWideFrom && (left == 6 || left >= 8)) return 6;
+  return 3;
+}
+
+// The tiles, row block by row block: its triangle, then its strips (strip_columns); which rows of
+// the next block each tile asks for; and where each of G's lower entries accumulates.
 template <typename scalar_t>
 struct GramTiles {
   struct Triangle {
@@ -402,15 +464,11 @@ struct GramTiles {
     TriangleKernel<float> from_copies;
     int64_t ahead[2];
   };
-  struct Strip {
-    int64_t row0, col0, acc;
-    StripKernel run;
-    int64_t ahead[2];
-  };
-  std::vector<Triangle> triangles;         // one a row block
-  std::vector<std::vector<Strip>> strips;  // those of each row block
-  int64_t accumulators = 0;                // vectors
-  std::vector<int64_t> entry;              // lower_pair_index(i, j) -> its accumulator
+  std::vector<Triangle> triangles;             // one a row block
+  std::vector<RowBlockKernel> strip_kernels;   // one a row block
+  std::vector<std::vector<StripTile>> strips;  // those of each row block
+  int64_t accumulators = 0;                    // of kAccLanes floats
+  std::vector<int64_t> entry;                  // lower_pair_index(i, j) -> its accumulator
 
   explicit GramTiles(int64_t num_tasks) : entry(num_lower_pairs(num_tasks)) {
     const bool buffered = num_tasks > kRowBlock;  // a single triangle has no strips to copy for
@@ -421,30 +479,35 @@ struct GramTiles {
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j <= i; ++j) entry[lower_pair_index(row0 + i, row0 + j)] = accumulators++;
       }
+      strip_kernels.push_back(row_block_kernel<kRowBlock>(rows));
       strips.emplace_back();
       for (int64_t col0 = 0; col0 < row0;) {
-        const int64_t left = row0 - col0;
-        const int64_t cols = left == 4 || left == 2 ? 2 : 3;
-        strips.back().push_back(Strip{row0, col0, accumulators, strip_kernel<kRowBlock>(rows, cols), {}});
-        for (int64_t i = 0; i < rows; ++i) {
-          for (int64_t j = 0; j < cols; ++j) entry[lower_pair_index(row0 + i, col0 + j)] = accumulators++;
+        const int64_t cols = strip_columns(row0 - col0, num_tasks);
+        strips.back().push_back(StripTile{col0, cols, accumulators, {}});
+        for (int64_t j = 0; j < cols; ++j) {
+          for (int64_t i = 0; i < rows; ++i) {
+            entry[lower_pair_index(row0 + i, col0 + j)] = accumulators + strip_slot(rows, cols, i, j);
+          }
         }
+        accumulators += rows * cols;
         col0 += cols;
       }
     }
     assign_ahead(num_tasks);
   }
 
-  // Tile t of the C tiles, in the order they run, asks for rows t and t + C (mod T): every row
-  // where 2C >= T, which holds from T = 5 on, where there are strips (a single triangle asks for
+  // Tile t of the C tiles, in the order they run, asks for rows t and t + S (mod T), S = C mod T
+  // (T/2 where C is a multiple of T, where a tile would ask for one row twice): every row where
+  // 2C >= T, which holds from T = 5 on, where there are strips (a single triangle asks for
   // nothing).
   void assign_ahead(int64_t num_tasks) {
     int64_t tiles = static_cast<int64_t>(triangles.size());
     for (const auto& row_block : strips) tiles += static_cast<int64_t>(row_block.size());
+    const int64_t shift = tiles % num_tasks != 0 ? tiles % num_tasks : num_tasks / 2;
     int64_t tile = 0;
     auto assign = [&](int64_t (&ahead)[2]) {
       ahead[0] = tile % num_tasks;
-      ahead[1] = (tile + tiles) % num_tasks;
+      ahead[1] = (tile + shift) % num_tasks;
       ++tile;
     };
     for (size_t r = 0; r < triangles.size(); ++r) {
@@ -459,7 +522,7 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   const int64_t num_tasks = grads.num_tasks;
   const int64_t block = gram_block(num_tasks);
   const GramTiles<scalar_t> tiling(num_tasks);
-  std::vector<float> accumulators(tiling.accumulators * kVec, 0.f);
+  std::vector<float> accumulators(tiling.accumulators * kAccLanes, 0.f);
   float* const acc = accumulators.data();
   // Written before it is read. Its rows start on cache lines (block is a multiple of 2 kVec
   // floats, a line from 8 lanes on): at 16 lanes, a load from a row that straddled two lines
@@ -479,16 +542,15 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
     for (size_t r = 0; r < tiling.triangles.size(); ++r) {
       const auto& triangle = tiling.triangles[r];
       const Ahead ahead = ahead_of(triangle.ahead, element_bytes);
-      float* const triangle_acc = acc + triangle.acc * kVec;
+      float* const triangle_acc = acc + triangle.acc * kAccLanes;
       if (from_copies) {
         triangle.from_copies(copies.data(), nullptr, triangle.row0, n, ahead, triangle_acc);
       } else {
         triangle.from_j(rows.data(), copies.data(), triangle.row0, n, ahead, triangle_acc);
       }
-      for (const auto& strip : tiling.strips[r]) {
-        strip.run(copies.data(), strip.row0, strip.col0, n, ahead_of(strip.ahead, element_bytes),
-                  acc + strip.acc * kVec);
-      }
+      const auto& strips = tiling.strips[r];
+      tiling.strip_kernels[r](copies.data(), triangle.row0, strips.data(), static_cast<int64_t>(strips.size()), n,
+                              next_rows.data(), element_bytes, acc);
     }
   };
   // n elements of tensor k from position start; `next` where the next block starts.
@@ -519,7 +581,7 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   });
 
   for (int64_t index = 0; index < num_lower_pairs(num_tasks); ++index) {
-    lower[index] = lane_sum(Vec::loadu(acc + tiling.entry[index] * kVec));
+    lower[index] = lane_sum(Vec::loadu(acc + tiling.entry[index] * kAccLanes, kAccLanes));
   }
 }
 
