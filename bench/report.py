@@ -150,7 +150,14 @@ def _targets_section(results: dict, exhibits: _Exhibits) -> str:
         return ""
     rows = [[t["target"], t["threshold"], t["measured"], t["verdict"]] for t in judged]
     table = exhibits.table(["target", "threshold", "measured", "verdict"], rows)
-    return "## Targets\n\n" + table + "\n" + _distance_section(results, exhibits)
+    note = (
+        "The CPU ratios to a limit (the rows naming torch.mv, the roofline or float32) pair the candidates "
+        "round by round: each is the median (and quartiles) of the ratios of the rounds of one interleaved job, "
+        "so that both sides of a ratio see the same state of the machine.\n\n"
+        if any("(CPU," in t["target"] and "worst" in t["measured"] for t in judged)
+        else ""
+    )
+    return "## Targets\n\n" + note + table + "\n" + _distance_section(results, exhibits)
 
 
 GPU_REPORTS = ("bench/results/nvidia-h200/report.md", "bench/results/nvidia-h100/report.md")

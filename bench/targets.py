@@ -25,6 +25,7 @@ tests). Every figure comes from the rows; nothing is re-measured.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -236,20 +237,54 @@ HALF_VS_FLOAT = 0.9
 
 @dataclass(frozen=True)
 class Ratio:
-    """A figure over its limit, from medians, with the range the quartiles of both allow."""
+    """A figure over its limit: the median and quartiles of its ratios round by round, where the
+    candidates were timed in the same rounds (:class:`bench.timing.Summary`'s ``rounds``), else
+    from their medians, with the range their quartiles allow (results without rounds).
+
+    Paired by round, a ratio sees both candidates in the same state of a shared machine, whose
+    memory rate can change by half from one second to the next."""
 
     value: float
     low: float
     high: float
 
     @classmethod
+    def of_rounds(cls, ratios: Iterable[float]) -> Ratio | None:
+        """The median and quartiles of per-round ratios; None without a finite one."""
+        finite = sorted(r for r in ratios if math.isfinite(r))
+        if not finite:
+            return None
+        quartiles = [finite[0]] * 3 if len(finite) == 1 else statistics.quantiles(finite, n=4, method="inclusive")
+        return cls(statistics.median(finite), quartiles[0], quartiles[2])
+
+    @classmethod
     def of_times(cls, limit: dict, achieved: dict, scale: float = 1.0) -> Ratio:
         """``scale`` × limit time / achieved time (a speed ratio), from their ``times`` summaries."""
+        paired = rounds_of(limit, achieved)
+        if paired is not None:
+            ratio = cls.of_rounds(
+                scale * _over(limit_t, achieved_t) for limit_t, achieved_t in zip(*paired, strict=True)
+            )
+            if ratio is not None:
+                return ratio
         return cls(
             scale * limit["median"] / achieved["median"],
             scale * limit["p25"] / achieved["p75"],
             scale * limit["p75"] / achieved["p25"],
         )
+
+
+def _over(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN where the denominator is not a positive number."""
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def rounds_of(*summaries: dict) -> tuple[list[float], ...] | None:
+    """The summaries' samples round by round, where all were timed in the same rounds."""
+    rounds = [summary.get("rounds") for summary in summaries]
+    if not all(rounds) or len({len(r) for r in rounds}) != 1:
+        return None
+    return tuple(list(r) for r in rounds)
 
 
 @dataclass(frozen=True)
@@ -282,8 +317,13 @@ class CpuJob:
         return self._one(baseline=MV_INTO_OUT, twin_of=self.dtype)
 
     @property
+    def probe(self) -> dict | None:
+        """The FMA probe's row."""
+        return self._one(reference=ROOFLINE_REFERENCE)
+
+    @property
     def fma_per_s(self) -> float:
-        probe = self._one(reference=ROOFLINE_REFERENCE)
+        probe = self.probe
         return probe["fma_per_s"] if probe else math.nan
 
     @property
@@ -296,9 +336,15 @@ class CpuJob:
         return self.tasks * self.numel * 4 / mv["times"]["median"] if mv else math.nan
 
     def gram_limits(self) -> tuple[float, float]:
-        """(memory, compute) limits of the Gram pass in columns of J a second."""
-        memory = self.read_rate() / (self.tasks * self.element_size)
-        compute = self.fma_per_s / (self.tasks * (self.tasks + 1) / 2)
+        """(memory, compute) limits of the Gram pass in columns of J a second, from medians."""
+        mv = self.mv
+        return self.gram_limits_of(mv["times"]["median"] if mv else math.nan, self.fma_per_s)
+
+    def gram_limits_of(self, mv_seconds: float, fma_per_s: float) -> tuple[float, float]:
+        """(memory, compute) limits in columns a second, for torch.mv taking ``mv_seconds`` and
+        the FMA probe reaching ``fma_per_s``."""
+        memory = _over(self.tasks * self.numel * 4, mv_seconds) / (self.tasks * self.element_size)
+        compute = fma_per_s / (self.tasks * (self.tasks + 1) / 2)
         return memory, compute
 
 
@@ -324,9 +370,18 @@ def cpu_jobs(results: dict) -> list[CpuJob]:
 
 
 def _gram_vs_roofline(job: CpuJob) -> Ratio | None:
-    gram = job.native("gram")
-    if gram is None or not job.mv:
+    gram, mv, probe = job.native("gram"), job.mv, job.probe
+    if gram is None or not mv:
         return None
+    paired = rounds_of(gram["times"], mv["times"], probe["times"]) if probe else None
+    if paired is not None:
+        # Per round: columns a second over the lower of the memory and the FMA limits of that round.
+        ratio = Ratio.of_rounds(
+            _over(_over(job.numel, t_gram), min(job.gram_limits_of(t_mv, _over(probe["fmas"], t_probe))))
+            for t_gram, t_mv, t_probe in zip(*paired, strict=True)
+        )
+        if ratio is not None:
+            return ratio
     limit = min(job.gram_limits())
     if not math.isfinite(limit):
         return None

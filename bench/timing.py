@@ -85,24 +85,34 @@ def timed(fn: Callable[[], object], clock: Clock) -> Sampler:
 
 @dataclass(frozen=True)
 class Summary:
-    """Robust statistics of one duration's samples, in seconds."""
+    """Robust statistics of one duration's samples, in seconds, and the samples in the order of
+    the rounds that took them (``rounds``): sample i of two candidates timed by one
+    :func:`measure_interleaved` call came from the same round, which a ratio can pair."""
 
     median: float
     p25: float
     p75: float
     min: float
     samples: int
+    rounds: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, values: list[float]) -> Summary:
         finite = sorted(v for v in values if math.isfinite(v))
         if not finite:
-            return cls(math.nan, math.nan, math.nan, math.nan, 0)
+            return cls(math.nan, math.nan, math.nan, math.nan, 0, tuple(values))
         quartiles = [finite[0]] * 3 if len(finite) == 1 else statistics.quantiles(finite, n=4, method="inclusive")
-        return cls(statistics.median(finite), quartiles[0], quartiles[2], finite[0], len(finite))
+        return cls(statistics.median(finite), quartiles[0], quartiles[2], finite[0], len(finite), tuple(values))
 
-    def as_dict(self) -> dict[str, float]:
-        return {"median": self.median, "p25": self.p25, "p75": self.p75, "min": self.min, "samples": self.samples}
+    def as_dict(self) -> dict[str, float | int | list[float]]:
+        return {
+            "median": self.median,
+            "p25": self.p25,
+            "p75": self.p75,
+            "min": self.min,
+            "samples": self.samples,
+            "rounds": list(self.rounds),
+        }
 
 
 def measure_interleaved(samplers: Mapping[str, Sampler], *, warmup: int, repeats: int) -> dict[str, dict[str, Summary]]:

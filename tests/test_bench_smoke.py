@@ -6,6 +6,7 @@ on known figures, and the measuring tools on known inputs. No timing is asserted
 import json
 import math
 import re
+import statistics
 
 import pytest
 import torch
@@ -450,6 +451,43 @@ def test_cpu_limit_targets_hold_each_pass_to_its_limit_in_its_own_job():
     gpu = {"meta": {"device_type": "cuda", "backends": ["native"]}, "kernels": rows}
     assert not distance_table(gpu)
     assert all(t["verdict"] == "not judged" for t in evaluate(gpu) if "(CPU," in t["target"])
+
+
+def _with_rounds(row, rounds):
+    row["times"] = {"median": statistics.median(rounds), "p25": min(rounds), "p75": max(rounds), "rounds": rounds}
+    return row
+
+
+def test_cpu_limit_ratios_pair_the_candidates_round_by_round():
+    # The machine's memory rate flips between 0.006 s and 0.009 s a twin pass; the 16-bit combine
+    # reads at 0.9x its twin's bytes a second in the same state, but ran in the other state in
+    # rounds 3 and 4. Medians alone (0.006 and 0.005 s) would say 0.6x.
+    rows = _job_rows("bfloat16", 8, gram=0.0049, combine=0.005, mv=0.010, twin_gram=0.009, twin_combine=0.009)
+    half = next(r for r in rows if r["pass"] == "combine" and r["backend"] == "native" and "twin_of" not in r)
+    twin = next(r for r in rows if r["pass"] == "combine" and r["backend"] == "native" and "twin_of" in r)
+    _with_rounds(twin, [0.006, 0.009, 0.006, 0.009, 0.006])
+    _with_rounds(half, [0.006 / 1.8, 0.009 / 1.8, 0.006 / 1.8, 0.009 / 1.2, 0.006 / 1.2])
+    # T = 32 float32: the probe reaches 2x the FMAs in the rounds where the pass runs 2x faster
+    # (the two threads on two cores rather than one), so the pass sits at 0.8x its roofline in
+    # every round; its median and the probe's median come from different rounds.
+    rows += _job_rows("float32", 32, gram=0.060, combine=0.030, mv=0.040)
+    gram = next(r for r in rows if r["pass"] == "gram" and r["tasks"] == 32)
+    probe = next(r for r in rows if r["pass"] == "fma" and r["tasks"] == 32)
+    mv = next(r for r in rows if r.get("baseline") == MV_INTO_OUT and r["tasks"] == 32)
+    probe["fmas"] = 50e9 * 0.01
+    one_core = 2**22 * 528 / (0.8 * 50e9)  # seconds of the pass at 0.8x a 50e9 FMA/s roofline
+    _with_rounds(gram, [one_core, one_core, one_core / 2, one_core / 2, one_core / 2])
+    _with_rounds(probe, [0.01, 0.01, 0.005, 0.005, 0.005])
+    _with_rounds(mv, [0.01] * 5)  # far above the FMA limit
+    results = {"meta": {"device_type": "cpu", "backends": ["native"]}, "kernels": rows}
+    verdicts = {t["target"]: (t["measured"], t["verdict"]) for t in evaluate(results)}
+    half_combine = verdicts["16-bit native combine: bytes/s vs float32 (CPU, bfloat16)"]
+    assert half_combine[0].startswith("worst 0.90× (quartiles 0.60–0.90)") and half_combine[1] == "met"
+    roofline = verdicts["native Gram pass vs its roofline, T ≥ 16 (CPU, float32)"]
+    assert roofline[0].startswith("worst 0.80× (quartiles 0.80–0.80)") and roofline[1] == "met"
+    del probe["times"]["rounds"]  # without rounds: the medians, 0.8x of the slower probe's rate / 2
+    verdicts = {t["target"]: (t["measured"], t["verdict"]) for t in evaluate(results)}
+    assert verdicts["native Gram pass vs its roofline, T ≥ 16 (CPU, float32)"][0].startswith("worst 1.60×")
 
 
 def test_large_model_step_script_runs_its_cpu_configuration(tmp_path, one_thread):
