@@ -242,6 +242,25 @@ C10_ALWAYS_INLINE void add_to_stored(float* stored, const Accumulator& sum) {
 #endif
 }
 
+// Adds a tile's kCount accumulators to the stored ones from `stored` on (consecutive slots). At
+// 16 lanes two accumulators fold into one vector (their lower halves plus their upper halves,
+// side by side: two slots of 8 lanes), one load, add and store for both.
+template <int kCount>
+C10_ALWAYS_INLINE void add_tile_to_stored(float* stored, const Accumulator (&sum)[kCount]) {
+  int slot = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  EMTL_UNROLL
+  for (; slot + 1 < kCount; slot += 2) {
+    const __m512 lower = _mm512_shuffle_f32x4(sum[slot], sum[slot + 1], 0x44);
+    const __m512 upper = _mm512_shuffle_f32x4(sum[slot], sum[slot + 1], 0xee);
+    float* const pair = stored + slot * kAccLanes;
+    _mm512_storeu_ps(pair, _mm512_add_ps(_mm512_loadu_ps(pair), _mm512_add_ps(lower, upper)));
+  }
+#endif
+  EMTL_UNROLL
+  for (; slot < kCount; ++slot) add_to_stored(stored + slot * kAccLanes, sum[slot]);
+}
+
 // Accumulates the pairs j <= i of rows[row0 + i] · rows[row0 + j] over n elements (a multiple
 // of kVec) into acc (slot i(i+1)/2 + j), reading the rows in place. It asks for nothing ahead: it
 // is the only tile (T <= 4, or a tail in the buffer), whose rows are long sequential streams that
@@ -345,8 +364,7 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
       }
     }
   }
-  EMTL_UNROLL
-  for (int slot = 0; slot < kCount; ++slot) add_to_stored(acc + slot * kAccLanes, sum[slot]);
+  add_tile_to_stored(acc, sum);
 }
 
 // The accumulator of rows[row0 + i] · rows[col0 + j] in a strip of NI rows by NJ columns: row-major
@@ -384,8 +402,7 @@ C10_ALWAYS_INLINE void gram_strip(const float* const* rows, int64_t row0, int64_
       for (int j = 0; j < NJ; ++j) fma_into(sum[strip_slot(NI, NJ, i, j)], x, y[j]);
     }
   }
-  EMTL_UNROLL
-  for (int slot = 0; slot < NI * NJ; ++slot) add_to_stored(acc + slot * kAccLanes, sum[slot]);
+  add_tile_to_stored(acc, sum);
 }
 
 template <typename scalar_t>
