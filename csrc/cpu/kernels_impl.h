@@ -142,14 +142,15 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 // ---- Gram matrix
 //
 // The lower triangle of the T×T products is computed in register tiles, column block by column
-// block: per block of 4 rows, a triangle on the diagonal (10 accumulators), then strips of those
-// 4 rows by 3 or 6 columns below it (12 or 24 accumulators, 7 loads for 12 FMAs or 10 for 24;
-// 2 columns where 4 or 2 remain), all in one call. Where there are strips (T > 4), each triangle first copies its 4 rows of the block
-// from J into a float32 buffer in L1 (widening 16-bit rows), a run at a time, then accumulates
-// from the buffer, which its strips read too: the strips never read rows of J, which lie a power
-// of two apart and would compete for the same L1 sets, and each element is converted once. A
-// single triangle (T <= 4) reads J in place, a few long sequential streams (16-bit: up to 3 rows
-// converted in registers, 4 through the buffer with 16 vector registers, in registers with 32).
+// block: per block of 4 rows, a triangle on the diagonal (10 accumulators), then strips of those 4
+// rows by 3 or 6 columns below it (12 or 24 accumulators, 7 loads for 12 FMAs or 10 for 24; 2
+// columns where 4 or 2 remain), all in one call. Where there are strips (T > 4), each triangle
+// first copies its 4 rows of the block from J into a float32 buffer in L1 (widening 16-bit rows), a
+// run at a time, then accumulates from the buffer, which its strips read too: the strips never read
+// rows of J, which lie a power of two apart and would compete for the same L1 sets, and each
+// element is converted once. A single triangle (T <= 4) reads J in place, a few long sequential
+// streams (16-bit: up to 3 rows converted in registers, 4 through the buffer with 16 vector
+// registers, in registers with 32).
 //
 // Where there are strips, a block's tiles also ask for the next block's rows of J, two rows a
 // tile, a cache line a step: the next block reaches the caches while this one is computed, the
