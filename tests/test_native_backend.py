@@ -130,16 +130,17 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_tasks", [2, 3, 4, 5, 16, 17, 31, 32, 33])
+@pytest.mark.parametrize("num_tasks", [2, 3, 4, 5, 16, 17, 31, 32, 33, 66])
 @pytest.mark.parametrize("layout", ["matrix", "strided_rows", "blocks"])
 def test_passes_over_several_blocks_match_float64(dtype, num_tasks, layout):
     # 7001 elements: 2 to 37 of the Gram pass's column blocks (28 KiB of float32 over T rows),
     # neither a whole number of blocks nor of vectors, so every tile asks for the next block's
     # rows, the last block of each tensor for its own, and a tail follows; an odd number of
     # vectors (437 of 16, 875 of 8), so a triangle read in place with two accumulators a slot
-    # (T <= 4) ends on a single vector; and several combine
-    # spans read in task groups that ask for the next span (T > 8). strided_rows: rows that are
-    # not contiguous; blocks: five tensors, each its own run of blocks.
+    # (T <= 4) ends on a single vector; strips of 6 columns from T = 17 (AVX-512), many of them at
+    # T = 66, whose last row block has 2 rows and whose tiles store an odd count of accumulators;
+    # and several combine spans read in task groups that ask for the next span (T > 8).
+    # strided_rows: rows that are not contiguous; blocks: five tensors, each its own run of blocks.
     grads, exact = make_task_gradients(num_tasks, 7001, dtype, layout, seed=num_tasks)
     assert_passes_close(grads, exact, torch.linspace(-1.0, 1.5, num_tasks), dtype, "native")
 
