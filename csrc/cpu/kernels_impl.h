@@ -177,6 +177,11 @@ struct Ahead {
   int64_t element_bytes;
 };
 
+// The Ahead of a tile that asks for rows `ahead` of the next block, which starts at next_rows.
+inline Ahead ahead_of(const char* const* next_rows, const int64_t (&ahead)[2], int64_t element_bytes) {
+  return Ahead{{next_rows[ahead[0]], next_rows[ahead[1]]}, element_bytes};
+}
+
 // Asks for the two rows of `ahead` over a tile's n steps: step e (an element offset) asks for
 // byte 2·e·element_bytes of the rows end to end, so the first half of the steps covers row 0 and
 // the second half row 1. A step of float32 rows spans 2·kVec·4 bytes: one cache line up to
@@ -316,13 +321,14 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
     for (int way = 0; way < kWays; ++way) triangle_step<NI>(a, e + way * kVec, sum[way]);
   }
   if (e < n) triangle_step<NI>(a, e, sum[0]);  // n is a multiple of kVec: one vector left at most
+  Accumulator total[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) {
-    Vec total(sum[0][slot]);
+    total[slot] = sum[0][slot];
     EMTL_UNROLL
-    for (int way = 1; way < kWays; ++way) total = total + Vec(sum[way][slot]);
-    add_to_stored(acc + slot * kAccLanes, total);
+    for (int way = 1; way < kWays; ++way) total[slot] = Vec(total[slot]) + Vec(sum[way][slot]);
   }
+  add_tile_to_stored(acc, total);
 }
 
 // Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle from the
@@ -443,7 +449,7 @@ template <int NI>
 void row_block_strips(const float* const* rows, int64_t row0, const StripTile* strips, int64_t count, int64_t n,
                       const char* const* next_rows, int64_t element_bytes, float* acc) {
   for (const StripTile* strip = strips; strip < strips + count; ++strip) {
-    const Ahead ahead{{next_rows[strip->ahead[0]], next_rows[strip->ahead[1]]}, element_bytes};
+    const Ahead ahead = ahead_of(next_rows, strip->ahead, element_bytes);
     float* const strip_acc = acc + strip->acc * kAccLanes;
     switch (strip->cols) {
       case 2: gram_strip<NI, 2>(rows, row0, strip->col0, n, ahead, strip_acc); break;
@@ -552,14 +558,11 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
   std::vector<const scalar_t*> rows(num_tasks);
   std::vector<const char*> next_rows(num_tasks);
 
-  auto ahead_of = [&](const int64_t (&ahead)[2], int64_t element_bytes) {
-    return Ahead{{next_rows[ahead[0]], next_rows[ahead[1]]}, element_bytes};
-  };
   // The tiles over n elements (a multiple of kVec) of the rows (J, or the buffer: from_copies).
   auto run_tiles = [&](bool from_copies, int64_t n, int64_t element_bytes) {
     for (size_t r = 0; r < tiling.triangles.size(); ++r) {
       const auto& triangle = tiling.triangles[r];
-      const Ahead ahead = ahead_of(triangle.ahead, element_bytes);
+      const Ahead ahead = ahead_of(next_rows.data(), triangle.ahead, element_bytes);
       float* const triangle_acc = acc + triangle.acc * kAccLanes;
       if (from_copies) {
         triangle.from_copies(copies.data(), nullptr, triangle.row0, n, ahead, triangle_acc);
