@@ -25,13 +25,13 @@ tests). Every figure comes from the rows; nothing is re-measured.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .kernel_cases import FOREACH_NORM, MATMUL_COMBINE, MATMUL_GRAM, MV_INTO_OUT
 from .kernel_limits import ROOFLINE_REFERENCE, TWIN_DTYPE
 from .presets import QUICK
+from .timing import Summary
 
 KERNEL_TARGET_NUMEL = 2**24
 SPEED_MODE_ALLOWANCE = 2.0  # the O(P) term of the speed-mode bound, in units of P·s
@@ -251,11 +251,8 @@ class Ratio:
     @classmethod
     def of_rounds(cls, ratios: Iterable[float]) -> Ratio | None:
         """The median and quartiles of per-round ratios; None without a finite one."""
-        finite = sorted(r for r in ratios if math.isfinite(r))
-        if not finite:
-            return None
-        quartiles = [finite[0]] * 3 if len(finite) == 1 else statistics.quantiles(finite, n=4, method="inclusive")
-        return cls(statistics.median(finite), quartiles[0], quartiles[2])
+        summary = Summary.of(list(ratios))
+        return cls(summary.median, summary.p25, summary.p75) if summary.samples else None
 
     @classmethod
     def of_times(cls, limit: dict, achieved: dict, scale: float = 1.0) -> Ratio:
