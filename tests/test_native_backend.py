@@ -94,10 +94,11 @@ def test_ops_compile_with_fullgraph():
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_tasks", [5, 33])
+@pytest.mark.parametrize("num_tasks", [5, 8, 33])
 def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
-    # T × 200k elements in three tensors: several fixed chunks, split between the threads. T = 5:
-    # a triangle and strips of 2 columns; T = 33: every tile shape, and the combine's task groups.
+    # T × 200k elements in three tensors: several fixed chunks, split between the threads. T = 5
+    # and 8: one and two register sweeps at 16 lanes, a triangle and strips of 2 columns at 8;
+    # T = 33: every tile shape, and the combine's task groups.
     grads, exact = make_task_gradients(num_tasks, 200_003, dtype, "blocks", seed=11)
     weights = torch.linspace(-1.0, 2.0, num_tasks)
     weights[2] = 0.0
@@ -130,12 +131,13 @@ def test_one_and_two_threads_agree_bit_for_bit(dtype, num_tasks):
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_tasks", [2, 3, 4, 5, 16, 17, 31, 32, 33, 66])
+@pytest.mark.parametrize("num_tasks", [2, 3, 4, 5, 7, 8, 16, 17, 31, 32, 33, 66])
 @pytest.mark.parametrize("layout", ["matrix", "strided_rows", "blocks"])
 def test_passes_over_several_blocks_match_float64(dtype, num_tasks, layout):
     # 7001 elements: 2 to 37 of the Gram pass's column blocks (28 KiB of float32 over T rows),
     # neither a whole number of blocks nor of vectors, so every tile asks for the next block's
-    # rows, the last block of each tensor for its own, and a tail follows; an odd number of
+    # rows, the last block of each tensor for its own, and a tail follows (T = 5-8 at 16 lanes:
+    # 13 register-sweep blocks of 512 elements, a shorter one and a tail); an odd number of
     # vectors (437 of 16, 875 of 8), so a triangle read in place with two accumulators a slot
     # (T <= 4) ends on a single vector; strips of 6 columns from T = 17 (AVX-512), many of them at
     # T = 66, whose last row block has 2 rows and whose tiles store an odd count of accumulators;
@@ -166,14 +168,15 @@ def test_hundreds_of_small_tensors(dtype, num_tasks):
 
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_non_finite_in_a_tail_reaches_the_diagonal(dtype):
+@pytest.mark.parametrize("num_tasks", [4, 8])
+def test_non_finite_in_a_tail_reaches_the_diagonal(dtype, num_tasks):
     # The last element of the last tensor: read by the counted (partial-vector) loads.
-    grads, _ = many_tensors(4, dtype, count=50, seed=5)
+    grads, _ = many_tensors(num_tasks, dtype, count=50, seed=5)
     grads.rows[2][-1][-1] = float("nan")
     grads.rows[0][-1][-1] = float("inf")
-    finite = torch.isfinite(task_gram(grads, backend="native").diagonal())
-    assert finite.tolist() == [False, True, False, True]
-    assert torch.isfinite(task_sq_norms(grads, backend="native")).tolist() == [False, True, False, True]
+    expected = [task not in (0, 2) for task in range(num_tasks)]
+    assert torch.isfinite(task_gram(grads, backend="native").diagonal()).tolist() == expected
+    assert torch.isfinite(task_sq_norms(grads, backend="native")).tolist() == expected
 
 
 # ---- errors raised by the C++ checks (the ops called directly, past the Python checks)

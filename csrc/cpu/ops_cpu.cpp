@@ -44,8 +44,10 @@ struct NarrowerPass {
 };
 constexpr int64_t kAnyT = std::numeric_limits<int64_t>::max();
 constexpr NarrowerPass kNarrowerPasses[] = {
-    // float32 tiles through the L1 buffer (T > 4): 13-32 % slower at 16 lanes on a J in DRAM.
-    {Pass::kGram, Storage::kFloat32, 5, 12, Isa::kAvx2},
+    // float32 tiles through the L1 buffer (T = 9-12): 13-32 % slower at 16 lanes on a J in DRAM.
+    // T = 5-8 take the register sweeps at 16 lanes: 1.6-2x as fast as these tiles at 8 lanes on
+    // a J in L2, 1.2-1.9x in L3, 0.94-1.9x in DRAM.
+    {Pass::kGram, Storage::kFloat32, 9, 12, Isa::kAvx2},
     // 16-bit rows in two groups or more (T > 8): 15-25 % slower at 16 lanes on a J in DRAM.
     {Pass::kCombine, Storage::kBFloat16, 9, kAnyT, Isa::kAvx2},
     {Pass::kCombine, Storage::kFloat16, 9, kAnyT, Isa::kAvx2},
