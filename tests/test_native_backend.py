@@ -137,7 +137,8 @@ def test_passes_over_several_blocks_match_float64(dtype, num_tasks, layout):
     # 7001 elements: 2 to 37 of the Gram pass's column blocks (28 KiB of float32 over T rows),
     # neither a whole number of blocks nor of vectors, so every tile asks for the next block's
     # rows, the last block of each tensor for its own, and a tail follows (T = 5-8 at 16 lanes:
-    # 13 register-sweep blocks of 512 elements, a shorter one and a tail); an odd number of
+    # register sweeps over blocks of 512 elements, 13 in a whole row, then a shorter one and a
+    # widened tail); an odd number of
     # vectors (437 of 16, 875 of 8), so a triangle read in place with two accumulators a slot
     # (T <= 4) ends on a single vector; strips of 6 columns from T = 17 (AVX-512), many of them at
     # T = 66, whose last row block has 2 rows and whose tiles store an odd count of accumulators;
@@ -170,11 +171,13 @@ def test_hundreds_of_small_tensors(dtype, num_tasks):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_tasks", [4, 8])
 def test_non_finite_in_a_tail_reaches_the_diagonal(dtype, num_tasks):
-    # The last element of the last tensor: read by the counted (partial-vector) loads.
+    # The last element of the last tensor: read by the counted (partial-vector) loads. T = 8 at 16
+    # lanes: rows 0 and 2 in the first triangle of the register sweeps, the last row in the second.
     grads, _ = many_tensors(num_tasks, dtype, count=50, seed=5)
     grads.rows[2][-1][-1] = float("nan")
     grads.rows[0][-1][-1] = float("inf")
-    expected = [task not in (0, 2) for task in range(num_tasks)]
+    grads.rows[-1][-1][-1] = float("nan")
+    expected = [task not in (0, 2, num_tasks - 1) for task in range(num_tasks)]
     assert torch.isfinite(task_gram(grads, backend="native").diagonal()).tolist() == expected
     assert torch.isfinite(task_sq_norms(grads, backend="native")).tolist() == expected
 
