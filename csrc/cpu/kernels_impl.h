@@ -332,10 +332,13 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
   add_tile_to_stored(acc, total);
 }
 
-// Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle from the
-// copies, over n elements (a multiple of kVec), kCopyRun elements at a time: the copy of one run
-// reads memory while the arithmetic of the previous one is still under way. (Copying and
-// multiplying in one loop leaves GCC storing the accumulators to the stack every step.)
+// Copies (widens) rows[row0 + i] into copies[row0 + i] and accumulates their triangle, over n
+// elements (a multiple of kVec). 16-bit rows are widened, stored and multiplied in one loop, from
+// the widened registers: one thread, 16-bit T = 12 1.09-1.25x and T = 16 1.04-1.09x as fast as
+// the copy a run ahead, T = 32 as fast (J of 2^20 and 2^22 columns). float32 rows are copied
+// kCopyRun elements at a time and multiplied from the copy, the copy of one run reading memory
+// while the arithmetic of the previous one is still under way (in one loop float32 ran up to
+// 10 % slower).
 constexpr int64_t kCopyRun = 16 * kVec;
 
 template <int NI, typename scalar_t>
@@ -353,21 +356,38 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
   Accumulator sum[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) sum[slot] = Vec(0.f);
-  for (int64_t run = 0; run < n; run += kCopyRun) {
-    const int64_t stop = std::min(n, run + kCopyRun);
-    for (int64_t e = run; e < stop; e += kVec) {
-      EMTL_UNROLL
-      for (int i = 0; i < NI; ++i) load(a[i] + e).store(copy[i] + e);
-    }
-    for (int64_t e = run; e < stop; e += kVec) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    for (int64_t e = 0; e < n; e += kVec) {
       walk.ask(e);
+      Vec x[NI];
       EMTL_UNROLL
       for (int i = 0; i < NI; ++i) {
-        const Vec x = Vec::loadu(copy[i] + e);
+        x[i] = load(a[i] + e);
+        x[i].store(copy[i] + e);
+      }
+      EMTL_UNROLL
+      for (int i = 0; i < NI; ++i) {
         EMTL_UNROLL
-        for (int j = 0; j <= i; ++j) {
-          const Vec y = j == i ? x : Vec::loadu(copy[j] + e);
-          fma_into(sum[i * (i + 1) / 2 + j], x, y);
+        for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
+      }
+    }
+  } else {
+    for (int64_t run = 0; run < n; run += kCopyRun) {
+      const int64_t stop = std::min(n, run + kCopyRun);
+      for (int64_t e = run; e < stop; e += kVec) {
+        EMTL_UNROLL
+        for (int i = 0; i < NI; ++i) load(a[i] + e).store(copy[i] + e);
+      }
+      for (int64_t e = run; e < stop; e += kVec) {
+        walk.ask(e);
+        EMTL_UNROLL
+        for (int i = 0; i < NI; ++i) {
+          const Vec x = Vec::loadu(copy[i] + e);
+          EMTL_UNROLL
+          for (int j = 0; j <= i; ++j) {
+            const Vec y = j == i ? x : Vec::loadu(copy[j] + e);
+            fma_into(sum[i * (i + 1) / 2 + j], x, y);
+          }
         }
       }
     }
