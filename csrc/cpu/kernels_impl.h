@@ -143,13 +143,13 @@ const scalar_t* piece(const TaskTable& grads, int64_t task, int64_t k) {
 //
 // From 5 to 8 tasks with 32 vector registers, all of the products are taken from registers in one
 // or two sweeps over a block (register_gram_range, below the tiles). Otherwise the lower triangle
-// of the T×T products is computed in register tiles, column block by column block: per block of 4 rows, a triangle on the diagonal (10 accumulators), then strips of those 4
-// rows by 3 or 6 columns below it (12 or 24 accumulators, 7 loads for 12 FMAs or 10 for 24; 2
-// columns where 4 or 2 remain), all in one call. Where there are strips (T > 4), each triangle
-// first copies its 4 rows of the block from J into a float32 buffer in L1 (widening 16-bit rows), a
-// run at a time, then accumulates from the buffer, which its strips read too: the strips never read
-// rows of J, which lie a power of two apart and would compete for the same L1 sets, and each
-// element is converted once. A single triangle (T <= 4) reads J in place, a few long sequential
+// of the T×T products is computed in register tiles, column block by column block: per block of
+// 4 rows, a triangle on the diagonal (10 accumulators), then strips of those 4 rows by 3 or 6
+// columns below it (12 or 24 accumulators, 7 loads for 12 FMAs or 10 for 24; 2 columns where 4
+// or 2 remain), all in one call. Where there are strips (T > 4), each triangle copies its 4 rows
+// of the block from J into a float32 buffer in L1 (widening 16-bit rows) as it accumulates them,
+// and its strips read the buffer: the strips never read rows of J, which lie a power of two apart
+// and would compete for the same L1 sets, and each element is converted once. A single triangle (T <= 4) reads J in place, a few long sequential
 // streams (16-bit: up to 3 rows converted in registers, 4 through the buffer with 16 vector
 // registers, in registers with 32).
 //
@@ -289,17 +289,65 @@ constexpr int kVectorRegisters = 16;
 template <int NI>
 constexpr int kSplit = 2 * NI * (NI + 1) / 2 + NI <= kVectorRegisters - 2 ? 2 : 1;
 
-// The products of one vector of the rows at e into sum (slot i(i+1)/2 + j).
-template <int NI, typename scalar_t>
-C10_ALWAYS_INLINE void triangle_step(const scalar_t* const (&a)[NI], int64_t e,
-                                     Accumulator (&sum)[NI * (NI + 1) / 2]) {
-  Vec x[NI];
-  EMTL_UNROLL
-  for (int i = 0; i < NI; ++i) {
-    x[i] = load(a[i] + e);
-    EMTL_UNROLL
-    for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
+// The pairs (i, j), j <= i, of T rows that a sweep takes: all of them (a triangle), or, for the
+// register sweeps of T >= 7 (below), the triangles of rows 0-3 and of rows 4 on, or the square
+// between them.
+enum class Sweep { kAll, kTriangles, kSquare };
+
+constexpr bool in_sweep(Sweep sweep, int i, int j) {
+  const bool square = i >= kRowBlock && j < kRowBlock;
+  return sweep == Sweep::kAll || (sweep == Sweep::kSquare) == square;
+}
+
+// The accumulator of the pair (i, j), j <= i, in its sweep: its rank in lower_pair_index order.
+constexpr int sweep_slot(Sweep sweep, int i, int j) {
+  int slot = 0;
+  for (int r = 0; r < i; ++r) {
+    for (int c = 0; c <= r; ++c) slot += in_sweep(sweep, r, c);
   }
+  for (int c = 0; c < j; ++c) slot += in_sweep(sweep, i, c);
+  return slot;
+}
+
+constexpr int sweep_pairs(Sweep sweep, int num_rows) { return sweep_slot(sweep, num_rows, 0); }
+
+// sweep_slot(S, i, j) of T rows, or -1 where S does not take the pair, as a table that the
+// unrolled loops index with constants: indexed through sweep_slot's own loops, the 16-bit Gram
+// pass at T = 16 ran 10 % slower.
+template <int NT, Sweep S>
+struct SweepSlots {
+  int slot[NT][NT];
+  constexpr SweepSlots() : slot{} {
+    for (int i = 0; i < NT; ++i) {
+      for (int j = 0; j < NT; ++j) slot[i][j] = j <= i && in_sweep(S, i, j) ? sweep_slot(S, i, j) : -1;
+    }
+  }
+};
+template <int NT, Sweep S>
+constexpr SweepSlots<NT, S> kSweepSlots{};
+
+// The products of the row vectors x that sweep S takes, into sum (sweep_slot order: slot
+// i(i+1)/2 + j for kAll).
+template <int NT, Sweep S = Sweep::kAll>
+C10_ALWAYS_INLINE void take_products(const Vec (&x)[NT], Accumulator (&sum)[sweep_pairs(S, NT)]) {
+  EMTL_UNROLL
+  for (int i = 0; i < NT; ++i) {
+    EMTL_UNROLL
+    for (int j = 0; j <= i; ++j) {
+      constexpr const auto& slots = kSweepSlots<NT, S>.slot;
+      if (slots[i][j] >= 0) fma_into(sum[slots[i][j]], x[i], x[j]);
+    }
+  }
+}
+
+// The products of one vector of the rows at e.
+template <int NT, Sweep S = Sweep::kAll, typename scalar_t>
+C10_ALWAYS_INLINE void sweep_step(const scalar_t* const (&rows)[NT], int64_t e,
+                                  Accumulator (&sum)[sweep_pairs(S, NT)]) {
+  Vec x[NT];
+  EMTL_UNROLL
+  for (int i = 0; i < NT; ++i) x[i] = load(rows[i] + e);
+  take_products<NT, S>(x, sum);
 }
 
 template <int NI, typename scalar_t = float>
@@ -319,9 +367,9 @@ void direct_triangle(const scalar_t* const* rows, float* const*, int64_t row0, i
   int64_t e = 0;
   for (; e + kWays * kVec <= n; e += kWays * kVec) {
     EMTL_UNROLL
-    for (int way = 0; way < kWays; ++way) triangle_step<NI>(a, e + way * kVec, sum[way]);
+    for (int way = 0; way < kWays; ++way) sweep_step<NI>(a, e + way * kVec, sum[way]);
   }
-  if (e < n) triangle_step<NI>(a, e, sum[0]);  // n is a multiple of kVec: one vector left at most
+  if (e < n) sweep_step<NI>(a, e, sum[0]);  // n is a multiple of kVec: one vector left at most
   Accumulator total[kCount];
   EMTL_UNROLL
   for (int slot = 0; slot < kCount; ++slot) {
@@ -365,11 +413,7 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
         x[i] = load(a[i] + e);
         x[i].store(copy[i] + e);
       }
-      EMTL_UNROLL
-      for (int i = 0; i < NI; ++i) {
-        EMTL_UNROLL
-        for (int j = 0; j <= i; ++j) fma_into(sum[i * (i + 1) / 2 + j], x[i], x[j]);
-      }
+      take_products(x, sum);
     }
   } else {
     for (int64_t run = 0; run < n; run += kCopyRun) {
@@ -638,25 +682,6 @@ void gram_range_of(const TaskTable& grads, int64_t begin, int64_t end, double* l
 // sweep reads the block, rows 0-3 and then rows 4 on where two do (asking for all in the first
 // sweep, the bursts read a 16-bit J of T = 8 in DRAM at 0.75x the rate, float32 in L2 at 0.9x).
 
-enum class Sweep { kAll, kTriangles, kSquare };
-
-constexpr bool in_sweep(Sweep sweep, int i, int j) {
-  const bool square = i >= kRowBlock && j < kRowBlock;
-  return sweep == Sweep::kAll || (sweep == Sweep::kSquare) == square;
-}
-
-// The accumulator of the pair (i, j), j <= i, in its sweep: its rank in lower_pair_index order.
-constexpr int sweep_slot(Sweep sweep, int i, int j) {
-  int slot = 0;
-  for (int r = 0; r < i; ++r) {
-    for (int c = 0; c <= r; ++c) slot += in_sweep(sweep, r, c);
-  }
-  for (int c = 0; c < j; ++c) slot += in_sweep(sweep, i, c);
-  return slot;
-}
-
-constexpr int sweep_pairs(Sweep sweep, int num_rows) { return sweep_slot(sweep, num_rows, 0); }
-
 template <int NT>
 constexpr bool kOneSweep = NT * (NT + 1) / 2 + NT <= kVectorRegisters - 2;
 
@@ -666,22 +691,6 @@ constexpr bool kOneSweep = NT * (NT + 1) / 2 + NT <= kVectorRegisters - 2;
 // elements were no faster.
 constexpr int64_t kSweepBlock = 512;
 constexpr int64_t kSweepAheadBytes = 2048;
-
-// The sweep's products of one vector of the rows at e.
-template <int NT, Sweep S, typename scalar_t>
-C10_ALWAYS_INLINE void sweep_step(const scalar_t* const (&rows)[NT], int64_t e,
-                                  Accumulator (&sum)[sweep_pairs(S, NT)]) {
-  Vec x[NT];
-  EMTL_UNROLL
-  for (int i = 0; i < NT; ++i) x[i] = load(rows[i] + e);
-  EMTL_UNROLL
-  for (int i = 0; i < NT; ++i) {
-    EMTL_UNROLL
-    for (int j = 0; j <= i; ++j) {
-      if (in_sweep(S, i, j)) fma_into(sum[sweep_slot(S, i, j)], x[i], x[j]);
-    }
-  }
-}
 
 // The sweep over n elements (a multiple of kVec; of a block where it asks ahead, for rows
 // kAskFrom to kAskTo), added to `stored` (kVec floats an entry, lower_pair_index order).
