@@ -1,11 +1,12 @@
 // The CPU kernels behind the native backend, compiled once per instruction set.
 //
-// kernels_impl.h holds one implementation on at::vec; kernels_default.cpp compiles it for the
-// baseline of the target (SSE2 on x86-64, NEON on arm64), kernels_avx2.cpp for AVX2+FMA+F16C and
-// kernels_avx512.cpp for AVX-512 F/BW/VL/DQ+FMA+F16C (setup.py gives each of these files alone its
-// flags). ops_cpu.cpp picks a table for each pass, dtype and T from what the CPU supports and its
-// per-pass table. Each function works on a range [begin, end) of positions in a row of J,
-// so one parallel_for over fixed ranges covers every tensor at once.
+// kernels_impl.h (the files of kernels/, one idea each) holds one implementation on at::vec;
+// kernels_default.cpp compiles it for the baseline of the target (SSE2 on x86-64, NEON on arm64),
+// kernels_avx2.cpp for AVX2+FMA+F16C and kernels_avx512.cpp for AVX-512 F/BW/VL/DQ+FMA+F16C
+// (setup.py gives each of these files alone its flags). ops_cpu.cpp picks a table for each pass,
+// dtype and T from what the CPU supports and its per-pass table. Each function works on a range
+// [begin, end) of positions in a row of J, so one parallel_for over fixed ranges covers every
+// tensor at once.
 #pragma once
 
 #include <cstdint>
