@@ -185,6 +185,9 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
       take_products(x, sum);
     }
   } else {
+    const float* copied[NI];
+    EMTL_UNROLL
+    for (int i = 0; i < NI; ++i) copied[i] = copy[i];
     for (int64_t run = 0; run < n; run += kCopyRun) {
       const int64_t stop = std::min(n, run + kCopyRun);
       for (int64_t e = run; e < stop; e += kVec) {
@@ -193,15 +196,7 @@ void buffered_triangle(const scalar_t* const* rows, float* const* copies, int64_
       }
       for (int64_t e = run; e < stop; e += kVec) {
         walk.ask(e);
-        EMTL_UNROLL
-        for (int i = 0; i < NI; ++i) {
-          const Vec x = Vec::loadu(copy[i] + e);
-          EMTL_UNROLL
-          for (int j = 0; j <= i; ++j) {
-            const Vec y = j == i ? x : Vec::loadu(copy[j] + e);
-            fma_into(sum[i * (i + 1) / 2 + j], x, y);
-          }
-        }
+        sweep_step<NI>(copied, e, sum);
       }
     }
   }
